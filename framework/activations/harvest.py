@@ -1,0 +1,272 @@
+"""`sae harvest`: run the base LM over text and write activation shards.
+
+The unit of work is a *window*: a fixed range of contexts whose sampled tokens are shuffled
+together and cut into `shuffle_window / rows_per_shard` shards. Window w always covers the same
+contexts, samples the same positions and shuffles with the same seed, so
+
+- a re-run skips windows whose shards are all complete and redoes the others identically (an
+  interrupted harvest, resumed, equals an uninterrupted one, row for row);
+- under torchrun, rank r harvests windows r, r + world, ... and the manifest is merged by
+  rank 0 once every rank is done;
+- live mode (`activations/live.py`) produces exactly the rows the shards would hold.
+
+Like the paper (250 tokens drawn from each context, shuffled together), each context gives
+`tokens_per_context` random positions, so a training batch mixes many documents.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from framework.activations.format import (
+    Manifest,
+    Rows,
+    ShardInfo,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from framework.artifacts import is_complete, mark_complete, stage_fingerprint
+from framework.config import HarvestConfig, Recipe, RecipeError, recipe_to_dict
+from framework.distributed import barrier, current_rank, init_process_group
+from framework.errors import DataError
+from framework.lm import BaseLM, load_lm
+from framework.progress import Progress
+from framework.text import count_contexts, iter_context_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HarvestPlan:
+    """Which contexts, windows and shards one split's harvest consists of."""
+
+    split: str
+    rows: int  # total rows to harvest
+    tokens_per_context: int
+    window_rows: int
+    rows_per_shard: int
+    seed: int
+
+    @property
+    def contexts_per_window(self) -> int:
+        return self.window_rows // self.tokens_per_context
+
+    @property
+    def shards_per_window(self) -> int:
+        return math.ceil(self.window_rows / self.rows_per_shard)
+
+    @property
+    def n_windows(self) -> int:
+        return math.ceil(self.rows / self.window_rows)
+
+    def window_row_count(self, window: int) -> int:
+        return min(self.window_rows, self.rows - window * self.window_rows)
+
+    def window_shards(self, window: int) -> list[int]:
+        n = math.ceil(self.window_row_count(window) / self.rows_per_shard)
+        return [window * self.shards_per_window + i for i in range(n)]
+
+
+def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> HarvestPlan:
+    cfg = recipe.harvest
+    window = max(cfg.shuffle_window, cfg.rows_per_shard)
+    if window % cfg.rows_per_shard or cfg.rows_per_shard % cfg.tokens_per_context:
+        raise RecipeError(
+            f"harvest.shuffle_window ({cfg.shuffle_window}) must be a multiple of harvest.rows_per_shard "
+            f"({cfg.rows_per_shard}), which must be a multiple of harvest.tokens_per_context "
+            f"({cfg.tokens_per_context})"
+        )
+    available = count_contexts(recipe.text, model.tokenizer, split) * cfg.tokens_per_context
+    if available == 0:
+        raise DataError(
+            f"the {split} split of text source {recipe.text.source!r} holds no complete context of "
+            f"{recipe.text.context_length} tokens; use a larger corpus or a shorter text.context_length"
+        )
+    if available < n_tokens:
+        log.warning(
+            "the %s split holds %s contexts x %s tokens = %s rows, fewer than the %s asked for; "
+            "harvesting %s", split, available // cfg.tokens_per_context, cfg.tokens_per_context,
+            f"{available:,}", f"{n_tokens:,}", f"{available:,}",
+        )
+    return HarvestPlan(split, min(n_tokens, available), cfg.tokens_per_context, window,
+                       cfg.rows_per_shard, cfg.seed)
+
+
+@torch.no_grad()
+def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
+    """All rows of one window, shuffled: a pure function of (recipe, plan, window)."""
+    cfg = recipe.harvest
+    n_rows = plan.window_row_count(window)
+    n_contexts = math.ceil(n_rows / plan.tokens_per_context)
+    first = window * plan.contexts_per_window
+    generator = torch.Generator().manual_seed(hash_seed(plan.seed, plan.split, window))
+    stop_at = model.last_hook(cfg.hook_points)
+    blocks = []
+    for context_ids, tokens in iter_context_batches(
+        recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first, stop=first + n_contexts
+    ):
+        out = model.run(tokens.to(model.device), capture=cfg.hook_points, stop_at=stop_at)
+        blocks.append(_sample_positions(out.activations, cfg, context_ids, tokens, generator))
+    rows = Rows.cat(blocks).take(slice(0, n_rows))
+    return rows.take(torch.randperm(len(rows), generator=generator))
+
+
+def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, generator) -> Rows:
+    """`tokens_per_context` distinct random positions from each context (batch, ctx) -> rows."""
+    batch, length = tokens.shape
+    candidates = length - cfg.skip_first_tokens
+    order = torch.rand(batch, candidates, generator=generator).argsort(dim=1)
+    positions = order[:, : cfg.tokens_per_context] + cfg.skip_first_tokens  # (batch, tpc)
+    rows_of = torch.arange(batch).unsqueeze(1).expand_as(positions)
+    acts = [activations[h][rows_of.to(activations[h].device), positions.to(activations[h].device)]
+            .flatten(0, 1).float().cpu() for h in cfg.hook_points]
+    return Rows(
+        acts=acts,
+        token=tokens[rows_of, positions].flatten().cpu(),
+        context=context_ids.unsqueeze(1).expand_as(positions).flatten().cpu(),
+        position=positions.flatten(),
+    )
+
+
+def hash_seed(seed: int, split: str, window: int) -> int:
+    return (seed * 1_000_003 + window * 7_919 + (0 if split == "train" else 104_729)) % (2**63)
+
+
+def _window_stats(rows: Rows) -> list[dict]:
+    """Sums from which the store's mean and mean norm are merged exactly."""
+    return [
+        {"sum": a.double().sum(0).tolist(), "norm_sum": a.double().norm(dim=1).sum().item(), "count": len(a)}
+        for a in rows.acts
+    ]
+
+
+def _window_done(store: Path, plan: HarvestPlan, window: int) -> bool:
+    return (store / f"window-{window:06d}.json").is_file() and all(
+        (store / shard_name(s)).is_file() for s in plan.window_shards(window)
+    )
+
+
+def _write_window(store: Path, plan: HarvestPlan, window: int, rows: Rows, recipe: Recipe) -> None:
+    infos = []
+    for i, shard in enumerate(plan.window_shards(window)):
+        piece = rows.take(slice(i * plan.rows_per_shard, (i + 1) * plan.rows_per_shard))
+        try:
+            infos.append(write_shard(store / shard_name(shard), shard, piece, recipe.harvest.dtype,
+                                     recipe.harvest.rows_per_sample))
+        except OSError as err:
+            _remove_partials(store)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                free = shutil.disk_usage(store).free
+                raise DataError(
+                    f"disk full while writing {shard_name(shard)} in {store} ({free / 2**20:,.0f} MiB "
+                    f"free). Nothing incomplete was kept: free space (or set harvest.dtype=bfloat16 "
+                    f"to halve the store) and re-run `sae harvest` -- complete shards are skipped."
+                ) from None
+            raise
+    record = {"window": window, "shards": [vars(i) for i in infos], "stats": _window_stats(rows)}
+    tmp = store / f".window-{window:06d}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(store / f"window-{window:06d}.json")
+
+
+def _remove_partials(store: Path) -> None:
+    for partial in store.glob(".*.partial"):
+        partial.unlink(missing_ok=True)
+
+
+def _merge_manifest(store: Path, plan: HarvestPlan, model: BaseLM, recipe: Recipe) -> Manifest:
+    records = [json.loads((store / f"window-{w:06d}.json").read_text()) for w in range(plan.n_windows)]
+    cfg = recipe.harvest
+    widths = model.hook_points()
+    normalisation = {}
+    for h, hook in enumerate(cfg.hook_points):
+        count = sum(r["stats"][h]["count"] for r in records)
+        total = torch.tensor([r["stats"][h]["sum"] for r in records], dtype=torch.float64).sum(0)
+        norm_sum = sum(r["stats"][h]["norm_sum"] for r in records)
+        normalisation[hook] = {"mean": (total / count).tolist(), "mean_norm": norm_sum / count}
+    shards = [ShardInfo(**s) for r in records for s in r["shards"]]
+    return Manifest(
+        model=model.identity, hook_points=list(cfg.hook_points), d=[widths[h] for h in cfg.hook_points],
+        dtype=cfg.dtype, rows=sum(s.rows for s in shards), rows_per_sample=cfg.rows_per_sample,
+        rows_per_shard=cfg.rows_per_shard, context_length=recipe.text.context_length,
+        tokens_per_context=cfg.tokens_per_context, text=recipe_to_dict(recipe)["text"], split=plan.split,
+        normalisation=normalisation, shards=shards, recipe=recipe_to_dict(recipe),
+    )
+
+
+def _claim(store: Path, recipe: Recipe) -> None:
+    """Refuse to resume into a store that an unfinished harvest of another recipe started."""
+    claim = store / "harvest-recipe.json"
+    digest = stage_fingerprint(recipe, "harvest")
+    if claim.is_file():
+        if json.loads(claim.read_text()) != json.loads(json.dumps(digest, default=str)):
+            raise RecipeError(
+                f"{store} holds a partial harvest of a different recipe; its windows cannot be "
+                f"mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
+            )
+        return
+    tmp = store / ".harvest-recipe.json.tmp"
+    tmp.write_text(json.dumps(digest, default=str))
+    tmp.replace(claim)
+
+
+def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_tokens: int) -> Manifest | None:
+    """Harvest one split into `store`; returns the manifest on rank 0 (None elsewhere)."""
+    rank = current_rank()
+    store.mkdir(parents=True, exist_ok=True)
+    barrier()
+    if rank.is_main:
+        _remove_partials(store)
+        _claim(store, recipe)
+    barrier()
+    plan = make_plan(recipe, model, split, n_tokens)
+    mine = [w for w in range(plan.n_windows) if w % rank.world == rank.rank]
+    todo = [w for w in mine if not _window_done(store, plan, w)]
+    if len(todo) < len(mine):
+        log.info("%s: %d of %d windows already complete; harvesting the rest", store, len(mine) - len(todo), len(mine))
+    progress = Progress(f"harvest {split}", sum(plan.window_row_count(w) for w in todo), "rows")
+    for window in todo:
+        rows = harvest_window(model, recipe, plan, window)
+        _write_window(store, plan, window, rows, recipe)
+        progress.update(len(rows))
+    barrier()
+    if not rank.is_main:
+        return None
+    manifest = _merge_manifest(store, plan, model, recipe)
+    write_manifest(store, manifest)
+    return manifest
+
+
+def harvest(recipe: Recipe) -> Path:
+    """The `sae harvest` stage: train (or `harvest.split`) store, then a held-out store inside it."""
+    store = recipe.path("activations")
+    if is_complete(store, recipe, "harvest"):
+        log.info("activations in %s are complete; nothing to do", store)
+        return store
+    if recipe.harvest.mode == "live":
+        log.info("harvest.mode=live: activations are generated during training; nothing to write")
+        return store
+    rank = current_rank()
+    init_process_group(rank)
+    model = load_lm(recipe, device_index=rank.local_rank)
+    model.check_hooks(recipe.harvest.hook_points)
+    harvest_split(model, recipe, store, recipe.harvest.split, recipe.harvest.n_tokens)
+    if recipe.harvest.heldout_tokens > 0:
+        harvest_split(model, recipe, store / "heldout", "heldout", recipe.harvest.heldout_tokens)
+    if rank.is_main:
+        from framework.config import save_recipe
+
+        save_recipe(recipe, store)
+        mark_complete(store, recipe, "harvest", rows=read_manifest(store).rows)
+    barrier()
+    return store

@@ -1,0 +1,102 @@
+"""Complete-markers for stage outputs, so re-runs skip finished work and refuse foreign work.
+
+A stage writes its files under temporary names, renames them, and only then writes `COMPLETE`:
+a directory without the marker is unfinished, whatever else it holds. The marker records a
+fingerprint of the recipe sections the stage depends on, so `sae run` can tell "already done"
+(skip) from "done for a different recipe" (refuse, naming the keys that differ) -- silently
+reusing activations of another hook point would poison every later stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from framework.config import Recipe, RecipeError, recipe_to_dict
+
+MARKER = "COMPLETE"
+
+# Which recipe sections determine each stage's output (its inputs included, transitively).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("text", "lm", "pretrain"),
+    "harvest": ("text", "lm", "harvest"),
+    "train": ("text", "lm", "harvest", "sae", "train"),
+    "eval": ("text", "lm", "harvest", "sae", "train", "eval"),
+    "analyze": ("text", "lm", "harvest", "sae", "train", "analyze"),
+    "export": ("text", "lm", "harvest", "sae", "train", "export"),
+}
+# Fields that change how a stage runs, not what it produces.
+VOLATILE = {
+    "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "deepspeed_stage", "checkpoint_every"),
+    "harvest": ("batch_size", "verify_on_read"),
+    "lm": ("device",),
+    "pretrain": (),
+}
+
+
+def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
+    data = recipe_to_dict(recipe)
+    picked = {}
+    for section in STAGE_SECTIONS[stage]:
+        values = dict(data[section])
+        for key in VOLATILE.get(section, ()):
+            values.pop(key, None)
+        picked[section] = values
+    return picked
+
+
+def _digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {vb!r} there, {va!r} here")
+    return out
+
+
+def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **info) -> Path:
+    directory = Path(directory)
+    fingerprint = stage_fingerprint(recipe, stage)
+    marker = directory / MARKER
+    tmp = directory / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"stage": stage, "digest": _digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
+    tmp.replace(marker)
+    return marker
+
+
+def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> bool:
+    """True if `directory` holds this stage's finished output for this recipe.
+
+    Raises RecipeError if it holds finished output of a different recipe.
+    """
+    marker = Path(directory) / MARKER
+    if not marker.is_file():
+        return False
+    saved = json.loads(marker.read_text())
+    fingerprint = stage_fingerprint(recipe, stage)
+    if saved.get("digest") == _digest(fingerprint):
+        return True
+    differences = _diff(fingerprint, saved.get("fingerprint", {}))
+    raise RecipeError(
+        f"{directory} already holds `{stage}` output made with a different recipe "
+        f"({'; '.join(differences[:5]) or 'unknown differences'}). "
+        f"Point the recipe at another directory (workdir=... or the stage's output_dir), "
+        f"or delete {directory} to redo it."
+    )
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

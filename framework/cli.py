@@ -1,0 +1,129 @@
+"""The `sae` command: parse, load the recipe, call one stage function. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from framework.config import load_recipe
+from framework.errors import FrameworkError
+
+# stage -> (module, function, what it reads and writes)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "pretrain": (
+        "framework.lm.pretrain", "pretrain",
+        "Train the built-in one-layer LM on the recipe's text source.\n"
+        "Reads: text.*, lm.builtin.*, pretrain.*. Writes: {workdir}/lm (model.safetensors, "
+        "tokenizer.json, config.json, metrics.json, logs).",
+    ),
+    "harvest": (
+        "framework.activations.harvest", "harvest",
+        "Run the base LM over text and write activation shards (WebDataset tar + manifest.json).\n"
+        "Reads: the LM (lm.*), text.*, harvest.*. Writes: {workdir}/activations (train shards, "
+        "heldout/ shards). Re-running resumes: complete shards are skipped.\n"
+        "--verify checks every shard's sha256 against the manifest instead.",
+    ),
+    "train": (
+        "framework.training.train", "train",
+        "Train the recipe's SAE bank on the activation shards (or live activations).\n"
+        "Reads: {workdir}/activations, sae.*, train.*. Writes: {workdir}/sae/<name>/ "
+        "(checkpoints, sae.safetensors, metrics, plots, W&B + CSV logs). Resumes from the last "
+        "checkpoint.",
+    ),
+    "eval": (
+        "framework.evaluation.evaluate", "evaluate",
+        "Evaluate trained SAEs on held-out data: MSE, FVU, L0, dead/dense fractions, loss "
+        "explained and KL with the LM.\nReads: {workdir}/sae (or eval.sae_path), the LM. "
+        "Writes: {workdir}/eval (metrics.json, report.md).",
+    ),
+    "analyze": (
+        "framework.analysis.analyze", "analyze",
+        "Find each feature's top examples, logit effects and neuron composition; write HTML "
+        "dashboards.\nReads: {workdir}/sae, the LM, text. Writes: {workdir}/analysis.",
+    ),
+    "export": (
+        "framework.export", "export",
+        "Export each SAE as safetensors + cfg.json in SAELens's format.\n"
+        "Reads: {workdir}/sae. Writes: {workdir}/export/<name>/.",
+    ),
+    "sweep": (
+        "framework.sweep", "sweep",
+        "Run every point of the recipe's sweep grid in its own directory; skip finished "
+        "points; write summary.md, summary.csv and a Pareto plot.\nReads: sweep.*. Writes: "
+        "{workdir}/sweep/.",
+    ),
+    "run": (
+        "framework.pipeline", "run",
+        "Run the recipe's stages (run.stages) in order, skipping stages already complete.\n"
+        "Writes: everything under {workdir}, and {workdir}/report.md.",
+    ),
+}
+
+
+def _call_stage(stage: str, recipe, args) -> object:
+    module_name, function_name, _ = STAGES[stage]
+    function = getattr(importlib.import_module(module_name), function_name)
+    if stage == "harvest" and args.verify:
+        from framework.activations.verify import verify_store
+
+        return verify_store(recipe)
+    return function(recipe)
+
+
+def _hooks(model: str) -> int:
+    from framework.lm import list_hooks
+
+    print("\n".join(list_hooks(model)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae",
+        description="Train sparse autoencoders on language-model activations and study their features.",
+        epilog="Every stage reads a recipe YAML; any field can be overridden: "
+        "sae train recipes/quickstart.yaml sae.n_features=8192",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    for stage, (_, _, help_text) in STAGES.items():
+        p = sub.add_parser(stage, help=help_text.splitlines()[0], description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("recipe", help="recipe YAML (e.g. recipes/quickstart.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+        if stage == "harvest":
+            p.add_argument("--verify", action="store_true", help="check shard checksums and exit")
+    hooks = sub.add_parser("hooks", help="List a base LM's hook points and their widths.",
+                           description="List a model's hook points with widths. MODEL is "
+                           "builtin (needs a pretrained recipe: pass the recipe path), smollm2, "
+                           "a local Hugging Face model directory, or a recipe YAML.")
+    hooks.add_argument("model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "hooks":
+            return _hooks(args.model)
+        recipe = load_recipe(args.recipe, args.overrides)
+        result = _call_stage(args.command, recipe, args)
+        if result is not None:
+            print(result)
+        return 0
+    except FrameworkError as err:
+        if args.verbose:
+            raise
+        print(f"sae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Typed recipes: one dataclass per stage, loaded from OmegaConf YAML and validated.
+
+A recipe is the record of an experiment. It is loaded in three layers -- the typed defaults
+below, then the YAML file (and the `base:` recipe it names, recursively), then `key=value`
+overrides from the command line -- and every artifact a stage writes carries the resolved result
+(`save_recipe`). Validation happens at load time so that a typo fails before hours of harvesting,
+and every error says which key, which value and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from framework.errors import RecipeError  # re-exported: stages raise it from here
+
+
+@dataclass
+class TextConfig:
+    """Where text comes from and how it becomes fixed-length token contexts."""
+
+    # "stdlib" (the Python standard library's source), a path or glob of .txt/.jsonl/.parquet
+    # files, or "hf:NAME[:CONFIG]" for a locally installed Hugging Face dataset.
+    source: str = "stdlib"
+    text_field: str = "text"  # the column holding text in .jsonl / .parquet / HF datasets
+    hf_split: str = "train"
+    context_length: int = 128
+    heldout_fraction: float = 0.05  # documents, chosen deterministically by hashing their id
+    max_documents: int | None = None  # cap for quick runs; None reads everything
+    seed: int = 0
+
+
+@dataclass
+class BuiltinLMConfig:
+    """The paper's one-layer transformer (residual 128, 512 ReLU MLP neurons)."""
+
+    d_model: int = 128
+    d_mlp: int = 512
+    n_heads: int = 4
+    n_layers: int = 1
+    vocab_size: int = 4096  # size of the byte-level BPE trained on the corpus
+    seed: int = 0
+
+
+@dataclass
+class LMConfig:
+    """Which base model. `builtin` is trained by `sae pretrain`; others load ready-made."""
+
+    # "builtin", "smollm2", or any Hugging Face causal LM by local path or hub id.
+    name: str = "builtin"
+    # Where the built-in model lives (written by `sae pretrain`); empty = {workdir}/lm.
+    path: str = ""
+    builtin: BuiltinLMConfig = field(default_factory=BuiltinLMConfig)
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" picks cuda when present
+
+
+@dataclass
+class PretrainConfig:
+    """Training the built-in LM on the text source (a real Lightning run)."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    val_every: int = 100
+    val_batches: int = 20
+    precision: str = "32-true"
+
+
+@dataclass
+class HarvestConfig:
+    """Running the LM over text and writing activation shards (or streaming them live)."""
+
+    hook_points: list[str] = field(default_factory=lambda: ["blocks.0.mlp.hook_post"])
+    mode: str = "shards"  # "shards" (write to disk once) or "live" (regenerate while training)
+    output_dir: str = ""  # empty = {workdir}/activations
+    n_tokens: int = 1_000_000
+    tokens_per_context: int = 64  # sampled from each context, as the paper draws 250 of 1024
+    skip_first_tokens: int = 1  # position 0 sees only itself; its activations are atypical
+    shuffle_window: int = 65_536  # rows mixed together before a shard is written
+    rows_per_sample: int = 1024  # rows in one tar member
+    rows_per_shard: int = 65_536
+    dtype: str = "float32"  # float32, float16 or bfloat16 on disk
+    batch_size: int = 32  # contexts per forward pass
+    split: str = "train"  # "train" or "heldout"
+    heldout_tokens: int = 65_536  # also harvested, for evaluation, into {output_dir}/heldout
+    verify_on_read: bool = False
+    seed: int = 0
+
+
+@dataclass
+class SAEConfig:
+    """One sparse autoencoder. `train.bank` lists variations trained on the same batches."""
+
+    name: str = ""  # empty = derived from variant and size
+    variant: str = "paper"  # paper, april2024, topk, batchtopk, jumprelu, gated
+    hook_point: str = ""  # empty = the first harvested hook point
+    d_in: int = 0  # 0 = the width of hook_point in the activations; otherwise checked against it
+    n_features: int = 4096
+    l1_coefficient: float = 1e-3
+    k: int = 32  # topk / batchtopk
+    aux_k: int = 256  # topk / batchtopk: latents used by the AuxK loss
+    aux_k_coefficient: float = 1 / 32
+    dead_steps_threshold: int = 1000  # topk AuxK: a latent is dead after this many silent steps
+    jumprelu_threshold: float = 1e-3  # initial threshold
+    jumprelu_bandwidth: float = 1e-3
+    l0_coefficient: float = 1e-3  # jumprelu sparsity penalty
+    l1_warmup_steps: int = 0  # april2024: ramp lambda from 0 over this many steps
+    # How weights start. "kaiming": the paper (PyTorch default, untied). "transpose": random
+    # unit decoder columns, encoder = decoder^T (April 2024 update). "data": decoder columns
+    # drawn from activations, encoder = decoder^T.
+    init: str = "kaiming"
+    # Set each encoder bias so its feature fires on about this many tokens in total per row
+    # at step 0 (0 = leave the biases at zero, as the paper does).
+    init_target_l0: float = 0.0
+    decoder_bias_init: str = "geometric_median"  # geometric_median, mean, zeros
+    seed: int = 0
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "sae-framework"
+    entity: str = ""
+    # "auto": online when WANDB_API_KEY is set, offline otherwise. "online", "offline", "disabled".
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """SAE training: optimisation, callbacks, strategy, tracking."""
+
+    output_dir: str = ""  # empty = {workdir}/sae
+    bank: list[Any] = field(default_factory=list)  # dicts of SAEConfig fields overriding `sae`
+    n_tokens: int = 1_000_000
+    batch_size: int = 4096  # global, split across data-parallel ranks
+    lr: float = 1e-3
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_warmup_steps: int = 0
+    lr_decay: str = "constant"  # constant, linear (to 0 over the last lr_decay_fraction), cosine
+    lr_decay_fraction: float = 0.2
+    grad_clip: float = 0.0
+    precision: str = "32-true"  # or bf16-mixed
+    normalize_activations: str = "none"  # "none" or "norm" (scale rows to mean norm sqrt(d))
+    # Resampling (paper): at these steps, features silent for `dead_window` steps are resampled.
+    # Empty = the paper's 25k/50k/75k/100k scaled to this run's length.
+    resample_steps: list[int] | None = None
+    resample: bool = True
+    dead_window: int = 0  # 0 = paper's 12,500 scaled to this run's length
+    resample_sample_size: int = 819_200
+    density_window: int = 100  # steps over which feature density is measured
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0 = only at the end
+    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed, feature_sharded
+    deepspeed_stage: int = 2
+    devices: str = "auto"
+    num_nodes: int = 1
+    epochs: int = 1
+    shuffle_buffer: int = 16
+    num_workers: int = 0
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = ""  # empty = {workdir}/eval
+    n_tokens: int = 65_536
+    batch_size: int = 16  # contexts per forward pass when splicing
+    n_contexts: int = 64  # for loss recovered / KL with the LM
+    sae_path: str = ""  # empty = the trained bank; or an SAELens-format directory
+
+
+@dataclass
+class AnalyzeConfig:
+    output_dir: str = ""  # empty = {workdir}/analysis
+    sae_name: str = ""  # empty = first SAE of the bank
+    n_tokens: int = 200_000
+    top_k_examples: int = 20
+    n_quantile_intervals: int = 10
+    examples_per_interval: int = 5
+    n_random_examples: int = 10
+    context_window: int = 24  # tokens shown around an example
+    n_features: int = 200  # pages written (most active first); -1 = all
+    logit_top_tokens: int = 10
+    autointerp: bool = False
+    autointerp_model: str = "smollm2"  # "smollm2" or an OpenAI-compatible URL
+    autointerp_api_key_env: str = "OPENAI_API_KEY"
+    autointerp_n_features: int = 20
+
+
+@dataclass
+class ExportConfig:
+    output_dir: str = ""  # empty = {workdir}/export
+
+
+@dataclass
+class RunConfig:
+    stages: list[str] = field(
+        default_factory=lambda: ["pretrain", "harvest", "train", "eval", "analyze", "export"]
+    )
+
+
+@dataclass
+class SweepConfig:
+    """Grid or list of recipe overrides; each point runs `sweep.stages` in its own directory."""
+
+    grid: dict[str, Any] = field(default_factory=dict)  # key -> list of values (product)
+    points: list[Any] = field(default_factory=list)  # explicit dicts of key -> value
+    stages: list[str] = field(default_factory=lambda: ["train", "eval"])
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    workdir: str = "runs/${name}"
+    seed: int = 0
+    text: TextConfig = field(default_factory=TextConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    # Where each stage writes, with the recipe's explicit paths taking precedence.
+    def path(self, stage: str) -> Path:
+        explicit = {
+            "lm": self.lm.path,
+            "activations": self.harvest.output_dir,
+            "sae": self.train.output_dir,
+            "eval": self.eval.output_dir,
+            "analysis": self.analyze.output_dir,
+            "export": self.export.output_dir,
+        }[stage]
+        return Path(explicit) if explicit else Path(self.workdir) / stage
+
+    def sae_configs(self) -> list[SAEConfig]:
+        """The bank: `sae` alone, or `sae` overridden by each entry of `train.bank`."""
+        entries = self.train.bank or [{}]
+        configs = []
+        for i, entry in enumerate(entries):
+            where = f"train.bank[{i}]"
+            if not isinstance(entry, dict):
+                raise RecipeError(f"{where} must be a mapping of sae fields, got {entry!r}")
+            base = OmegaConf.structured(self.sae)
+            merged = _merge_checked([base, OmegaConf.create(entry)], section=where)
+            cfg = OmegaConf.to_object(merged)
+            if not cfg.name:
+                cfg.name = default_sae_name(cfg)
+            configs.append(cfg)
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"train.bank: SAE names must be unique, got {names}; set `name`")
+        return configs
+
+
+def default_sae_name(cfg: SAEConfig) -> str:
+    sparsity = f"k{cfg.k}" if cfg.variant in ("topk", "batchtopk") else f"l1_{cfg.l1_coefficient:g}"
+    return f"{cfg.variant}_{cfg.n_features}_{sparsity}"
+
+
+# --------------------------------------------------------------------------------------------
+# Choices checked after the schema: values that are strings in YAML but drawn from a set.
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lm.dtype": ("float32", "float16", "bfloat16"),
+    "harvest.mode": ("shards", "live"),
+    "harvest.dtype": ("float32", "float16", "bfloat16"),
+    "harvest.split": ("train", "heldout"),
+    "sae.variant": ("paper", "april2024", "topk", "batchtopk", "jumprelu", "gated"),
+    "sae.init": ("kaiming", "transpose", "data"),
+    "sae.decoder_bias_init": ("geometric_median", "mean", "zeros"),
+    "train.lr_decay": ("constant", "linear", "cosine"),
+    "train.precision": ("32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+    "pretrain.precision": ("32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+    "train.normalize_activations": ("none", "norm"),
+    "train.strategy": ("auto", "ddp", "fsdp", "deepspeed", "feature_sharded"),
+    "train.wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+STAGES = ("pretrain", "harvest", "train", "eval", "analyze", "export")
+
+
+def _check_choices(recipe: Recipe) -> None:
+    for dotted, allowed in CHOICES.items():
+        value: Any = recipe
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise RecipeError(
+                f"{dotted}={value!r} is not one of {', '.join(allowed)}"
+                + _suggest(str(value), allowed)
+            )
+    for stage in recipe.run.stages:
+        if stage not in STAGES:
+            raise RecipeError(f"run.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    for stage in recipe.sweep.stages:
+        if stage not in STAGES:
+            raise RecipeError(f"sweep.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if recipe.text.context_length < 2:
+        raise RecipeError("text.context_length must be at least 2 (a next-token loss needs two)")
+    if recipe.harvest.tokens_per_context + recipe.harvest.skip_first_tokens > recipe.text.context_length:
+        raise RecipeError(
+            f"harvest.tokens_per_context ({recipe.harvest.tokens_per_context}) + "
+            f"harvest.skip_first_tokens ({recipe.harvest.skip_first_tokens}) exceeds "
+            f"text.context_length ({recipe.text.context_length}); lower one or raise the other"
+        )
+    if not recipe.harvest.hook_points:
+        raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_keys(section: str) -> list[str]:
+    """Valid keys of a dotted section of the schema ('' = top level)."""
+    node: Any = Recipe
+    for part in filter(None, section.split(".")):
+        node = {f.name: f for f in fields(node)}[part].default_factory
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _field_type(dotted: str) -> str:
+    """The annotated type of a dotted schema key, for error messages."""
+    node: Any = SAEConfig if dotted.startswith("train.bank") else Recipe
+    parts = dotted.split(".")[2:] if dotted.startswith("train.bank") else dotted.split(".")
+    annotation = "a different type"
+    for part in parts:
+        by_name = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+        if part not in by_name:
+            break
+        annotation = str(by_name[part].type)
+        node = by_name[part].default_factory if is_dataclass(by_name[part].default_factory) else None
+    return annotation
+
+
+def _merge_checked(configs: list, section: str = "") -> DictConfig:
+    try:
+        return OmegaConf.merge(*configs)
+    except ConfigKeyError as err:
+        key = str(getattr(err, "key", "") or "")
+        parent = str(getattr(err, "full_key", "") or key).rpartition(".")[0]
+        where = ".".join(filter(None, [section, parent])) if section == "" else section
+        valid = _section_keys(parent) if section == "" else [f.name for f in fields(SAEConfig)]
+        raise RecipeError(
+            f"unknown key {key!r} in section {where or 'top level'!r}{_suggest(key, valid)}; "
+            f"valid keys: {', '.join(valid)}"
+        ) from None
+    except ValidationError as err:
+        full_key = ".".join(filter(None, [section, str(getattr(err, "full_key", "") or "")]))
+        value = str(err).split("'")[1] if str(err).count("'") >= 2 else "?"
+        raise RecipeError(
+            f"wrong type for {full_key!r}: got {value!r}, expected {_field_type(full_key)}"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"invalid recipe{f' ({section})' if section else ''}: {err}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A recipe file and, first, the chain of `base:` recipes it extends."""
+    path = path.resolve()
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    if path in seen:
+        raise RecipeError(f"recipe `base:` chain loops back to {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise RecipeError(f"cannot parse recipe {path}: {err}") from None
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(node).__name__}")
+    layers: list[DictConfig] = []
+    base = node.pop("base", None) or node.pop("defaults", None)
+    for ref in [base] if isinstance(base, str) else list(base or []):
+        layers += _read_yaml((path.parent / str(ref)), seen + (path,))
+    return layers + [node]
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults, then the YAML chain, then `key=value` overrides; validated and typed."""
+    layers: list = [OmegaConf.structured(Recipe)]
+    if path is not None:
+        layers += _read_yaml(Path(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key=value (e.g. sae.n_features=8192)")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except Exception as err:
+            raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
+    merged = _merge_checked(layers)
+    try:
+        OmegaConf.resolve(merged)
+        recipe: Recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"invalid recipe: {err}") from None
+    _check_choices(recipe)
+    recipe.sae_configs()  # validates the bank entries now rather than at train time
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    merged = _merge_checked([OmegaConf.structured(Recipe), OmegaConf.create(data)])
+    return OmegaConf.to_object(merged)
+
+
+def save_recipe(recipe: Recipe, directory: str | os.PathLike) -> Path:
+    """Write the resolved recipe beside an artifact, so the artifact explains itself."""
+    out = Path(directory) / "recipe.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(recipe_to_yaml(recipe))
+    tmp.replace(out)
+    return out
+
+
+__all__ = [
+    "Recipe", "RecipeError", "TextConfig", "LMConfig", "BuiltinLMConfig", "PretrainConfig",
+    "HarvestConfig", "SAEConfig", "TrainConfig", "WandbConfig", "EvalConfig", "AnalyzeConfig",
+    "ExportConfig", "RunConfig", "SweepConfig", "load_recipe", "save_recipe", "recipe_to_dict",
+    "recipe_to_yaml", "recipe_from_dict", "default_sae_name", "ListConfig",
+]

@@ -1,0 +1,66 @@
+"""Metrics that need only an SAE and activations: reconstruction, sparsity, density."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_sae(sae, batches: list[torch.Tensor]) -> dict[str, float]:
+    """MSE, FVU, L0, L1 and the features never seen firing, over batches of SAE inputs.
+
+    FVU is the squared error over the total variance around the batches' own mean, so it is 1
+    for the best constant reconstruction and 0 for a perfect one.
+    """
+    sq_err = total_var = l0 = l1 = rows = 0.0
+    fired = None
+    mean = torch.cat(batches).float().mean(0)
+    for x in batches:
+        out = sae(x)
+        sq_err += (out.reconstruction.float() - x.float()).pow(2).sum().item()
+        total_var += (x.float() - mean).pow(2).sum().item()
+        active = out.features > 0
+        l0 += active.sum().item()
+        l1 += out.features.float().abs().sum().item()
+        rows += x.shape[0]
+        fired = active.any(0) if fired is None else fired | active.any(0)
+    d = batches[0].shape[1]
+    return {
+        "mse": sq_err / (rows * d),
+        "fvu": sq_err / max(total_var, 1e-12),
+        "l0": l0 / rows,
+        "l1": l1 / rows,
+        "dead_fraction_heldout": 1 - fired.float().mean().item(),
+    }
+
+
+class DensityCounter:
+    """Per-feature firing counts over a stream of feature activations, memory O(n_features)."""
+
+    def __init__(self, n_features: int):
+        self.fires = torch.zeros(n_features, dtype=torch.float64)
+        self.rows = 0
+
+    def update(self, features: torch.Tensor) -> None:
+        self.fires += (features > 0).sum(0).double().cpu()
+        self.rows += features.shape[0]
+
+    def density(self) -> torch.Tensor:
+        return self.fires / max(self.rows, 1)
+
+
+def density_summary(density: torch.Tensor) -> dict[str, float]:
+    """Dead / ultralow / dense fractions of features, from per-feature firing fractions.
+
+    Thresholds follow the paper's plots: the "ultralow density cluster" sits near 1e-6..1e-5
+    of tokens; features on more than 10% of tokens are dense.
+    """
+    alive = density[density > 0]
+    return {
+        "dead_fraction": (density == 0).float().mean().item(),
+        "ultralow_fraction": ((density > 0) & (density < 1e-5)).float().mean().item(),
+        "dense_fraction": (density > 0.1).float().mean().item(),
+        "median_log10_density": torch.log10(alive).median().item() if len(alive) else -math.inf,
+    }

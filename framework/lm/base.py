@@ -1,0 +1,173 @@
+"""One interface for every base LM: named hook points, early exit, splicing.
+
+The rest of the framework never asks which kind of model it holds. Every model names its hook
+points with the TransformerLens scheme that SAELens checkpoints also use, so an exported SAE's
+`hook_name` means the same thing everywhere:
+
+    blocks.{i}.hook_resid_pre     residual stream entering block i          (d_model)
+    blocks.{i}.hook_attn_out      attention output added to the residual    (d_model)
+    blocks.{i}.mlp.hook_pre       MLP pre-activation (the gate for gated MLPs) (d_mlp)
+    blocks.{i}.mlp.hook_post      MLP neurons after the nonlinearity        (d_mlp)
+    blocks.{i}.hook_mlp_out       MLP output added to the residual          (d_model)
+    blocks.{i}.hook_resid_post    residual stream leaving block i           (d_model)
+
+`run(tokens, capture=..., stop_at=..., splice=...)` is the single entry point:
+- `capture` returns those activations;
+- `stop_at` ends the forward pass right after that hook (early exit: harvesting layer 0 of a
+  30-layer model should not pay for 29 more layers) and returns no logits;
+- `splice` maps hook names to functions `f(activation) -> activation` whose result replaces the
+  activation downstream (an SAE reconstruction, zeros, a mean) -- what "loss recovered" needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from framework.errors import FrameworkError
+
+HOOK_KINDS = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+
+Splice = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hook_name(layer: int, kind: str) -> str:
+    return f"blocks.{layer}.{kind}"
+
+
+def parse_hook(name: str) -> tuple[int, str]:
+    """'blocks.3.mlp.hook_post' -> (3, 'mlp.hook_post'); raises ValueError for other names."""
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
+        raise ValueError(name)
+    return int(parts[1]), parts[2]
+
+
+class UnknownHookError(FrameworkError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None  # (batch, seq, vocab); None after an early exit
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> (batch, seq, width)
+
+
+class Tokenizer:
+    """The few things the framework needs from a tokenizer, for every kind of model."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer  # a `tokenizers.Tokenizer` or `transformers` tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        hf = self.hf
+        return hf.get_vocab_size() if hasattr(hf, "get_vocab_size") else len(hf)
+
+    @property
+    def eos_id(self) -> int | None:
+        hf = self.hf
+        if hasattr(hf, "eos_token_id"):
+            return hf.eos_token_id
+        return hf.token_to_id("<|endoftext|>")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the full serialised tokenizer: equal fingerprints tokenise identically."""
+        hf = self.hf
+        backend = hf if hasattr(hf, "to_str") else getattr(hf, "backend_tokenizer", None)
+        if backend is None:  # a slow (pure Python) transformers tokenizer has no serialisation
+            return hashlib.sha256(f"{hf.name_or_path}:{sorted(hf.get_vocab().items())}".encode()).hexdigest()
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        hf = self.hf
+        if hasattr(hf, "get_vocab_size"):  # tokenizers.Tokenizer
+            return hf.encode(text).ids
+        return hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        hf = self.hf
+        if hasattr(hf, "get_vocab_size"):
+            return [e.ids for e in hf.encode_batch(texts)]
+        return hf(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids))
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each id decoded alone, for showing highlighted contexts token by token."""
+        return [self.hf.decode([int(i)]) for i in ids]
+
+
+class BaseLM(nn.Module):
+    """A causal LM with named hook points. Subclasses implement `hook_points` and `run`."""
+
+    name: str = "lm"
+    tokenizer: Tokenizer
+    identity: dict  # what the manifest records: model name, revision/hash, tokenizer
+
+    def hook_points(self) -> dict[str, int]:
+        """Every hook point, in forward order, with its width."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        capture: Iterable[str] = (),
+        stop_at: str | None = None,
+        splice: dict[str, Splice] | None = None,
+    ) -> LMOutput:
+        raise NotImplementedError
+
+    # ---- shared helpers -------------------------------------------------------------------
+
+    def check_hooks(self, names: Iterable[str]) -> None:
+        available = self.hook_points()
+        for hook in names:
+            if hook not in available:
+                import difflib
+
+                close = difflib.get_close_matches(hook, list(available), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise UnknownHookError(
+                    f"hook point {hook!r} does not exist on {self.name} "
+                    f"({len(available)} hook points, blocks 0..{self.n_layers - 1}).{hint} "
+                    f"List them with `sae hooks {self.name}`."
+                )
+
+    def last_hook(self, names: Iterable[str]) -> str:
+        """The hook latest in forward order: where an early exit can stop."""
+        order = list(self.hook_points())
+        return max(names, key=order.index)
+
+    @property
+    def n_layers(self) -> int:
+        return 1 + max(parse_hook(h)[0] for h in self.hook_points())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def next_token_loss(
+        self, tokens: torch.Tensor, splice: dict[str, Splice] | None = None, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Cross-entropy of predicting tokens[:, 1:] (per token if reduction='none')."""
+        logits = self.run(tokens, splice=splice).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction=reduction
+        )
+        return loss.view(tokens.shape[0], -1) if reduction == "none" else loss

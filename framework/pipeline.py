@@ -1,0 +1,78 @@
+"""`sae run`: every stage of a recipe in order, skipping the ones already complete.
+
+Each stage still decides for itself whether its output is complete (and refuses output made by
+a different recipe), so `sae run` after an interruption redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from framework.config import Recipe, save_recipe
+
+log = logging.getLogger(__name__)
+
+STAGE_FUNCTIONS = {
+    "pretrain": ("framework.lm.pretrain", "pretrain"),
+    "harvest": ("framework.activations.harvest", "harvest"),
+    "train": ("framework.training.train", "train"),
+    "eval": ("framework.evaluation.evaluate", "evaluate"),
+    "analyze": ("framework.analysis.analyze", "analyze"),
+    "export": ("framework.export", "export"),
+}
+
+
+def run_stage(stage: str, recipe: Recipe) -> Path:
+    module_name, function_name = STAGE_FUNCTIONS[stage]
+    return getattr(importlib.import_module(module_name), function_name)(recipe)
+
+
+def stages_for(recipe: Recipe) -> list[str]:
+    """The recipe's stages, minus pretraining when the LM is not the built-in one."""
+    return [s for s in recipe.run.stages if not (s == "pretrain" and recipe.lm.name != "builtin")]
+
+
+def run(recipe: Recipe) -> Path:
+    workdir = Path(recipe.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, workdir)
+    outputs: dict[str, tuple[Path, float]] = {}
+    for stage in stages_for(recipe):
+        log.info("== %s ==", stage)
+        start = time.perf_counter()
+        outputs[stage] = (Path(run_stage(stage, recipe)), time.perf_counter() - start)
+    report = workdir / "report.md"
+    report.write_text(pipeline_report(recipe, outputs))
+    print(summary_text(outputs, report))
+    return report
+
+
+def summary_text(outputs: dict[str, tuple[Path, float]], report: Path) -> str:
+    lines = ["", "Done. Where everything went:"]
+    lines += [f"  {stage:<9} {path}  ({seconds:.0f}s)" for stage, (path, seconds) in outputs.items()]
+    lines += [f"  report    {report}", ""]
+    return "\n".join(lines)
+
+
+def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path, float]]) -> str:
+    """One markdown page linking each stage's own report, with the headline numbers inline."""
+    workdir = Path(recipe.workdir).resolve()
+    lines = [f"# {recipe.name}", "", "| stage | output | time |", "|---|---|---|"]
+    for stage, (path, seconds) in outputs.items():
+        lines.append(f"| {stage} | `{path}` | {seconds:.0f}s |")
+    for stage in ("pretrain", "train", "eval", "analyze"):
+        if stage not in outputs:
+            continue
+        directory = outputs[stage][0]
+        directory = directory if directory.is_dir() else directory.parent
+        sub = directory / "report.md"
+        if sub.is_file():
+            text = sub.read_text()
+            rel = directory.resolve().relative_to(workdir) if directory.resolve().is_relative_to(workdir) else directory
+            # Re-root the sub-report's relative links (plots) so they open from the workdir.
+            text = text.replace("](", f"]({rel}/").replace(f"]({rel}/http", "](http")
+            lines += ["", text.replace("# ", "## ", 1)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,54 @@
+"""Experiment tracking: W&B through Lightning's WandbLogger, and always a CSV log beside it.
+
+W&B runs online only when an API key is in the environment; otherwise offline, so a run on an
+air-gapped node still leaves a run directory that `wandb sync` uploads later. The key itself is
+read by wandb from the environment and is never passed through, logged or saved here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from framework.config import Recipe, WandbConfig, recipe_to_dict
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if not cfg.enabled or cfg.mode == "disabled":
+        return "disabled"
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _public_config(recipe: Recipe) -> dict:
+    """The recipe as logged: never anything that looks like a credential."""
+    config = recipe_to_dict(recipe)
+    config["analyze"].pop("autointerp_api_key_env", None)
+    return config
+
+
+def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job_type: str) -> list[Logger]:
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Logger] = [CSVLogger(save_dir, name="csv", version="")]
+    cfg = recipe.train.wandb
+    mode = wandb_mode(cfg)
+    if mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                name=run_name,
+                project=cfg.project,
+                entity=cfg.entity or None,
+                save_dir=str(save_dir),
+                mode=mode,
+                job_type=job_type,
+                tags=list(cfg.tags),
+                config=_public_config(recipe),
+            )
+        )
+    return loggers

@@ -1,0 +1,172 @@
+"""Cross-cutting work around `SAEModule.training_step`: resampling, density, evaluation.
+
+Resampling follows the paper's appendix exactly (see `framework/sae/resampling.py` for the
+math); what this callback adds is *when*: at `train.resample_steps`, for features silent over
+the last `dead_window` steps. The paper resampled at 25k, 50k, 75k and 100k of 1M steps with a
+12,500-step window; a short run keeps those proportions but compressed at most 4x less than
+linear scaling would, so that a CPU run of a few hundred steps still resamples at a tenth,
+two tenths... of its length with a window long enough to mean something.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from framework.config import Recipe
+from framework.evaluation.metrics import density_summary, evaluate_sae
+from framework.sae.resampling import reset_adam_state, resample_dead_features
+
+log = logging.getLogger(__name__)
+
+PAPER_TOTAL_STEPS = 1_000_000
+PAPER_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
+PAPER_DEAD_WINDOW = 12_500
+
+
+def schedule_scale(total: int) -> float:
+    return max(total / PAPER_TOTAL_STEPS, min(1.0, total / 250_000))
+
+
+def resample_steps(recipe: Recipe, total: int) -> list[int]:
+    if recipe.train.resample_steps is not None:
+        return sorted(recipe.train.resample_steps)
+    scale = schedule_scale(total)
+    return [s for s in (max(1, round(p * scale)) for p in PAPER_RESAMPLE_STEPS) if s < total]
+
+
+def dead_window(recipe: Recipe, total: int) -> int:
+    if recipe.train.dead_window > 0:
+        return recipe.train.dead_window
+    return max(1, round(PAPER_DEAD_WINDOW * schedule_scale(total)))
+
+
+class Resampling(L.Callback):
+    """The paper's dead-feature resampling, for the SAEs whose variant uses it."""
+
+    def __init__(self, recipe: Recipe, datamodule, total: int):
+        self.recipe = recipe
+        self.datamodule = datamodule
+        self.steps = set(resample_steps(recipe, total))
+        self.window = dead_window(recipe, total)
+        self.history: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        optimizer = trainer.optimizers[0]
+        for name, sae in module.saes.items():
+            if not getattr(sae, "supports_resampling", False):
+                continue
+            dead = module.stats[name].steps_since_fired >= min(self.window, step)
+            n_dead = int(dead.sum())
+            if n_dead:
+                self._resample(module, name, sae, dead, optimizer, step)
+            self.history.append({"step": step, "sae": name, "resampled": n_dead})
+            module.log(f"{name}/resampled", float(n_dead), on_step=True)
+            log.info("step %d: %s resampled %d dead features", step, name, n_dead)
+
+    @torch.no_grad()
+    def _resample(self, module, name: str, sae, dead: torch.Tensor, optimizer, step: int) -> None:
+        hook = module.hook_of[name]
+        size = min(self.recipe.train.resample_sample_size, self._max_sample())
+        sample = self.datamodule.sample(size, seed=step)[module.hook_points.index(hook)].to(module.device)
+        inputs = sample * module.input_scales.get(hook, 1.0)
+        losses = torch.cat([per_input_loss(sae, chunk) for chunk in inputs.split(8192)])
+        generator = torch.Generator(device="cpu").manual_seed(self.recipe.train.seed * 7_919 + step)
+        changed = resample_dead_features(sae, dead, inputs, losses, generator)
+        for param_name, (index, dim) in changed.items():
+            reset_adam_state(optimizer, getattr(sae, param_name), index, dim)
+        module.stats[name].steps_since_fired[dead] = 0
+
+    def _max_sample(self) -> int:
+        store = self.datamodule.store
+        return store.manifest.rows if store is not None else self.recipe.harvest.n_tokens
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+
+
+def per_input_loss(sae, x: torch.Tensor) -> torch.Tensor:
+    """Each input's own loss under the SAE (reconstruction + sparsity), shape (rows,)."""
+    out = sae(x)
+    mse = (out.reconstruction - x).pow(2).mean(1)
+    sparsity = out.features.abs().sum(1) * float(getattr(sae.cfg, "l1_coefficient", 0.0))
+    return mse + sparsity
+
+
+class FeatureDensity(L.Callback):
+    """Every `density_window` steps: log each SAE's feature-density histogram, then reset."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.last: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        last_step = trainer.global_step >= trainer.max_steps
+        if trainer.global_step % self.window and not last_step:
+            return
+        for name in module.saes:
+            stats = module.stats[name]
+            if stats.window_rows.item() == 0:
+                continue
+            density = stats.density().float().cpu()
+            self.last[name] = density
+            for key, value in density_summary(density).items():
+                module.log(f"{name}/density/{key}", value, on_step=True)
+            self._log_histogram(trainer, name, density)
+            stats.reset_window()
+
+    @staticmethod
+    def _log_histogram(trainer, name: str, density: torch.Tensor) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                values = torch.log10(density.clamp_min(1e-10)).numpy()
+                logger.experiment.log({f"{name}/log10_density": wandb.Histogram(values),
+                                       "trainer/global_step": trainer.global_step})
+
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = dict(state.get("last", {}))
+
+
+class HeldoutEval(L.Callback):
+    """Every `eval_every` steps and at the end: MSE, FVU, L0, L1 on held-out activations."""
+
+    def __init__(self, recipe: Recipe, datamodule):
+        self.every = recipe.train.eval_every
+        self.datamodule = datamodule
+        self.n_batches = recipe.train.eval_batches
+        self.batches = None
+        self.results: dict[str, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step >= trainer.max_steps or (self.every and step % self.every == 0):
+            self.evaluate(trainer, module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, module) -> dict[str, dict[str, float]]:
+        if self.batches is None:
+            batch = min(self.datamodule.rank_batch, 4096)
+            self.batches = self.datamodule.heldout_batches(self.n_batches, batch)
+        for name, sae in module.saes.items():
+            metrics = evaluate_sae(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
+                                         for b in self.batches])
+            self.results[name] = metrics
+            for key, value in metrics.items():
+                module.log(f"{name}/eval/{key}", value, on_step=True)
+        return self.results
+

@@ -1,0 +1,132 @@
+"""The LightningDataModule that feeds SAE training: shards from a store, or live from the LM.
+
+Batches are tuples with one (batch, d) tensor per harvested hook point; each SAE of the bank
+picks its own. The stream starts after the rows this rank consumed before a resume, which
+Lightning's restored `global_step` tells (`global_step x per-rank batch`), so a resumed run
+sees exactly the rows an uninterrupted run would have seen next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from framework.activations.reader import ActivationStore, ActivationStream
+from framework.config import Recipe
+from framework.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ActivationDataModule(L.LightningDataModule):
+    def __init__(self, recipe: Recipe, world_size: int = 1, model=None):
+        super().__init__()
+        self.recipe = recipe
+        self.world_size = world_size
+        cfg = recipe.train
+        if cfg.batch_size % world_size:
+            raise DataError(
+                f"train.batch_size={cfg.batch_size} does not split evenly over {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        self.rank_batch = cfg.batch_size // world_size
+        self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
+        self.live_model = model if recipe.harvest.mode == "live" else None
+        self.store = None if self.live_model is not None else ActivationStore(
+            str(recipe.path("activations")), verify=recipe.harvest.verify_on_read
+        )
+        if self.store is not None:
+            self._check_enough_rows()
+
+    # ---- what the store holds -----------------------------------------------------------
+
+    @property
+    def hook_points(self) -> list[str]:
+        return list(self.recipe.harvest.hook_points) if self.store is None else self.store.manifest.hook_points
+
+    def width(self, hook: str) -> int:
+        if self.store is not None:
+            return self.store.manifest.width(hook)
+        return self.live_model.hook_points()[hook]
+
+    def input_scale(self, hook: str) -> float:
+        """Factor that brings rows to mean norm sqrt(d) (peers' normalisation), or 1."""
+        if self.recipe.train.normalize_activations == "none":
+            return 1.0
+        if self.store is None:
+            norms = self.sample(4096, seed=0)[self.hook_points.index(hook)].norm(dim=1)
+            mean_norm = norms.mean().item()
+        else:
+            mean_norm = self.store.manifest.normalisation[hook]["mean_norm"]
+        return math.sqrt(self.width(hook)) / mean_norm
+
+    def _check_enough_rows(self) -> None:
+        cfg = self.recipe.train
+        per_epoch = self.store.rows_per_epoch(0, self.world_size)
+        need = self.total_steps * self.rank_batch
+        if per_epoch * cfg.epochs < need:
+            raise DataError(
+                f"train.n_tokens={cfg.n_tokens:,} needs {need:,} rows per rank but the store "
+                f"{self.store.location} gives {per_epoch:,} per rank per epoch x train.epochs={cfg.epochs}. "
+                f"Harvest more (harvest.n_tokens), lower train.n_tokens, or raise train.epochs "
+                f"(the paper never repeats data)."
+            )
+
+    # ---- streams ------------------------------------------------------------------------
+
+    def _stream(self, start_row: int, rank: int, world: int, seed: int, max_batches: int | None,
+                batch: int, shuffle: bool = True):
+        if self.store is not None:
+            return ActivationStream(self.store, batch, rank=rank, world=world, seed=seed,
+                                    epochs=self.recipe.train.epochs, shuffle=shuffle,
+                                    start_row=start_row, max_batches=max_batches)
+        from framework.activations.live import LiveStream
+
+        return LiveStream(self.live_model, self.recipe, batch, rank=rank, world=world,
+                          start_row=start_row, max_batches=max_batches)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        rank, world = self.data_rank(rank, world)
+        if step:
+            log.info("resuming the activation stream at step %d (row %s of this rank)", step,
+                     f"{step * self.rank_batch:,}")
+        stream = self._stream(step * self.rank_batch, rank, world, self.recipe.train.seed,
+                              self.total_steps - step, self.rank_batch)
+        return DataLoader(stream, batch_size=None, num_workers=self.recipe.train.num_workers)
+
+    def data_rank(self, rank: int, world: int) -> tuple[int, int]:
+        """Which slice of the data this process reads (strategies may override the mapping)."""
+        return rank, world
+
+    def sample(self, n: int, seed: int) -> list[torch.Tensor]:
+        """n rows per hook point, drawn reproducibly (for initialisation and resampling)."""
+        stream = self._stream(0, 0, 1, seed=10_007 + seed, max_batches=1, batch=n)
+        try:
+            return list(next(iter(stream)))
+        except StopIteration:
+            rows = self.store.manifest.rows if self.store is not None else "too few"
+            raise DataError(f"cannot draw a sample of {n:,} rows: the store has {rows} rows") from None
+
+    def heldout_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        """Held-out rows for periodic evaluation (the store's heldout/ split)."""
+        location = f"{self.recipe.path('activations')}/heldout"
+        if self.store is None:
+            from framework.activations.live import LiveStream
+
+            stream = LiveStream(self.live_model, self.recipe, batch, split="heldout",
+                                n_tokens=self.recipe.harvest.heldout_tokens, max_batches=n_batches)
+        else:
+            try:
+                stream = ActivationStream(ActivationStore(location), batch, shuffle=False, max_batches=n_batches)
+            except DataError:
+                log.warning("no held-out store at %s; periodic evaluation uses training rows", location)
+                stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
+        return list(stream)

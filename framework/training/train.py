@@ -1,0 +1,178 @@
+"""`sae train`: the training stage, from recipe to trained SAEs on disk.
+
+Layout of the output directory (`{workdir}/sae` unless `train.output_dir` says otherwise):
+
+    checkpoints/last.ckpt     Lightning checkpoint: weights, Adam state, feature statistics,
+                              callbacks, loops, and the recipe fingerprint (resume + refusal)
+    logs/                     CSV log and the W&B run (offline unless a key is in the env)
+    <sae name>/sae.safetensors, config.json, metrics.json, density.png, init_decoder.safetensors
+    training_curves.png, report.md, recipe.yaml, COMPLETE
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import save_file
+
+from framework.artifacts import is_complete, mark_complete, stage_fingerprint
+from framework.config import Recipe, recipe_to_dict, save_recipe
+from framework.errors import CheckpointError, DataError
+from framework.tracking import make_loggers
+from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling
+from framework.training.data import ActivationDataModule
+from framework.training.module import SAEModule, total_steps
+from framework.training.strategies import trainer_arguments, world_size
+
+log = logging.getLogger(__name__)
+INIT_SAMPLE_ROWS = 16_384
+
+
+def resolve_hooks(recipe: Recipe, harvested: list[str]) -> Recipe:
+    """Fill in `sae.hook_point` (empty = the first harvested hook) and check every SAE's."""
+    recipe = copy.deepcopy(recipe)
+    if not recipe.sae.hook_point:
+        recipe.sae.hook_point = harvested[0]
+    for cfg in recipe.sae_configs():
+        if cfg.hook_point not in harvested:
+            raise DataError(
+                f"SAE {cfg.name!r} reads hook point {cfg.hook_point!r}, but the activations hold "
+                f"{harvested}; set its hook_point to one of them, or add it to harvest.hook_points "
+                f"and harvest again"
+            )
+    return recipe
+
+
+class _TrackLastCheckpoint(Callback):
+    """Tells the module where the last good checkpoint is, for the NaN error message."""
+
+    def __init__(self, checkpoint: ModelCheckpoint):
+        self.checkpoint = checkpoint
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        module.last_good_checkpoint = self.checkpoint.last_model_path or None
+
+
+def check_checkpoint(path: Path, recipe: Recipe) -> None:
+    """Refuse a checkpoint written by a different recipe or activation store."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {err}); delete it to start over"
+        ) from None
+    saved = state.get("sae_framework", {}).get("fingerprint")
+    if saved is None:
+        raise CheckpointError(f"{path} was not written by `sae train`; delete it or use another train.output_dir")
+    mine = json.loads(json.dumps(stage_fingerprint(recipe, "train"), default=str))
+    if json.loads(json.dumps(saved, default=str)) != mine:
+        from framework.artifacts import _diff
+
+        differences = _diff(mine, saved)
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different recipe ({'; '.join(differences[:5])}). "
+            f"Resuming would mix two experiments: use another train.output_dir, or delete "
+            f"{path.parent} to start this recipe from scratch."
+        )
+
+
+def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main: bool) -> None:
+    sample = data.sample(INIT_SAMPLE_ROWS, seed=module.recipe.train.seed)
+    for name, sae in module.saes.items():
+        hook = module.hook_of[name]
+        sae.initialize_from_data(sample[data.hook_points.index(hook)] * module.input_scales[hook])
+        if is_main:
+            (out / name).mkdir(parents=True, exist_ok=True)
+            save_file({"W_dec": sae.W_dec.detach().contiguous()}, str(out / name / "init_decoder.safetensors"))
+
+
+def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Trainer:
+    cfg = recipe.train
+    total = total_steps(recipe)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="step-{step}", save_last=True, save_top_k=1,
+        every_n_train_steps=cfg.checkpoint_every or total,
+    )
+    callbacks = [
+        checkpoint,
+        _TrackLastCheckpoint(checkpoint),
+        Resampling(recipe, data, total),
+        FeatureDensity(cfg.density_window),
+        HeldoutEval(recipe, data),
+    ]
+    return L.Trainer(
+        max_steps=total,
+        logger=make_loggers(recipe, out / "logs", run_name=f"{recipe.name}-train", job_type="train"),
+        callbacks=callbacks,
+        log_every_n_steps=cfg.log_every,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=out,
+        deterministic=False,
+        **trainer_arguments(recipe),
+    )
+
+
+def train(recipe: Recipe) -> Path:
+    out = recipe.path("sae")
+    if is_complete(out, recipe, "train"):
+        log.info("SAEs in %s are complete; nothing to do", out)
+        return out
+    L.seed_everything(recipe.train.seed, workers=True, verbose=False)
+    live_model = None
+    if recipe.harvest.mode == "live":
+        from framework.lm import load_lm
+
+        live_model = load_lm(recipe)
+    data = ActivationDataModule(recipe, world_size(recipe), model=live_model)
+    recipe = resolve_hooks(recipe, data.hook_points)
+    data.recipe = recipe
+    for cfg in recipe.sae_configs():
+        if cfg.d_in and cfg.d_in != data.width(cfg.hook_point):
+            raise DataError(
+                f"SAE {cfg.name!r} has sae.d_in={cfg.d_in} but {cfg.hook_point!r} in the activations "
+                f"has d={data.width(cfg.hook_point)}; set sae.d_in=0 to take it from the store"
+            )
+    hooks = {c.hook_point for c in recipe.sae_configs()}
+    module = SAEModule(recipe, {h: data.width(h) for h in hooks}, {h: data.input_scale(h) for h in hooks})
+    module.hook_points = data.hook_points
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(recipe, out, data)
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        check_checkpoint(last, recipe)
+        log.info("resuming from %s", last)
+    else:
+        initialize(module, data, out, trainer.is_global_zero)
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+    if trainer.is_global_zero:
+        from framework.training.report import write_training_outputs
+
+        write_training_outputs(recipe, module, trainer, out)
+        save_recipe(recipe, out)
+        mark_complete(out, recipe, "train", saes=list(module.saes))
+    trainer.strategy.barrier()
+    return out
+
+
+def save_sae(sae, name: str, hook: str, input_scale: float, recipe: Recipe, directory: Path) -> Path:
+    """The framework's own SAE format: safetensors weights + config.json (see export.py for SAELens)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}
+    save_file(tensors, str(directory / "sae.safetensors"))
+    config = {
+        "name": name, "d_in": sae.d_in, "hook_point": hook, "input_scale": input_scale,
+        "sae": vars(sae.cfg) | {"hook_point": hook}, "model": recipe_to_dict(recipe)["lm"],
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    return directory
+

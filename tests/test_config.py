@@ -1,0 +1,89 @@
+"""The recipe schema: loading, inheritance, overrides, and errors that name the problem."""
+
+from pathlib import Path
+
+import pytest
+
+from framework.config import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.sae_configs(), path
+
+
+def test_override_from_command_line_wins():
+    recipe = load_recipe(REPO / "recipes/quickstart.yaml", ["sae.n_features=8192", "train.lr=2e-3"])
+    assert recipe.sae.n_features == 8192
+    assert recipe.train.lr == pytest.approx(2e-3)
+
+
+def test_base_recipe_is_inherited_and_overridden(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nsae:\n  n_features: 1024\n  l1_coefficient: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\nsae:\n  n_features: 2048\n")
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert (recipe.name, recipe.sae.n_features, recipe.sae.l1_coefficient) == ("child", 2048, 0.5)
+
+
+def test_workdir_interpolates_the_name():
+    assert load_recipe(None, ["name=abc"]).workdir == "runs/abc"
+
+
+def test_unknown_key_names_key_section_and_nearest_valid_key():
+    with pytest.raises(RecipeError, match=r"unknown key 'n_featres' in section 'sae'.*did you mean 'n_features'"):
+        load_recipe(None, ["sae.n_featres=3"])
+
+
+def test_unknown_key_in_yaml_file_is_named(tmp_path):
+    (tmp_path / "r.yaml").write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(RecipeError, match=r"'learning_rate' in section 'train'"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_wrong_type_names_field_value_and_expected_type():
+    with pytest.raises(RecipeError, match=r"'sae.n_features': got 'many', expected int"):
+        load_recipe(None, ["sae.n_features=many"])
+
+
+def test_value_outside_choices_lists_the_choices():
+    with pytest.raises(RecipeError, match=r"sae.variant='topkk' is not one of .*did you mean 'topk'"):
+        load_recipe(None, ["sae.variant=topkk"])
+
+
+def test_missing_recipe_file_names_the_path(tmp_path):
+    with pytest.raises(RecipeError, match=r"recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_missing_base_file_names_the_path(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(RecipeError, match=r"gone.yaml"):
+        load_recipe(tmp_path / "child.yaml")
+
+
+def test_bank_entries_override_the_sae_section_and_get_names():
+    recipe = load_recipe(None, ["train.bank=[{n_features: 512}, {n_features: 1024, l1_coefficient: 0.01}]"])
+    configs = recipe.sae_configs()
+    assert [c.n_features for c in configs] == [512, 1024]
+    assert configs[1].l1_coefficient == 0.01 and configs[0].l1_coefficient == recipe.sae.l1_coefficient
+    assert len({c.name for c in configs}) == 2
+
+
+def test_bank_entry_with_unknown_key_is_refused():
+    with pytest.raises(RecipeError, match=r"'n_featurs' in section 'train.bank\[0\]'"):
+        load_recipe(None, ["train.bank=[{n_featurs: 512}]"])
+
+
+def test_resolved_recipe_round_trips_through_a_dict():
+    recipe = load_recipe(REPO / "recipes/quickstart.yaml")
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+
+
+def test_harvest_positions_must_fit_in_a_context():
+    with pytest.raises(RecipeError, match="tokens_per_context"):
+        load_recipe(None, ["text.context_length=16", "harvest.tokens_per_context=64"])
