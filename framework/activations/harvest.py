@@ -20,7 +20,9 @@ import errno
 import json
 import logging
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,10 +237,13 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     if len(todo) < len(mine):
         log.info("%s: %d of %d windows already complete; harvesting the rest", store, len(mine) - len(todo), len(mine))
     progress = Progress(f"harvest {split}", sum(plan.window_row_count(w) for w in todo), "rows")
+    # Fault-injection tests set this to hold the harvest between windows while they kill it.
+    pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
     for window in todo:
         rows = harvest_window(model, recipe, plan, window)
         _write_window(store, plan, window, rows, recipe)
         progress.update(len(rows))
+        time.sleep(pause)
     barrier()
     if not rank.is_main:
         return None

@@ -1,0 +1,271 @@
+"""The activation store: harvest to real shards on disk, read them back, resume, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.activations.harvest import harvest
+from framework.activations.live import LiveStream
+from framework.activations.reader import ActivationStore, ActivationStream
+from framework.activations.verify import verify_store
+from framework.config import load_recipe
+from framework.errors import DataError
+from framework.lm import load_lm
+from framework.text import iter_context_batches
+
+from conftest import TINY_PRETRAIN
+
+HOOKS = "[blocks.0.mlp.hook_post,blocks.0.hook_resid_pre]"
+SMALL_STORE = [
+    f"harvest.hook_points={HOOKS}",
+    "harvest.n_tokens=6144",
+    "harvest.tokens_per_context=32",
+    "harvest.shuffle_window=2048",
+    "harvest.rows_per_shard=1024",
+    "harvest.rows_per_sample=256",
+    "harvest.heldout_tokens=1024",
+    "harvest.dtype=float32",
+    "harvest.batch_size=8",
+]
+
+
+def store_recipe(pretrained_recipe, workdir: Path, *extra: str):
+    return load_recipe(None, [*TINY_PRETRAIN, f"workdir={workdir}", f"lm.path={pretrained_recipe.path('lm')}",
+                              *SMALL_STORE, *extra])
+
+
+def shard_digests(store: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(store.glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def harvested(pretrained_recipe, tmp_path_factory):
+    recipe = store_recipe(pretrained_recipe, tmp_path_factory.mktemp("store"))
+    harvest(recipe)
+    return recipe
+
+
+def all_rows(location: str, rank: int = 0, world: int = 1):
+    stream = ActivationStream(ActivationStore(location), batch_size=1, rank=rank, world=world, shuffle=False)
+    return list(stream.iter_rows())
+
+
+def test_harvested_rows_equal_a_direct_forward_pass_each_row_once(harvested):
+    store = harvested.path("activations")
+    rows = all_rows(str(store))
+    acts = [torch.cat([r.acts[h] for r in rows]) for h in range(2)]
+    context = torch.cat([r.context for r in rows])
+    position = torch.cat([r.position for r in rows])
+    token = torch.cat([r.token for r in rows])
+    assert len(context) == 6144
+    pairs = set(zip(context.tolist(), position.tolist()))
+    assert len(pairs) == len(context), "a (context, position) row appears twice"
+
+    model = load_lm(harvested)
+    n_contexts = int(context.max()) + 1
+    assert n_contexts == 6144 // 32
+    _, tokens = next(iter_context_batches(harvested.text, model.tokenizer, "train", n_contexts, 0, n_contexts))
+    hooks = ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_pre"]
+    direct = model.run(tokens, capture=hooks).activations
+    for h, hook in enumerate(hooks):
+        torch.testing.assert_close(acts[h], direct[hook][context, position], rtol=1e-5, atol=1e-5)
+    assert torch.equal(token, tokens[context, position])
+    assert (position >= harvested.harvest.skip_first_tokens).all()
+
+
+def test_manifest_describes_the_store(harvested):
+    store = ActivationStore(str(harvested.path("activations")))
+    m = store.manifest
+    assert m.hook_points == ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_pre"]
+    assert m.d == [512, 128] and m.dtype == "float32" and m.rows == 6144
+    assert len(m.shards) == 6 and all(len(s.sha256) == 64 for s in m.shards)
+    assert m.model["name"] == "builtin" and m.recipe["harvest"]["n_tokens"] == 6144
+    rows = all_rows(str(harvested.path("activations")))
+    acts = torch.cat([r.acts[0] for r in rows]).double()
+    torch.testing.assert_close(torch.tensor(m.normalisation["blocks.0.mlp.hook_post"]["mean"], dtype=torch.float64), acts.mean(0), rtol=1e-4, atol=1e-6)
+    assert m.normalisation["blocks.0.mlp.hook_post"]["mean_norm"] == pytest.approx(acts.norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_heldout_store_comes_from_heldout_documents(harvested):
+    heldout = ActivationStore(str(harvested.path("activations") / "heldout"))
+    assert heldout.manifest.split == "heldout" and heldout.manifest.rows == 1024
+
+
+def test_shards_are_plain_tar_files_of_npy_members(harvested):
+    import tarfile
+
+    with tarfile.open(harvested.path("activations") / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:5] == ["000000_000000.acts0.npy", "000000_000000.acts1.npy", "000000_000000.token.npy",
+                         "000000_000000.context.npy", "000000_000000.position.npy"]
+    assert len(names) == 5 * (1024 // 256)
+
+
+def test_two_ranks_read_disjoint_rows_that_cover_the_store(harvested):
+    location = str(harvested.path("activations"))
+    ranks = [all_rows(location, rank, 2) for rank in (0, 1)]
+    keys = [{(c, p) for r in rows for c, p in zip(r.context.tolist(), r.position.tolist())} for rows in ranks]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert len(keys[0] | keys[1]) == 6144
+
+
+def test_resumed_stream_continues_where_it_stopped(harvested):
+    store = ActivationStore(str(harvested.path("activations")))
+    full = list(ActivationStream(store, batch_size=512, seed=3, epochs=2))
+    resumed = list(ActivationStream(store, batch_size=512, seed=3, epochs=2, start_row=5 * 512))
+    assert len(full) == 24 and len(resumed) == 19
+    for a, b in zip(full[5:], resumed):
+        assert torch.equal(a[0], b[0])
+
+
+def test_epochs_visit_every_row_once_each_in_a_new_order(harvested):
+    store = ActivationStore(str(harvested.path("activations")))
+    first, second = (list(ActivationStream(store, 1024, seed=1, epochs=1 + e))[6 * e:] for e in (0, 1))
+    assert len(first) == len(second) == 6
+    assert not torch.equal(torch.cat([b[0] for b in first]), torch.cat([b[0] for b in second]))
+    assert torch.allclose(torch.cat([b[0] for b in first]).sum(0), torch.cat([b[0] for b in second]).sum(0), rtol=1e-4)
+
+
+def test_live_mode_yields_the_rows_the_store_holds(harvested):
+    model = load_lm(harvested)
+    live = list(LiveStream(model, harvested, batch_size=1000))
+    stored = list(ActivationStream(ActivationStore(str(harvested.path("activations"))), 1000, shuffle=False))
+    assert len(live) == len(stored) == 6
+    for a, b in zip(live, stored):
+        for h in range(2):
+            torch.testing.assert_close(a[h], b[h], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_of_a_complete_harvest_does_nothing(harvested):
+    before = shard_digests(harvested.path("activations"))
+    mtimes = {p: p.stat().st_mtime for p in harvested.path("activations").glob("shard-*.tar")}
+    harvest(harvested)
+    assert shard_digests(harvested.path("activations")) == before
+    assert mtimes == {p: p.stat().st_mtime for p in harvested.path("activations").glob("shard-*.tar")}
+
+
+def test_killed_harvest_resumed_equals_uninterrupted(pretrained_recipe, harvested, tmp_path):
+    recipe = store_recipe(pretrained_recipe, tmp_path, "harvest.heldout_tokens=0")
+    store = recipe.path("activations")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("{}\n")
+    args = [sys.executable, "-m", "framework.cli", "harvest", str(recipe_file), *TINY_PRETRAIN,
+            f"workdir={tmp_path}", f"lm.path={pretrained_recipe.path('lm')}", *SMALL_STORE,
+            "harvest.heldout_tokens=0"]
+    env = dict(os.environ, SAE_HARVEST_WINDOW_DELAY_S="3")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (store / "window-000000.json").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (store / "manifest.json").exists()
+    assert len(list(store.glob("window-*.json"))) < 3
+    harvest(recipe)
+    expected = shard_digests(harvested.path("activations"))
+    assert shard_digests(store) == expected
+
+
+def test_corrupted_shard_is_named_by_verify_and_by_the_reader(harvested, tmp_path):
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    recipe = load_recipe(None, [f"harvest.output_dir={copy}"])
+    assert "verified 7 shards" in verify_store(recipe)
+    shard = copy / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard-000002.tar.*checksum"):
+        verify_store(recipe)
+    with pytest.raises(DataError, match="shard-000002.tar.*checksum"):
+        list(ActivationStream(ActivationStore(str(copy), verify=True), 1024, shuffle=False))
+
+
+def test_truncated_shard_is_named_by_the_reader(harvested, tmp_path):
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    shard = copy / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataError, match="shard-000001.tar.*(truncated|corrupt)"):
+        list(ActivationStream(ActivationStore(str(copy)), 1024, shuffle=False))
+
+
+def test_missing_shard_is_named_by_the_reader(harvested, tmp_path):
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    (copy / "shard-000003.tar").unlink()
+    with pytest.raises(DataError, match="shard-000003.tar.*missing"):
+        list(ActivationStream(ActivationStore(str(copy)), 1024, shuffle=False))
+
+
+def test_missing_store_says_to_harvest(tmp_path):
+    with pytest.raises(DataError, match="sae harvest"):
+        ActivationStore(str(tmp_path / "nowhere"))
+
+
+def test_sae_hook_or_width_that_the_store_lacks_is_refused(harvested):
+    store = ActivationStore(str(harvested.path("activations")))
+    with pytest.raises(DataError, match="blocks.0.hook_mlp_out"):
+        store.check_compatible("blocks.0.hook_mlp_out", 128, "s")
+    with pytest.raises(DataError, match="d=256.*d=512"):
+        store.check_compatible("blocks.0.mlp.hook_post", 256, "s")
+
+
+def test_harvest_into_a_store_of_another_recipe_is_refused(pretrained_recipe, harvested):
+    other = store_recipe(pretrained_recipe, Path(harvested.workdir), "harvest.tokens_per_context=16")
+    with pytest.raises(Exception, match="different recipe"):
+        harvest(other)
+
+
+def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path):
+    """RLIMIT_FSIZE makes the write fail with EFBIG, as a full disk fails with ENOSPC."""
+    script = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+from framework.cli import main
+sys.exit(main(["harvest", sys.argv[1], *sys.argv[2:]]))
+"""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("{}\n")
+    args = [sys.executable, "-c", script, str(recipe_file), *TINY_PRETRAIN, f"workdir={tmp_path}",
+            f"lm.path={pretrained_recipe.path('lm')}", *SMALL_STORE]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "disk full while writing shard-000000.tar" in result.stderr
+    store = tmp_path / "activations"
+    assert not list(store.glob("window-*.json")) and not list(store.glob("*.partial")) and not list(store.glob(".*partial"))
+    assert not (store / "manifest.json").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_harvest_with_two_ranks_equals_one_process(pretrained_recipe, harvested, tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("{}\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+            "-m", "framework.cli", "harvest", str(recipe_file), *TINY_PRETRAIN, f"workdir={tmp_path}",
+            f"lm.path={pretrained_recipe.path('lm')}", *SMALL_STORE]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert shard_digests(tmp_path / "activations") == shard_digests(harvested.path("activations"))
+    manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
+    assert manifest["rows"] == 6144 and len(manifest["shards"]) == 6

@@ -1,0 +1,238 @@
+"""Export to SAELens's format and import from it: SAELens itself must compute what we compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from framework.config import SAEConfig, load_recipe
+from framework.errors import CheckpointError
+from framework.export import ARCHITECTURE, export, export_sae, load_saelens_sae
+from framework.sae import VARIANTS, build_sae
+from framework.saved import TrainedSAE, load_framework_sae
+from framework.training.train import save_sae
+
+sae_lens = pytest.importorskip("sae_lens")
+
+D_IN, N_FEATURES, K = 32, 64, 8
+HOOK = "blocks.0.mlp.hook_post"
+SCALE = 2.5  # not a power of two, so folding it really changes the weights' bits
+
+
+def randomized(sae):
+    """Random weights everywhere, nonzero biases, thresholds that some pre-activations pass."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if sae.variant == "jumprelu":
+            sae.log_threshold.copy_(torch.randn(N_FEATURES, generator=g) * 0.5)  # θ around 1
+        if sae.variant == "batchtopk":
+            sae.threshold.fill_(1.5)
+    return sae
+
+
+def activations(rows: int = 16) -> torch.Tensor:
+    return torch.randn(rows, D_IN, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return load_recipe(None, [f"workdir={tmp_path}", "lm.name=builtin", "text.context_length=96"])
+
+
+def trained(variant: str, recipe, directory: Path) -> TrainedSAE:
+    """A random SAE of `variant` saved in the framework's format and loaded back, as `sae train`'s."""
+    cfg = SAEConfig(variant=variant, name=f"{variant}_test", n_features=N_FEATURES, k=K, hook_point=HOOK)
+    sae = randomized(build_sae(D_IN, cfg))
+    return load_framework_sae(save_sae(sae, cfg.name, HOOK, SCALE, recipe, directory / cfg.name))
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_saelens_computes_our_features_and_reconstruction_from_raw_activations(variant, recipe, tmp_path):
+    ours = trained(variant, recipe, tmp_path / "sae")
+    theirs = sae_lens.SAE.load_from_disk(export_sae(ours, tmp_path / "export" / ours.name))
+    x = activations()
+    features = ours.features(x)
+    assert 0 < (features > 0).sum() < features.numel()  # the test means something: some fire, some not
+    with torch.no_grad():
+        assert_same(theirs.encode(x), features)
+        assert_same(theirs.decode(theirs.encode(x)), ours.reconstruct(x))
+        assert_same(theirs(x), ours.reconstruct(x))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cfg_json_names_the_matching_architecture_hook_and_model(variant, recipe, tmp_path):
+    ours = trained(variant, recipe, tmp_path / "sae")
+    cfg = json.loads((export_sae(ours, tmp_path / "out", {"model_name": "builtin"}) / "cfg.json").read_text())
+    assert cfg["architecture"] == ARCHITECTURE[variant]
+    assert (cfg["d_in"], cfg["d_sae"], cfg["normalize_activations"]) == (D_IN, N_FEATURES, "none")
+    assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "builtin"
+    assert cfg.get("k", K) == K
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_through_saelens_format_keeps_variant_and_features(variant, recipe, tmp_path):
+    ours = trained(variant, recipe, tmp_path / "sae")
+    back = load_saelens_sae(export_sae(ours, tmp_path / "export" / ours.name))
+    assert (back.name, back.sae.variant, back.hook_point, back.input_scale) == (ours.name, variant, HOOK, 1.0)
+    x = activations()
+    assert_same(back.features(x), ours.features(x))
+    assert_same(back.reconstruct(x), ours.reconstruct(x))
+
+
+def saelens_sae(architecture: str, **options):
+    """An SAE built and saved by SAELens itself, with random weights."""
+    from sae_lens.saes.sae import SAEMetadata
+
+    cls, cfg_cls = sae_lens.registry.get_sae_class(architecture)
+    cfg = cfg_cls(d_in=D_IN, d_sae=N_FEATURES, metadata=SAEMetadata(hook_name=HOOK), **options)
+    sae = cls(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.5 if name == "threshold" else 0))
+    return sae
+
+
+@pytest.mark.parametrize(
+    "architecture, options, variant",
+    [
+        ("standard", {}, "april2024"),
+        ("standard", {"apply_b_dec_to_input": False}, "april2024"),
+        ("topk", {"k": K, "rescale_acts_by_decoder_norm": True}, "topk"),
+        ("jumprelu", {"apply_b_dec_to_input": False}, "jumprelu"),
+        ("gated", {"apply_b_dec_to_input": False}, "gated"),
+    ],
+)
+def test_sae_saved_by_saelens_imports_with_the_same_features(architecture, options, variant, tmp_path):
+    theirs = saelens_sae(architecture, **options)
+    theirs.save_model(tmp_path / "theirs")
+    ours = load_saelens_sae(tmp_path / "theirs")
+    assert (ours.sae.variant, ours.hook_point, ours.name) == (variant, HOOK, "theirs")
+    x = activations()
+    with torch.no_grad():
+        assert_same(ours.features(x), theirs.encode(x))
+        assert_same(ours.reconstruct(x), theirs(x))
+
+
+def test_jumprelu_thresholds_at_or_below_zero_import_as_plain_relu(tmp_path):
+    theirs = saelens_sae("jumprelu")
+    with torch.no_grad():
+        theirs.threshold[: N_FEATURES // 2] = -1.0
+        theirs.threshold[N_FEATURES // 2 :] = 0.0
+    theirs.save_model(tmp_path / "theirs")
+    x = activations()
+    with torch.no_grad():
+        assert_same(load_saelens_sae(tmp_path / "theirs").features(x), theirs.encode(x))
+
+
+@pytest.fixture
+def exported(recipe, tmp_path) -> Path:
+    return export_sae(trained("jumprelu", recipe, tmp_path / "sae"), tmp_path / "export" / "jumprelu_test")
+
+
+def edit_cfg(directory: Path, **changes) -> None:
+    cfg = json.loads((directory / "cfg.json").read_text())
+    (directory / "cfg.json").write_text(json.dumps(cfg | changes))
+
+
+@pytest.mark.parametrize("missing", ["cfg.json", "sae_weights.safetensors"])
+def test_import_names_the_missing_file(exported, missing):
+    (exported / missing).unlink()
+    with pytest.raises(CheckpointError, match=missing):
+        load_saelens_sae(exported)
+
+
+@pytest.mark.parametrize("broken", ["cfg.json", "sae_weights.safetensors"])
+def test_import_names_the_unreadable_file(exported, broken):
+    (exported / broken).write_bytes(b"{")
+    with pytest.raises(CheckpointError, match=f"cannot (parse|read) .*{broken}"):
+        load_saelens_sae(exported)
+
+
+def test_import_of_unknown_architecture_names_the_supported_ones(exported):
+    edit_cfg(exported, architecture="matching_pursuit")
+    with pytest.raises(CheckpointError, match="matching_pursuit.*standard, topk, jumprelu, gated"):
+        load_saelens_sae(exported)
+
+
+def test_import_refuses_weights_whose_shape_disagrees_with_cfg(exported):
+    edit_cfg(exported, d_sae=N_FEATURES * 2)
+    with pytest.raises(CheckpointError, match=r"W_enc has shape \(32, 64\).*needs \(32, 128\)"):
+        load_saelens_sae(exported)
+
+
+def test_import_refuses_weights_of_another_architecture(exported):
+    weights = load_file(str(exported / "sae_weights.safetensors"))
+    del weights["threshold"]
+    save_file(weights, str(exported / "sae_weights.safetensors"))
+    with pytest.raises(CheckpointError, match=r"not hold a jumprelu SAE: missing \['threshold'\]"):
+        load_saelens_sae(exported)
+
+
+@pytest.mark.parametrize("norm", ["expected_average_only_in", "layer_norm", "constant_norm_rescale"])
+def test_import_refuses_activation_normalisation(exported, norm):
+    edit_cfg(exported, normalize_activations=norm)
+    with pytest.raises(CheckpointError, match=f"normalize_activations='{norm}' is not supported"):
+        load_saelens_sae(exported)
+
+
+def test_import_refuses_pre_6_config_without_architecture(exported):
+    cfg = json.loads((exported / "cfg.json").read_text())
+    del cfg["architecture"]
+    (exported / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="SAELens < 6"):
+        load_saelens_sae(exported)
+
+
+BANK_RECIPE = f"""
+sae: {{hook_point: {HOOK}, n_features: {N_FEATURES}, k: {K}}}
+train:
+  bank:
+    - {{variant: topk, name: topk_small}}
+    - {{variant: gated, name: gated_small}}
+    - {{variant: batchtopk, name: batchtopk_small}}
+"""
+
+
+def test_export_stage_writes_every_sae_of_the_bank_once(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(BANK_RECIPE)
+    recipe = load_recipe(tmp_path / "recipe.yaml", [f"workdir={tmp_path / 'run'}"])
+    for cfg in recipe.sae_configs():  # stands in for `sae train`
+        save_sae(
+            randomized(build_sae(D_IN, cfg)), cfg.name, HOOK, SCALE, recipe, recipe.path("sae") / cfg.name
+        )
+    out = export(recipe)
+    assert out == recipe.path("export") and (out / "COMPLETE").is_file()
+    x = activations()
+    for cfg in recipe.sae_configs():
+        theirs = sae_lens.SAE.load_from_disk(out / cfg.name)
+        with torch.no_grad():
+            assert_same(theirs.encode(x), load_framework_sae(recipe.path("sae") / cfg.name).features(x))
+    written = (out / "topk_small" / "sae_weights.safetensors").stat().st_mtime_ns
+    assert export(recipe) == out
+    assert (out / "topk_small" / "sae_weights.safetensors").stat().st_mtime_ns == written
+
+
+def test_export_stage_without_trained_saes_says_to_train(recipe):
+    with pytest.raises(CheckpointError, match="sae train"):
+        export(recipe)
+
+
+def test_export_replaces_a_partial_earlier_export(recipe, tmp_path):
+    ours = trained("topk", recipe, tmp_path / "sae")
+    target = tmp_path / "export" / ours.name
+    target.mkdir(parents=True)
+    (target / "cfg.json").write_text("{")  # an interrupted earlier run
+    export_sae(ours, target)
+    assert load_saelens_sae(target).sae.variant == "topk"
+    assert sorted(p.name for p in target.parent.iterdir()) == [ours.name]
