@@ -187,6 +187,8 @@ class AnalyzeConfig:
     output_dir: str = ""  # empty = {workdir}/analysis
     sae_name: str = ""  # empty = first SAE of the bank
     n_tokens: int = 200_000
+    batch_size: int = 32  # contexts per forward pass
+    save_every: int = 20  # batches between progress saves (an interrupted analyze resumes there)
     top_k_examples: int = 20
     n_quantile_intervals: int = 10
     examples_per_interval: int = 5
@@ -194,6 +196,7 @@ class AnalyzeConfig:
     context_window: int = 24  # tokens shown around an example
     n_features: int = 200  # pages written (most active first); -1 = all
     logit_top_tokens: int = 10
+    ablation_examples: int = 10  # top examples per page whose ablation is measured (a forward pass each)
     autointerp: bool = False
     autointerp_model: str = "smollm2"  # "smollm2" or an OpenAI-compatible URL
     autointerp_api_key_env: str = "OPENAI_API_KEY"
@@ -263,6 +266,8 @@ class Recipe:
             cfg = OmegaConf.to_object(merged)
             if not cfg.name:
                 cfg.name = default_sae_name(cfg)
+            if any(c in cfg.name for c in "./ "):
+                raise RecipeError(f"{where}: SAE name {cfg.name!r} may not contain '.', '/' or spaces")
             configs.append(cfg)
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
@@ -270,8 +275,19 @@ class Recipe:
         return configs
 
 
+def _compact_float(value: float) -> str:
+    """3e-4 -> '3e-04', 1.5e-3 -> '1p5e-03': short, and free of dots (names become module keys)."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.').replace('.', 'p')}e{exponent}"
+
+
 def default_sae_name(cfg: SAEConfig) -> str:
-    sparsity = f"k{cfg.k}" if cfg.variant in ("topk", "batchtopk") else f"l1_{cfg.l1_coefficient:g}"
+    if cfg.variant in ("topk", "batchtopk"):
+        sparsity = f"k{cfg.k}"
+    elif cfg.variant == "jumprelu":
+        sparsity = f"l0_{_compact_float(cfg.l0_coefficient)}"
+    else:
+        sparsity = f"l1_{_compact_float(cfg.l1_coefficient)}"
     return f"{cfg.variant}_{cfg.n_features}_{sparsity}"
 
 

@@ -52,3 +52,11 @@ def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job
             )
         )
     return loggers
+
+
+def finish_tracking(loggers: list[Logger]) -> None:
+    """Close this stage's W&B run, so the next stage in the same process starts its own
+    (WandbLogger would otherwise reuse the run still open) and an offline run is complete."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

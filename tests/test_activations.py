@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN
 
 from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
@@ -22,8 +23,6 @@ from framework.config import load_recipe
 from framework.errors import DataError
 from framework.lm import load_lm
 from framework.text import iter_context_batches
-
-from conftest import TINY_PRETRAIN
 
 HOOKS = "[blocks.0.mlp.hook_post,blocks.0.hook_resid_pre]"
 SMALL_STORE = [
@@ -237,7 +236,7 @@ def test_harvest_into_a_store_of_another_recipe_is_refused(pretrained_recipe, ha
 
 def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path):
     """RLIMIT_FSIZE makes the write fail with EFBIG, as a full disk fails with ENOSPC."""
-    script = f"""
+    script = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))

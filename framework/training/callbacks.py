@@ -17,9 +17,13 @@ import torch
 
 from framework.config import Recipe
 from framework.evaluation.metrics import density_summary, evaluate_sae
-from framework.sae.resampling import reset_adam_state, resample_dead_features
+from framework.sae.resampling import FEATURE_DIM, resample_dead_features, reset_adam_state
 
 log = logging.getLogger(__name__)
+
+# The paper's procedure is for its ReLU + L1 dictionary; the later variants have their own
+# remedy for dead latents (April 2024: none needed; TopK: the AuxK loss; JumpReLU: its L0 STE).
+RESAMPLED_VARIANTS = {"paper"}
 
 PAPER_TOTAL_STEPS = 1_000_000
 PAPER_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
@@ -59,7 +63,7 @@ class Resampling(L.Callback):
             return
         optimizer = trainer.optimizers[0]
         for name, sae in module.saes.items():
-            if not getattr(sae, "supports_resampling", False):
+            if sae.variant not in RESAMPLED_VARIANTS or not self.recipe.train.resample:
                 continue
             dead = module.stats[name].steps_since_fired >= min(self.window, step)
             n_dead = int(dead.sum())
@@ -78,8 +82,8 @@ class Resampling(L.Callback):
         losses = torch.cat([per_input_loss(sae, chunk) for chunk in inputs.split(8192)])
         generator = torch.Generator(device="cpu").manual_seed(self.recipe.train.seed * 7_919 + step)
         changed = resample_dead_features(sae, dead, inputs, losses, generator)
-        for param_name, (index, dim) in changed.items():
-            reset_adam_state(optimizer, getattr(sae, param_name), index, dim)
+        for param_name, index in changed.items():
+            reset_adam_state(optimizer, getattr(sae, param_name), index, FEATURE_DIM[param_name])
         module.stats[name].steps_since_fired[dead] = 0
 
     def _max_sample(self) -> int:

@@ -35,9 +35,9 @@ class FeatureStats(nn.Module):
         self.register_buffer("window_rows", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor) -> None:
-        fires = (features > 0).sum(0).to(torch.float64)  # (n_features,)
-        rows = torch.tensor(float(features.shape[0]), dtype=torch.float64, device=fires.device)
+    def update(self, fire_counts: torch.Tensor, batch_rows: int) -> None:
+        fires = fire_counts.to(torch.float64)  # (n_features,)
+        rows = torch.tensor(float(batch_rows), dtype=torch.float64, device=fires.device)
         if dist.is_available() and dist.is_initialized():
             # Every rank must see the same statistics, or resampling would diverge the replicas.
             both = torch.cat([fires, rows.view(1)])
@@ -83,7 +83,7 @@ class SAEModule(L.LightningModule):
             x = self.scaled_input(batch, name)
             out = sae(x, self.global_step)
             self._check_finite(name, out.loss)
-            self.stats[name].update(out.features)
+            self.stats[name].update(out.fire_counts(), x.shape[0])
             total = total + out.loss
             if log_now:
                 self._log_step(name, x, out)
@@ -104,7 +104,7 @@ class SAEModule(L.LightningModule):
         fvu = residual.pow(2).sum() / (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
         metrics = {f"{name}/{k}": v.detach().float() for k, v in out.losses.items()}
         metrics[f"{name}/fvu"] = fvu
-        metrics[f"{name}/l0"] = (out.features > 0).float().sum(1).mean()
+        metrics[f"{name}/l0"] = out.fire_counts().sum().float() / x.shape[0]
         dead_after = self.dead_window()
         metrics[f"{name}/dead_fraction"] = (self.stats[name].steps_since_fired >= dead_after).float().mean()
         group = list(self.saes).index(name)
@@ -119,7 +119,10 @@ class SAEModule(L.LightningModule):
             if self.recipe.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(group["params"], self.recipe.train.grad_clip)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Renormalise right after the step, before any callback (resampling, checkpointing)
+        # sees the weights: a checkpoint must hold the constrained decoder.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         for sae in self.saes.values():
             sae.after_optimizer_step()
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from framework.artifacts import is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError
-from framework.tracking import make_loggers
+from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling
 from framework.training.data import ActivationDataModule
 from framework.training.module import SAEModule, total_steps
@@ -153,7 +153,10 @@ def train(recipe: Recipe) -> Path:
         log.info("resuming from %s", last)
     else:
         initialize(module, data, out, trainer.is_global_zero)
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+    finally:
+        finish_tracking(trainer.loggers)
     if trainer.is_global_zero:
         from framework.training.report import write_training_outputs
 

@@ -1,0 +1,229 @@
+"""SAE training through a real Lightning Trainer on real shards: outputs, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_PRETRAIN
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+import framework.training.train as train_stage
+from framework.activations.harvest import harvest
+from framework.config import load_recipe
+from framework.errors import CheckpointError, DataError, TrainingError
+
+STORE = [
+    "harvest.n_tokens=16384",
+    "harvest.tokens_per_context=32",
+    "harvest.shuffle_window=4096",
+    "harvest.rows_per_shard=2048",
+    "harvest.rows_per_sample=512",
+    "harvest.heldout_tokens=2048",
+    "harvest.dtype=float32",
+]
+TRAIN = [
+    "sae.n_features=256",
+    "sae.init=data",
+    "sae.init_target_l0=10",
+    "sae.l1_coefficient=1e-3",
+    "train.n_tokens=8192",
+    "train.batch_size=512",
+    "train.lr=3e-3",
+    "train.log_every=2",
+    "train.density_window=4",
+    "train.resample_sample_size=2048",
+    "train.eval_batches=2",
+    "train.wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def store_dir(pretrained_recipe, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("train_store")
+    recipe = load_recipe(None, [*TINY_PRETRAIN, f"workdir={workdir}", f"lm.path={pretrained_recipe.path('lm')}", *STORE])
+    return harvest(recipe)
+
+
+def make_recipe(pretrained_recipe, store_dir: Path, out: Path, *extra: str):
+    return load_recipe(None, [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", *STORE,
+                              f"harvest.output_dir={store_dir}", f"train.output_dir={out}", *TRAIN, *extra])
+
+
+def inject(monkeypatch, callback: Callback) -> None:
+    """Add a callback to the Trainer that `sae train` builds (fault injection, nothing mocked)."""
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, callback)
+        return trainer
+
+    monkeypatch.setattr(train_stage, "build_trainer", build)
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected crash at step {self.step}")
+
+
+def weights(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / name / "sae.safetensors"))
+
+
+def test_training_writes_the_sae_metrics_plots_and_report(pretrained_recipe, store_dir, tmp_path):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    assert metrics["steps"] == 16 and metrics["tokens"] == 8192
+    for key in ("l0", "fvu", "mse", "dead_fraction", "moved_fraction", "median_log10_density"):
+        assert key in metrics
+    assert 0 < metrics["fvu"] < 1 and 0 < metrics["l0"] < 256
+    for path in (out / "report.md", out / "training_curves.png", out / name / "density.png", out / "COMPLETE",
+                 out / "recipe.yaml", out / "checkpoints" / "last.ckpt"):
+        assert path.is_file(), path
+    assert "moved from init" in (out / "report.md").read_text()
+    w = weights(out, name)
+    assert torch.allclose(w["W_dec"].norm(dim=1), torch.ones(256), atol=1e-5)  # the paper's constraint
+
+
+def test_training_lowers_the_loss(pretrained_recipe, store_dir, tmp_path):
+    import csv
+
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.log_every=1")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
+    mse = [float(r[f"{name}/mse"]) for r in rows if r.get(f"{name}/mse")]
+    assert mse[-1] < 0.7 * mse[0]
+
+
+def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    extra = ("train.checkpoint_every=6",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    with monkeypatch.context() as patch:
+        inject(patch, CrashAt(8))
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train_stage.train(broken)
+    assert (tmp_path / "broken" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "broken" / "COMPLETE").exists()
+    train_stage.train(broken)  # resumes from step 6
+
+    name = whole.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_checkpoint_of_another_recipe_is_refused(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    first = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
+    inject(monkeypatch, CrashAt(5))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_stage.train(first)
+    other = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4",
+                        "sae.l1_coefficient=5e-3")
+    with pytest.raises(CheckpointError, match=r"different recipe.*l1_coefficient"):
+        train_stage.train(other)
+
+
+class PoisonWeights(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 5:
+            with torch.no_grad():
+                next(iter(module.saes.values())).W_enc.fill_(float("nan"))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
+    inject(monkeypatch, PoisonWeights())
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*last good checkpoint is kept: .*last.ckpt"):
+        train_stage.train(recipe)
+    assert (tmp_path / "sae" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "sae" / "COMPLETE").exists()
+
+
+def test_store_whose_width_differs_from_the_sae_is_refused_before_training(pretrained_recipe, store_dir, tmp_path):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "sae.d_in=576")
+    with pytest.raises(DataError, match=r"d_in=576.*d=512"):
+        train_stage.train(recipe)
+    assert not (tmp_path / "sae" / "checkpoints").exists()
+
+
+def test_sae_reading_a_hook_the_store_lacks_is_refused(pretrained_recipe, store_dir, tmp_path):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "sae.hook_point=blocks.0.hook_resid_post")
+    with pytest.raises(DataError, match="blocks.0.hook_resid_post"):
+        train_stage.train(recipe)
+
+
+def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recipe, store_dir, tmp_path):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.n_tokens=1000000")
+    with pytest.raises(DataError, match=r"train.n_tokens=1,000,000.*train.epochs"):
+        train_stage.train(recipe)
+
+
+def test_bank_trains_several_saes_on_the_same_batches(pretrained_recipe, store_dir, tmp_path):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae",
+                         "train.bank=[{n_features: 128}, {n_features: 256, variant: topk, k: 8}]")
+    out = train_stage.train(recipe)
+    names = [c.name for c in recipe.sae_configs()]
+    assert names == ["paper_128_l1_1e-03", "topk_256_k8"]
+    for name in names:
+        assert json.loads((out / name / "metrics.json").read_text())["steps"] == 16
+    assert json.loads((out / "topk_256_k8" / "metrics.json").read_text())["l0"] <= 8
+
+
+def read_wandb_records(run_dir: Path) -> dict[str, list]:
+    """Parse the offline run file: a ':W&B' header, then LevelDB-log records of protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, payloads = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            payloads.append(pending + chunk)
+            pending = b""
+        else:  # FIRST, MIDDLE
+            pending += chunk
+    records: dict[str, list] = {}
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        records.setdefault(record.WhichOneof("record_type"), []).append(record)
+    return records
+
+
+def test_offline_wandb_run_is_written_and_holds_metrics_but_no_secret(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "local-secret-key-0123456789abcdef0123456789abcdef")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.wandb.mode=offline")
+    out = train_stage.train(recipe)
+    run_dir = next((out / "logs" / "wandb").glob("offline-run-*"))
+    records = read_wandb_records(run_dir)
+    keys = {item.key or "/".join(item.nested_key) for r in records["history"] for item in r.history.item}
+    name = recipe.sae_configs()[0].name
+    assert f"{name}/loss" in keys and f"{name}/l0" in keys
+    config = {item.key for r in records["run"] for item in r.run.config.update}
+    assert {"sae", "train"} <= config
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"local-secret-key" not in path.read_bytes(), path
+    assert os.environ["WANDB_API_KEY"].startswith("local-secret")
