@@ -27,17 +27,23 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "analyze": ("text", "lm", "harvest", "sae", "train", "analyze"),
     "export": ("text", "lm", "harvest", "sae", "train", "export"),
 }
-# Fields that change how a stage runs, not what it produces.
+# Fields that change how or where a stage runs, not what it produces: a store moved to
+# another directory, or trained on more GPUs, is still the same experiment.
 VOLATILE = {
-    "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "deepspeed_stage", "checkpoint_every"),
-    "harvest": ("batch_size", "verify_on_read"),
-    "lm": ("device",),
-    "pretrain": (),
+    "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "deepspeed_stage",
+              "checkpoint_every", "output_dir"),
+    "harvest": ("batch_size", "verify_on_read", "output_dir"),
+    "lm": ("device", "path"),
+    "eval": ("output_dir",),
+    "analyze": ("output_dir",),
+    "export": ("output_dir",),
 }
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
     data = recipe_to_dict(recipe)
+    if not data["sae"]["hook_point"]:  # the default: the first harvested hook point
+        data["sae"]["hook_point"] = data["harvest"]["hook_points"][0]
     picked = {}
     for section in STAGE_SECTIONS[stage]:
         values = dict(data[section])

@@ -69,6 +69,8 @@ def _call_stage(stage: str, recipe, args) -> object:
         from framework.activations.verify import verify_store
 
         return verify_store(recipe)
+    if stage == "sweep" and args.point is not None:
+        return function(recipe, point_index=args.point)
     return function(recipe)
 
 
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
         if stage == "harvest":
             p.add_argument("--verify", action="store_true", help="check shard checksums and exit")
+        if stage == "sweep":
+            p.add_argument("--point", type=int, default=None,
+                           help="run only point N (0-based; one SLURM array task per point)")
     hooks = sub.add_parser("hooks", help="List a base LM's hook points and their widths.",
                            description="List a model's hook points with widths. MODEL is "
                            "builtin (needs a pretrained recipe: pass the recipe path), smollm2, "

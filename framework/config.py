@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from framework.errors import RecipeError  # re-exported: stages raise it from here
@@ -409,19 +409,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     return layers + [node]
 
 
-def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
-    """Defaults, then the YAML chain, then `key=value` overrides; validated and typed."""
-    layers: list = [OmegaConf.structured(Recipe)]
-    if path is not None:
-        layers += _read_yaml(Path(path))
-    for item in overrides or []:
+def _override_layer(overrides: list[str]) -> DictConfig:
+    for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key=value (e.g. sae.n_features=8192)")
-    if overrides:
-        try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except Exception as err:
-            raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as err:
+        raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
+
+
+def _finish(layers: list) -> Recipe:
     merged = _merge_checked(layers)
     try:
         OmegaConf.resolve(merged)
@@ -431,6 +429,21 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     _check_choices(recipe)
     recipe.sae_configs()  # validates the bank entries now rather than at train time
     return recipe
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults, then the YAML chain, then `key=value` overrides; validated and typed."""
+    layers: list = [OmegaConf.structured(Recipe)]
+    if path is not None:
+        layers += _read_yaml(Path(path))
+    if overrides:
+        layers.append(_override_layer(overrides))
+    return _finish(layers)
+
+
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A validated copy of a recipe with `key=value` overrides applied."""
+    return _finish([OmegaConf.structured(Recipe), OmegaConf.structured(recipe), _override_layer(overrides)])
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -460,5 +473,5 @@ __all__ = [
     "Recipe", "RecipeError", "TextConfig", "LMConfig", "BuiltinLMConfig", "PretrainConfig",
     "HarvestConfig", "SAEConfig", "TrainConfig", "WandbConfig", "EvalConfig", "AnalyzeConfig",
     "ExportConfig", "RunConfig", "SweepConfig", "load_recipe", "save_recipe", "recipe_to_dict",
-    "recipe_to_yaml", "recipe_from_dict", "default_sae_name", "ListConfig",
+    "recipe_to_yaml", "recipe_from_dict", "default_sae_name", "with_overrides",
 ]

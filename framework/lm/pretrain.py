@@ -41,7 +41,7 @@ from framework.lm.builtin import BuiltinArchitecture, BuiltinLM
 from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from framework.progress import Progress
 from framework.text import load_contexts, token_stream
-from framework.tracking import make_loggers
+from framework.tracking import finish_tracking, make_loggers
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,11 @@ def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: t
         callbacks=callbacks, enable_progress_bar=on_tty, enable_model_summary=False,
         log_every_n_steps=min(10, cfg.steps), default_root_dir=out, **_accelerator(recipe.lm.device),
     )
-    trainer.fit(module, train_loader, val_loader, ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None,
+                    weights_only=True)
+    finally:
+        finish_tracking(trainer.loggers)
 
 
 def _accelerator(device: str) -> dict:

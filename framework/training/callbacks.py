@@ -76,7 +76,7 @@ class Resampling(L.Callback):
     @torch.no_grad()
     def _resample(self, module, name: str, sae, dead: torch.Tensor, optimizer, step: int) -> None:
         hook = module.hook_of[name]
-        size = min(self.recipe.train.resample_sample_size, self._max_sample())
+        size = min(self.recipe.train.resample_sample_size, self.datamodule.available_rows())
         sample = self.datamodule.sample(size, seed=step)[module.hook_points.index(hook)].to(module.device)
         inputs = sample * module.input_scales.get(hook, 1.0)
         losses = torch.cat([per_input_loss(sae, chunk) for chunk in inputs.split(8192)])
@@ -85,10 +85,6 @@ class Resampling(L.Callback):
         for param_name, index in changed.items():
             reset_adam_state(optimizer, getattr(sae, param_name), index, FEATURE_DIM[param_name])
         module.stats[name].steps_since_fired[dead] = 0
-
-    def _max_sample(self) -> int:
-        store = self.datamodule.store
-        return store.manifest.rows if store is not None else self.recipe.harvest.n_tokens
 
     def state_dict(self) -> dict:
         return {"history": self.history}

@@ -64,6 +64,9 @@ class ActivationDataModule(L.LightningDataModule):
             mean_norm = self.store.manifest.normalisation[hook]["mean_norm"]
         return math.sqrt(self.width(hook)) / mean_norm
 
+    def available_rows(self) -> int:
+        return self.store.manifest.rows if self.store is not None else self.recipe.harvest.n_tokens
+
     def _check_enough_rows(self) -> None:
         cfg = self.recipe.train
         per_epoch = self.store.rows_per_epoch(0, self.world_size)

@@ -84,7 +84,7 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
 
 
 def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main: bool) -> None:
-    sample = data.sample(INIT_SAMPLE_ROWS, seed=module.recipe.train.seed)
+    sample = data.sample(min(INIT_SAMPLE_ROWS, data.available_rows()), seed=module.recipe.train.seed)
     for name, sae in module.saes.items():
         hook = module.hook_of[name]
         sae.initialize_from_data(sample[data.hook_points.index(hook)] * module.input_scales[hook])

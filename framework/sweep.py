@@ -1,0 +1,197 @@
+"""`sae sweep`: a grid or list of recipe overrides, each point in its own directory.
+
+Points share what they can: unless a point changes the text, LM or harvest sections, every
+point reads the base recipe's pretrained LM and activation store, which are made once. When
+every swept key is an `sae.*` field, the sweep is one *bank* (training.module): all points
+train together on the same batches in a single pass over the activations, which costs far
+less than one pass per point. Otherwise points run one after another (or one per SLURM array
+task with `--point N`, see launch/slurm.sbatch), and a re-run skips points whose stages are
+complete.
+
+Outputs in `{workdir}/sweep/`: one directory per point (or one bank), `summary.csv`,
+`summary.md`, and `pareto.png` (L0 against loss explained).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+from pathlib import Path
+
+from framework.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, with_overrides
+from framework.pipeline import run_stage
+
+log = logging.getLogger(__name__)
+# A point that changes none of these sections reuses the base recipe's LM / activations.
+LM_SECTIONS = ("text.", "lm.", "pretrain.")
+STORE_SECTIONS = ("text.", "lm.", "harvest.")
+SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean", "kl_sae", "dead_fraction",
+                   "dense_fraction")
+
+
+def expand_points(recipe: Recipe) -> list[dict]:
+    """Every point of the sweep: explicit points, each combined with every grid combination."""
+    grid = recipe.sweep.grid
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise RecipeError(f"sweep.grid.{key} must be a non-empty list of values, got {values!r}")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    points = [dict(p) for p in recipe.sweep.points] or [{}]
+    expanded = [p | c for p in points for c in combos]
+    if expanded == [{}]:
+        raise RecipeError("the sweep is empty: set sweep.grid (key: [values]) or sweep.points")
+    for point in expanded:
+        _apply(recipe, point)  # validates every key and value now, not hours into the sweep
+    return expanded
+
+
+def point_name(point: dict) -> str:
+    parts = [f"{key.split('.')[-1]}={value}" for key, value in point.items()]
+    return "_".join(parts).replace("/", "-").replace(".", "p").replace(" ", "")
+
+
+def _apply(recipe: Recipe, point: dict, workdir: Path | None = None) -> Recipe:
+    """The recipe of one point; with `workdir`, placed there and sharing the base's LM and
+    activations unless the point changes how they are made."""
+    data = recipe_to_dict(recipe)
+    data["sweep"] = {}
+    if workdir is not None:
+        if not _changes(point, LM_SECTIONS):
+            data["lm"]["path"] = str(recipe.path("lm"))
+        if not _changes(point, STORE_SECTIONS):
+            data["harvest"]["output_dir"] = str(recipe.path("activations"))
+        data["workdir"] = str(workdir)
+        for section in ("train", "eval", "analyze", "export"):
+            data[section]["output_dir"] = ""
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in point.items()]
+    return with_overrides(recipe_from_dict(data), overrides)
+
+
+def _changes(point: dict, sections: tuple[str, ...]) -> bool:
+    return any(key.startswith(sections) for key in point)
+
+
+def point_stages(recipe: Recipe, point: dict) -> list[str]:
+    """What a point runs itself: its own pretraining and harvest only if it changes them."""
+    own = []
+    if _changes(point, LM_SECTIONS) and recipe.lm.name == "builtin":
+        own.append("pretrain")
+    if _changes(point, STORE_SECTIONS) and recipe.harvest.mode == "shards":
+        own.append("harvest")
+    return own + list(recipe.sweep.stages)
+
+
+def _is_bank_sweep(recipe: Recipe, points: list[dict]) -> bool:
+    return (not recipe.train.bank and all(k.startswith("sae.") for p in points for k in p)
+            and set(recipe.sweep.stages) <= {"train", "eval", "export", "analyze"})
+
+
+def _bank_recipe(recipe: Recipe, points: list[dict], workdir: Path) -> Recipe:
+    data = recipe_to_dict(_apply(recipe, {}, workdir))
+    data["train"]["bank"] = [{"name": point_name(p), **{k[len("sae."):]: v for k, v in p.items()}} for p in points]
+    return recipe_from_dict(data)
+
+
+def _prepare_shared(recipe: Recipe, points: list[dict]) -> None:
+    """Pretrain and harvest once, for the points that share the base recipe's."""
+    if recipe.lm.name == "builtin" and any(not _changes(p, LM_SECTIONS) for p in points):
+        run_stage("pretrain", recipe)
+    if recipe.harvest.mode == "shards" and any(not _changes(p, STORE_SECTIONS) for p in points):
+        run_stage("harvest", recipe)
+
+
+def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
+    """Run the sweep (or only point `point_index`, for one SLURM array task); returns its dir."""
+    points = expand_points(recipe)
+    root = Path(recipe.workdir) / "sweep"
+    root.mkdir(parents=True, exist_ok=True)
+    if point_index is not None and not 0 <= point_index < len(points):
+        raise RecipeError(f"--point {point_index} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})")
+    if point_index is None and _is_bank_sweep(recipe, points):
+        log.info("sweep: %d points over sae.* keys train as one bank in a single pass", len(points))
+        _prepare_shared(recipe, points)
+        bank = _bank_recipe(recipe, points, root / "bank")
+        for stage in recipe.sweep.stages:
+            run_stage(stage, bank)
+        results = [(p, _read_metrics(bank, point_name(p))) for p in points]
+    else:
+        selected = [points[point_index]] if point_index is not None else points
+        _prepare_shared(recipe, selected)
+        for i, point in enumerate(selected):
+            point_recipe = _apply(recipe, point, root / point_name(point))
+            log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point))
+            for stage in point_stages(recipe, point):
+                run_stage(stage, point_recipe)
+        results = [(p, _point_metrics(_apply(recipe, p, root / point_name(p)))) for p in points]
+    write_summary(root, results)
+    return root
+
+
+def _point_metrics(recipe: Recipe) -> dict:
+    return _read_metrics(recipe, recipe.sae_configs()[0].name)
+
+
+def _read_metrics(recipe: Recipe, name: str) -> dict:
+    eval_file = recipe.path("eval") / "metrics.json"
+    if eval_file.is_file():
+        return json.loads(eval_file.read_text()).get(name, {})
+    train_file = recipe.path("sae") / name / "metrics.json"
+    return json.loads(train_file.read_text()) if train_file.is_file() else {}
+
+
+def write_summary(root: Path, results: list[tuple[dict, dict]]) -> None:
+    keys = list(dict.fromkeys(k for point, _ in results for k in point))
+    header = ["point", *keys, *SUMMARY_METRICS]
+    rows = [[point_name(p), *[p.get(k, "") for k in keys], *[m.get(s, "") for s in SUMMARY_METRICS]] for p, m in results]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    (root / "summary.csv").write_text(buffer.getvalue())
+    lines = ["# Sweep summary", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["", "![L0 vs loss explained](pareto.png)", ""]
+    (root / "summary.md").write_text("\n".join(lines))
+    plot_pareto(results, root / "pareto.png")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_pareto(results: list[tuple[dict, dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_key = "loss_explained" if any("loss_explained" in m for _, m in results) else "fvu"
+    points = [(m["l0"], m[y_key], point_name(p)) for p, m in results if "l0" in m and y_key in m]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], color="#3b6ea5")
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        frontier = _pareto_front([(x, y) for x, y, _ in points], maximise_y=y_key == "loss_explained")
+        ax.plot(*zip(*frontier), color="#c44e52", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (features active per token)")
+    ax.set_ylabel(y_key.replace("_", " "))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pareto_front(points: list[tuple[float, float]], maximise_y: bool) -> list[tuple[float, float]]:
+    """Points not beaten by another with lower L0 and better y."""
+    better = (lambda a, b: a > b) if maximise_y else (lambda a, b: a < b)
+    front, best = [], None
+    for x, y in sorted(points):
+        if best is None or better(y, best):
+            front.append((x, y))
+            best = y
+    return front
+

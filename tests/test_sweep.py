@@ -1,0 +1,95 @@
+"""`sae sweep`: points in their own directories, re-runs finish only what is missing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_PRETRAIN
+from lightning.pytorch.callbacks import Callback
+
+import framework.training.train as train_stage
+from framework.config import load_recipe
+from framework.errors import RecipeError
+from framework.sweep import expand_points, point_name, point_stages, sweep
+
+SMALL = [
+    "harvest.n_tokens=8192", "harvest.tokens_per_context=32", "harvest.shuffle_window=4096",
+    "harvest.rows_per_shard=2048", "harvest.rows_per_sample=512", "harvest.heldout_tokens=2048",
+    "sae.n_features=128", "sae.init=data", "sae.init_target_l0=8", "train.n_tokens=4096",
+    "train.batch_size=512", "train.wandb.mode=disabled", "train.eval_batches=2",
+    "train.resample_sample_size=1024", "eval.n_tokens=2048", "eval.n_contexts=8",
+]
+
+
+def sweep_recipe(pretrained_recipe, tmp_path: Path, sweep_yaml: str):
+    (tmp_path / "sweep.yaml").write_text(sweep_yaml)
+    return load_recipe(tmp_path / "sweep.yaml", [*TINY_PRETRAIN, f"workdir={tmp_path}",
+                                                 f"lm.path={pretrained_recipe.path('lm')}", *SMALL])
+
+
+class CrashOnSecondFit(Callback):
+    fits = 0
+
+    def on_fit_start(self, trainer, module):
+        CrashOnSecondFit.fits += 1
+        if CrashOnSecondFit.fits == 2:
+            raise RuntimeError("injected interruption")
+
+
+def test_grid_expands_to_the_product_and_validates_keys(pretrained_recipe, tmp_path):
+    recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    sae.n_features: [64, 128]\n"
+                                                       "    train.lr: [0.001, 0.002, 0.004]\n")
+    points = expand_points(recipe)
+    assert len(points) == 6 and points[0] == {"sae.n_features": 64, "train.lr": 0.001}
+    bad = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    sae.n_featurs: [64]\n")
+    with pytest.raises(RecipeError, match="n_featurs"):
+        expand_points(bad)
+
+
+def test_points_that_change_harvest_harvest_their_own_store(pretrained_recipe, tmp_path):
+    recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  points:\n    - {harvest.tokens_per_context: 16}\n"
+                                                       "    - {train.lr: 0.002}\n")
+    own, shared = expand_points(recipe)
+    assert point_stages(recipe, own)[0] == "harvest" and "pretrain" not in point_stages(recipe, own)
+    assert point_stages(recipe, shared) == ["train", "eval"]
+
+
+def test_interrupted_sweep_rerun_finishes_only_missing_points(pretrained_recipe, tmp_path, monkeypatch):
+    recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
+                                                       "  stages: [train, eval]\n")
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, CrashOnSecondFit())
+        return trainer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_stage, "build_trainer", build)
+        with pytest.raises(RuntimeError, match="injected interruption"):
+            sweep(recipe)
+    first, second = (tmp_path / "sweep" / point_name(p) for p in expand_points(recipe))
+    assert (first / "eval" / "COMPLETE").is_file() and not (second / "sae" / "COMPLETE").exists()
+    finished = (first / "sae" / "COMPLETE").stat().st_mtime
+
+    root = sweep(recipe)
+    assert (first / "sae" / "COMPLETE").stat().st_mtime == finished  # not redone
+    assert (second / "eval" / "COMPLETE").is_file()
+    summary = (root / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("point,train.lr,l0,fvu") and len(summary) == 3
+    assert all(row.split(",")[2] for row in summary[1:])  # every point has its L0
+    assert (root / "summary.md").is_file() and (root / "pareto.png").stat().st_size > 1000
+
+
+def test_sweep_over_sae_keys_trains_one_bank_in_one_pass(pretrained_recipe, tmp_path):
+    recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    sae.l1_coefficient: [0.0003, 0.003]\n"
+                                                       "  stages: [train]\n")
+    root = sweep(recipe)
+    bank = root / "bank" / "sae"
+    names = [point_name(p) for p in expand_points(recipe)]
+    assert json.loads((bank / "COMPLETE").read_text())["saes"] == names
+    l0 = [json.loads((bank / n / "metrics.json").read_text())["l0"] for n in names]
+    assert l0[0] > l0[1]  # the stronger L1 penalty gives the sparser codes
+    assert "l1_coefficient" in (root / "summary.md").read_text()
