@@ -35,7 +35,7 @@ VOLATILE = {
     "harvest": ("batch_size", "verify_on_read", "output_dir"),
     "lm": ("device", "path"),
     "eval": ("output_dir",),
-    "analyze": ("output_dir",),
+    "analyze": ("output_dir", "save_every"),
     "export": ("output_dir",),
 }
 

@@ -133,6 +133,14 @@ class BaseLM(nn.Module):
     ) -> LMOutput:
         raise NotImplementedError
 
+    def mlp_out_weight(self, layer: int) -> torch.Tensor:
+        """(d_mlp, d_model): how MLP neurons of `layer` write to the residual stream."""
+        raise NotImplementedError
+
+    def unembed_weight(self) -> torch.Tensor:
+        """(d_model, vocab): the residual stream's direct effect on the logits (final norm folded)."""
+        raise NotImplementedError
+
     # ---- shared helpers -------------------------------------------------------------------
 
     def check_hooks(self, names: Iterable[str]) -> None:

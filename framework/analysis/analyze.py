@@ -1,0 +1,172 @@
+"""`sae analyze`: one trained SAE's features (and, beside them, the MLP's neurons) made readable.
+
+Steps, each in its own module:
+
+    corpus.py       which contexts: held-out text, `analyze.n_tokens` tokens of it
+    collect.py      two streaming passes: top examples, interval and random samples,
+                    histograms, density (bounded memory, resumable)
+    logits.py       each unit's direct logit effect through W_out and W_U
+    composition.py  which neurons each feature's decoder direction is built from
+    revisit.py      the shown examples' contexts again: activation windows, and
+    ablation.py     what removing a unit does to next-token log-likelihood on its top examples
+    records.py      all of it as features.json
+    dashboard.py    a static HTML site rendered from features.json
+    report.py       report.md: the headline numbers and a few features
+
+Everything is done for the SAE's features and, when the SAE reads MLP neurons, for the neurons
+themselves, so the paper's comparison (features are more interpretable than neurons) can be
+made on the same tokens with the same tools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from framework.analysis.collect import UnitStats, stream_unit_stats
+from framework.analysis.composition import has_composition, neuron_composition
+from framework.analysis.corpus import Corpus, analysis_corpus
+from framework.analysis.dashboard import write_dashboard
+from framework.analysis.examples import histogram_edges
+from framework.analysis.logits import logit_effects, readout
+from framework.analysis.records import (
+    KindResults,
+    TokenNames,
+    kind_record,
+    page_record,
+    page_units,
+    shown_examples,
+    to_example,
+    top_examples,
+)
+from framework.analysis.report import write_report
+from framework.analysis.revisit import revisit
+from framework.analysis.units import Units, units_for
+from framework.artifacts import atomic_write_text, is_complete, mark_complete, stage_fingerprint
+from framework.config import AnalyzeConfig, Recipe, RecipeError, save_recipe
+from framework.lm import load_lm
+from framework.lm.base import BaseLM
+from framework.saved import TrainedSAE, load_trained_saes
+
+log = logging.getLogger(__name__)
+STATE_FILE = "stream_state.safetensors"
+TOP_NEURONS = 10  # neurons listed in a feature's composition
+
+
+def analyze(recipe: Recipe) -> Path:
+    out = recipe.path("analysis")
+    if is_complete(out, recipe, "analyze"):
+        log.info("analysis in %s is complete; nothing to do", out)
+        return out
+    model = load_lm(recipe)
+    trained = pick_sae(load_trained_saes(recipe, device=model.device), recipe.analyze.sae_name)
+    corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
+    fingerprint = json.dumps(stage_fingerprint(recipe, "analyze"), sort_keys=True, default=str)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    analyze_sae(model, trained, corpus, recipe.analyze, out, digest, recipe.seed)
+    save_recipe(recipe, out)
+    mark_complete(out, recipe, "analyze", sae=trained.name)
+    return out
+
+
+def pick_sae(saes: list[TrainedSAE], name: str) -> TrainedSAE:
+    """`analyze.sae_name`, or the first SAE of the bank when it is empty."""
+    if not name:
+        return saes[0]
+    for trained in saes:
+        if trained.name == name:
+            return trained
+    raise RecipeError(f"analyze.sae_name={name!r} is not a trained SAE; the bank has {', '.join(s.name for s in saes)}")
+
+
+@torch.no_grad()
+def analyze_sae(
+    model: BaseLM,
+    trained: TrainedSAE,
+    corpus: Corpus,
+    cfg: AnalyzeConfig,
+    out: Path,
+    digest: str = "",
+    seed: int = 0,
+) -> dict:
+    """Every analysis of one SAE; writes features.json, dashboard/ and report.md under `out`.
+
+    `digest` names the inputs: progress saved under a different digest is not resumed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    hook, timings = trained.hook_point, {}
+    units = units_for(trained)
+    with _timed(timings, "stream"):
+        stats = stream_unit_stats(model, hook, units, corpus, cfg, out / STATE_FILE, digest, seed)
+    with _timed(timings, "logits_composition"):
+        results = unit_results(model, hook, units, stats, cfg)
+    with _timed(timings, "revisit_ablation"):
+        shown, ablated = example_requests(results, cfg, corpus.context_length)
+        windows, effects = revisit(model, hook, units, corpus, shown, ablated, cfg.context_window, cfg.batch_size)
+    with _timed(timings, "records_dashboard"):
+        names = TokenNames(model.tokenizer)
+        kinds = {}
+        for kind, r in results.items():
+            pages = {
+                str(u): page_record(kind, u, r.stats, windows, effects[kind], corpus.context_length, names,
+                                    cfg.logit_top_tokens)
+                for u in r.pages
+            }
+            kinds[kind] = kind_record(r, corpus, names, pages)
+        data = {
+            "sae": trained.name, "hook_point": hook, "split": corpus.split,
+            "n_tokens": stats["features"].n_tokens, "n_contexts": corpus.n_contexts,
+            "context_length": corpus.context_length, "histogram_log10_edges": histogram_edges(),
+            "timings_s": timings, "kinds": kinds,
+        }
+        write_dashboard(out, data)
+    atomic_write_text(out / "features.json", json.dumps(data))
+    write_report(out, data)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    log.info("analysis of %s written to %s (%s)", trained.name, out,
+             ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return data
+
+
+def unit_results(model: BaseLM, hook: str, units: dict[str, Units], stats: dict[str, UnitStats],
+                 cfg: AnalyzeConfig) -> dict[str, KindResults]:
+    """Logit effects, composition (features in neuron space only) and the units given pages."""
+    readout_matrix = readout(model, hook)
+    return {
+        kind: KindResults(
+            stats=stats[kind],
+            logits=None if readout_matrix is None else logit_effects(u.directions, readout_matrix, cfg.logit_top_tokens),
+            composition=neuron_composition(u.directions, TOP_NEURONS)
+            if kind == "features" and has_composition(hook) else None,
+            pages=page_units(stats[kind], cfg.n_features),
+        )
+        for kind, u in units.items()
+    }
+
+
+def example_requests(results: dict[str, KindResults], cfg: AnalyzeConfig, length: int) -> tuple[dict, dict]:
+    """(examples each page shows, top examples each page ablates), as kind -> unit -> [(context, position)]."""
+    shown = {
+        kind: {u: [to_example(t, length) for t in shown_examples(r.stats, u)] for u in r.pages}
+        for kind, r in results.items()
+    }
+    ablated = {
+        kind: {u: [to_example(t, length) for t, _ in top_examples(r.stats, u)[: cfg.ablation_examples]]
+               for u in r.pages}
+        for kind, r in results.items()
+    }
+    return shown, ablated
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start

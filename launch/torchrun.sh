@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Launch any `sae` stage on one node or many with torchrun.
+#
+#   launch/torchrun.sh train recipes/distributed/ddp.yaml            # all local GPUs (or 2 CPU procs)
+#   NPROC=8 NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 launch/torchrun.sh train RECIPE key=value ...
+#
+# Environment (all optional):
+#   NPROC        processes per node (default: GPUs on this node, or 2 on a CPU-only node)
+#   NNODES       nodes in the job (default 1)
+#   NODE_RANK    this node's rank (default 0)
+#   MASTER_ADDR  rendezvous host (default 127.0.0.1)  MASTER_PORT (default 29500)
+#   MAX_RESTARTS torchrun restarts after a failure; a restarted job resumes from its last
+#                checkpoint (default 0)
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+  sed -n '2,15p' "$0"; exit 2
+fi
+
+gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+NPROC=${NPROC:-$([[ "$gpus" -gt 0 ]] && echo "$gpus" || echo 2)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+
+if [[ "$gpus" -eq 0 ]]; then
+  # CPU: one thread per process so the processes do not fight over cores; DeepSpeed on CPU.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+
+exec python -m torch.distributed.run \
+  --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --max_restarts="$MAX_RESTARTS" \
+  -m framework.cli "$@"
