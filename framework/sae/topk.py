@@ -1,0 +1,180 @@
+"""TopK SAEs with the AuxK loss (Gao et al. 2024, OpenAI) and BatchTopK (Bussmann et al. 2024).
+
+    z = (x - b_dec) W_enc + b_enc                          (batch, n)
+    f = ReLU(TopK_k(z))            topk: the k largest of each row
+    f = ReLU(TopK_{k·batch}(z))    batchtopk: the k·batch largest of the whole batch
+    x̂ = f W_dec + b_dec
+    L = mean((x - x̂)²) + aux_k_coefficient · AuxK
+
+AuxK keeps latents from dying: a latent is dead once it has not fired for `dead_steps_threshold`
+training steps; the residual e = x - x̂ (no gradient) is reconstructed from the `aux_k` largest
+dead pre-activations of each row, ê = ReLU(TopK_aux_k(z_dead)) W_dec, and
+AuxK = Σ‖e - ê‖² / Σ‖e‖² (0 while no latent is dead). The steps-since-fired count is the
+`steps_since_fired` buffer, advanced by every forward in training mode with gradients on.
+
+BatchTopK lets the number of active latents vary per token; at inference (eval mode) it uses a
+global threshold instead, f = z·1[z > θ], with θ the running mean of each training batch's
+smallest kept positive activation (a plain mean over the first 100 batches, then an
+exponential moving average with rate 1/100): the `threshold` buffer.
+
+Decoder rows are kept unit norm with the paper's gradient projection, as OpenAI does. `forward`
+is always sparse after the encoder GEMM (kernels.py): O(batch·k·d) beyond it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from framework.config import SAEConfig
+from framework.sae.base import SAE, SAEOutput
+from framework.sae.init import initialize_weights
+from framework.sae.kernels import (
+    ActivePattern,
+    Workspace,
+    batch_topk_flat,
+    compute_dtype,
+    decode_at,
+    dense_pre_activations,
+    encode_at,
+    normalize_rows_,
+    remove_parallel_component_,
+    topk_pattern,
+)
+
+
+def normalized_mse(estimate: Tensor, target: Tensor) -> Tensor:
+    return (estimate.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+
+class TopKSAE(SAE):
+    variant = "topk"
+
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.register_buffer("steps_since_fired", torch.zeros(cfg.n_features, dtype=torch.long))
+        initialize_weights(self)
+        self._workspace = Workspace()
+
+    # -- selection: which pre-activations are kept (overridden by BatchTopK) -------------------
+
+    def select(self, pre: Tensor, ws: Workspace | None) -> tuple[ActivePattern, Tensor]:
+        """The kept positions of pre (batch, n) and their values, batch-major."""
+        return topk_pattern(pre, self.cfg.k, self.n_features)
+
+    def select_reference(self, pre: Tensor) -> Tensor:
+        """pre with everything not kept set to 0, before the ReLU. (batch, n)"""
+        values, idx = pre.topk(self.cfg.k, dim=1)
+        return torch.zeros_like(pre).scatter(1, idx, values)
+
+    def record_selection(self, kept_values: Tensor) -> None:
+        """Hook for statistics of the kept values (BatchTopK's threshold)."""
+
+    # -- the two paths -------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.select_reference(self.pre_activations(x)))  # (batch, n)
+
+    def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
+        ws = self._workspace if self.training else None
+        pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc), ws)
+        pattern, pre_values = self.select(pre, ws)
+        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)
+        x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
+        auxk = self._auxk_fast(x, x_hat, pre)
+        active = values.detach() > 0
+        self.record_selection(values.detach())
+        self._track_firing(pattern.cols[active])
+        l0 = active.sum() / x.shape[0]
+        return SAEOutput(
+            x_hat, losses=self._losses(x, x_hat, auxk, l0), sparse_features=pattern.features(values)
+        )
+
+    def forward_reference(self, x: Tensor, step: int = 0) -> SAEOutput:
+        pre = self.pre_activations(x)  # (batch, n)
+        f = torch.relu(self.select_reference(pre))  # (batch, n)
+        x_hat = self.decode(f)  # (batch, d)
+        auxk = self._auxk_reference(x, x_hat, pre)
+        self.record_selection(f.detach()[f.detach() > 0])
+        self._track_firing((f > 0).any(0).nonzero().squeeze(1))
+        l0 = (f > 0).sum(-1).float().mean()
+        return SAEOutput(x_hat, f, self._losses(x, x_hat, auxk, l0))
+
+    def _losses(self, x: Tensor, x_hat: Tensor, auxk: Tensor, l0: Tensor) -> dict[str, Tensor]:
+        mse = (x_hat.float() - x.float()).pow(2).mean()
+        loss = mse + self.cfg.aux_k_coefficient * auxk
+        return {"loss": loss, "mse": mse, "auxk": auxk.detach(), "l0": l0.detach().float()}
+
+    # -- dead latents and AuxK -----------------------------------------------------------------
+
+    def _counting(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def dead_mask(self) -> Tensor:
+        return self.steps_since_fired >= self.cfg.dead_steps_threshold  # (n,) bool
+
+    def _track_firing(self, fired: Tensor) -> None:
+        """Advance the silent-step counts; `fired` lists the features that fired (repeats allowed)."""
+        if self._counting():
+            self.steps_since_fired.add_(1).index_fill_(0, fired.long(), 0)
+
+    def _auxk_fast(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        dead = self.dead_mask().nonzero().squeeze(1) if self._counting() else None
+        if dead is None or dead.numel() == 0:
+            return x_hat.new_zeros((), dtype=torch.float32)
+        k_aux = min(self.cfg.aux_k, dead.numel())
+        pattern, pre_values = topk_pattern(pre.index_select(1, dead), k_aux, self.n_features, dead)
+        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))
+        e_hat = decode_at(values, self.W_dec, pattern)  # (batch, d)
+        return normalized_mse(e_hat, (x.float() - x_hat.float()).detach())
+
+    def _auxk_reference(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        dead = self.dead_mask() if self._counting() else None
+        if dead is None or not dead.any():
+            return x_hat.new_zeros((), dtype=torch.float32)
+        k_aux = min(self.cfg.aux_k, int(dead.sum()))
+        values, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)  # (batch, k_aux)
+        z = torch.zeros_like(pre).scatter(1, idx, torch.relu(values))  # (batch, n)
+        e_hat = z @ self.W_dec  # (batch, d)
+        return normalized_mse(e_hat, (x.float() - x_hat.float()).detach())
+
+    # -- decoder constraint (as the paper) -----------------------------------------------------
+
+    def before_optimizer_step(self) -> None:
+        if self.W_dec.grad is not None:
+            remove_parallel_component_(self.W_dec.grad, self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        normalize_rows_(self.W_dec)
+
+
+class BatchTopKSAE(TopKSAE):
+    variant = "batchtopk"
+    threshold_warmup = 100  # batches averaged plainly before the moving average takes over
+
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    def select(self, pre: Tensor, ws: Workspace | None) -> tuple[ActivePattern, Tensor]:
+        if self.training:
+            flat = batch_topk_flat(pre, self.cfg.k * pre.shape[0], ws)
+        else:
+            flat = (pre > self.threshold.clamp_min(0)).view(-1).nonzero().squeeze(1)
+        return ActivePattern.from_flat(flat, tuple(pre.shape)), pre.view(-1)[flat]
+
+    def select_reference(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            return pre * (pre > self.threshold.clamp_min(0))
+        values, idx = pre.flatten().topk(self.cfg.k * pre.shape[0])
+        return torch.zeros_like(pre).flatten().scatter(0, idx, values).view_as(pre)
+
+    def record_selection(self, kept_values: Tensor) -> None:
+        positive = kept_values[kept_values > 0]
+        if not self._counting() or positive.numel() == 0:
+            return
+        with torch.no_grad():
+            self.threshold_updates += 1
+            rate = 1 / min(int(self.threshold_updates), self.threshold_warmup)
+            self.threshold += rate * (positive.min().float() - self.threshold)

@@ -1,0 +1,130 @@
+"""The fast paths (kernels.py) compute the reference math: same losses, same gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from framework.config import SAEConfig
+from framework.sae import build_sae
+
+D_IN, N_FEATURES, BATCH = 48, 384, 96
+
+
+def _data(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, D_IN, generator=g) * 2 + 0.5
+
+
+def _sae(variant: str, target_l0: float = 0.0, **overrides):
+    cfg = SAEConfig(variant=variant, n_features=N_FEATURES, k=12, init="data",
+                    init_target_l0=target_l0, l1_coefficient=3e-2, **overrides)  # fmt: skip
+    sae = build_sae(D_IN, cfg)
+    sae.initialize_from_data(_data(1))
+    with torch.no_grad():  # break the W_enc = W_decᵀ symmetry so a transpose bug cannot hide
+        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(2)))
+    return sae
+
+
+def _step(sae, forward, x, precision: str):
+    sae.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = forward(x)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _compare(fast_sae, ref_sae, x, precision: str, x_needs_grad: bool = False):
+    x_fast, x_ref = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
+    fast, fast_grads = _step(fast_sae, fast_sae.forward, x_fast, precision)
+    ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, x_ref, precision)
+    if x_needs_grad:
+        fast_grads["x"], ref_grads["x"] = x_fast.grad, x_ref.grad
+    assert fast_grads.keys() == ref_grads.keys()
+    if precision == "fp32":
+        for key in ref.losses:
+            torch.testing.assert_close(fast.losses[key], ref.losses[key], rtol=1e-5, atol=1e-6)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast.features, ref.features.detach(), rtol=1e-5, atol=1e-6)
+    else:  # bfloat16 GEMMs: the reference also decodes in bfloat16, and ties may break apart
+        for key in ref.losses:
+            torch.testing.assert_close(
+                fast.losses[key].float(), ref.losses[key].float(), rtol=3e-2, atol=1e-3
+            )
+        for name, grad in ref_grads.items():
+            error = (fast_grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-8)
+            assert error < 0.1, f"{name}: relative error {error:.3g}"
+        fired, ref_fired = fast.features != 0, ref.features.detach() != 0
+        assert (fired != ref_fired).sum() <= 0.02 * ref_fired.sum()
+    return fast, ref
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["paper", "april2024"])
+def test_relu_sae_dense_fast_path_matches_reference(variant, precision):
+    sae = _sae(variant)  # zero biases: about half the features fire, the dense regime
+    sae.sparse_codes = False
+    fast, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
+    assert fast.sparse_features is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["paper", "april2024"])
+def test_relu_sae_sparse_fast_path_matches_reference(variant, precision):
+    sae = _sae(variant, target_l0=6)
+    sae.sparse_codes = True
+    fast, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
+    assert fast.sparse_features is not None
+
+
+def test_relu_sae_sparse_fast_path_gives_input_gradient():
+    sae = _sae("paper", target_l0=6)
+    sae.sparse_codes = True
+    _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+
+
+def test_relu_sae_dense_fast_path_gives_input_gradient():
+    sae = _sae("paper")
+    _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+
+
+def test_paper_sae_switches_to_sparse_path_when_codes_are_sparse():
+    sae = _sae("paper", target_l0=6)
+    assert sae(_data()).sparse_features is None  # the first step is dense
+    assert sae(_data()).sparse_features is not None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_topk_fast_path_matches_reference(variant, precision):
+    sae = _sae(variant)
+    _compare(sae, copy.deepcopy(sae), _data(), precision)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_topk_fast_path_matches_reference_with_auxk_loss(variant):
+    sae = _sae(variant, dead_steps_threshold=1, aux_k=20)
+    sae.steps_since_fired[: N_FEATURES // 2] = 1  # half the latents dead
+    fast, ref = _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+    assert ref.losses["auxk"] > 0
+
+
+def test_batchtopk_fast_path_matches_reference_at_inference():
+    sae = _sae("batchtopk")
+    sae.threshold.fill_(0.5)
+    sae.eval()
+    _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+
+
+def test_batchtopk_selection_is_exact_when_the_sampled_cut_keeps_too_few():
+    from framework.sae.kernels import batch_topk_flat
+
+    pre = torch.randn(64, 1000)
+    pre[:4] += 10  # four rows hold far more than their share of the batch's largest entries
+    chosen = batch_topk_flat(pre, 64 * 8, None)
+    expected = pre.view(-1).topk(64 * 8).indices.sort().values
+    assert torch.equal(chosen, expected)
