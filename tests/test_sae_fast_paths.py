@@ -50,6 +50,7 @@ def _compare(fast_sae, ref_sae, x, precision: str, x_needs_grad: bool = False):
         for name, grad in ref_grads.items():
             torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(fast.features, ref.features.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(fast.fire_counts(), ref.fire_counts())
     else:  # bfloat16 GEMMs: the reference also decodes in bfloat16, and ties may break apart
         for key in ref.losses:
             torch.testing.assert_close(

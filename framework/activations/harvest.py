@@ -225,13 +225,13 @@ def _claim(store: Path, recipe: Recipe) -> None:
 def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_tokens: int) -> Manifest | None:
     """Harvest one split into `store`; returns the manifest on rank 0 (None elsewhere)."""
     rank = current_rank()
+    plan = make_plan(recipe, model, split, n_tokens)  # a recipe that cannot run claims nothing
     store.mkdir(parents=True, exist_ok=True)
     barrier()
     if rank.is_main:
         _remove_partials(store)
         _claim(store, recipe)
     barrier()
-    plan = make_plan(recipe, model, split, n_tokens)
     mine = [w for w in range(plan.n_windows) if w % rank.world == rank.rank]
     todo = [w for w in mine if not _window_done(store, plan, w)]
     if len(todo) < len(mine):

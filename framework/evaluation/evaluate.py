@@ -51,7 +51,9 @@ def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[t
 
 
 def evaluate_one(recipe: Recipe, model, trained: TrainedSAE, token_batches) -> dict:
-    batches = [b * trained.input_scale for b in heldout_activations(recipe, model, trained.hook_point, recipe.eval.n_tokens)]
+    device = next(trained.sae.parameters()).device  # store rows arrive on the CPU
+    rows = heldout_activations(recipe, model, trained.hook_point, recipe.eval.n_tokens)
+    batches = [b.to(device) * trained.input_scale for b in rows]
     metrics = evaluate_sae(trained.sae, batches)
     counter = DensityCounter(trained.sae.n_features)
     with torch.no_grad():

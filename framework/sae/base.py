@@ -33,8 +33,8 @@ from framework.sae import init
 class SparseFeatures(NamedTuple):
     """A batch's nonzero feature activations, batch-major (rows ascending)."""
 
-    rows: torch.Tensor  # (nnz,) int64
-    cols: torch.Tensor  # (nnz,) int64
+    rows: torch.Tensor  # (nnz,) integer
+    cols: torch.Tensor  # (nnz,) integer
     values: torch.Tensor  # (nnz,)
     shape: tuple[int, int]  # (batch, n_features)
 
@@ -55,6 +55,7 @@ class SAEOutput:
         losses: dict[str, torch.Tensor] | None = None,  # "loss" is the total
         *,
         sparse_features: SparseFeatures | None = None,
+        fire_counts: torch.Tensor | None = None,  # (n_features,), when the forward had them
     ):
         if (features is None) == (sparse_features is None):
             raise ValueError("give exactly one of features and sparse_features")
@@ -62,6 +63,7 @@ class SAEOutput:
         self.losses = losses if losses is not None else {}
         self.sparse_features = sparse_features
         self._features = features
+        self._fire_counts = fire_counts
 
     @property
     def features(self) -> torch.Tensor:
@@ -75,6 +77,8 @@ class SAEOutput:
 
     def fire_counts(self) -> torch.Tensor:
         """(n_features,) int64: on how many rows of the batch each feature is nonzero."""
+        if self._fire_counts is not None:
+            return self._fire_counts
         if self.sparse_features is not None:
             s = self.sparse_features
             return torch.bincount(s.cols[s.values != 0], minlength=s.shape[1])

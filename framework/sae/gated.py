@@ -13,11 +13,12 @@ the magnitudes f carries (the "shrinkage" of a ReLU SAE). The step 1[π_gate > 0
 so the gate learns from the L1 term and from the auxiliary reconstruction, which goes through a
 frozen (stop-gradient, sg) decoder so it trains the gate alone.
 
-Decoder rows stay unit norm, with the paper's gradient projection, as in the Gated SAE paper.
+Decoder rows stay unit norm, with the gradient projection of Bricken et al. (the paper variant).
 Weighting the L1 by decoder row norms instead (the April 2024 way) does not work here: scaling a
 decoder row by c and exp(r_mag), b_mag by 1/c leaves x̂ unchanged and shrinks the penalty, so the
-penalty can be escaped. Measured on the synthetic test (512 directions in 64 dims): with the
-weighted L1 and a free decoder, L0 grew from 4 to 75 in 300 steps and recovery fell to 15%.
+penalty can be escaped. Measured on the synthetic test (512 directions in 64 dims, 300 steps):
+with the weighted L1 and a free decoder L0 grew from 4 to 50 and 6% of the directions were
+recovered; with unit rows L0 stayed at 3 and all were.
 """
 
 from __future__ import annotations

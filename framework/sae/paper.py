@@ -65,17 +65,17 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_activations(x))  # (batch, n)
 
     def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
-        x_hat, l1_sum, features, nnz = relu_autoencoder(
+        x_hat, l1_sum, features, fire_counts = relu_autoencoder(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_weight(),
             sparse=self.sparse_codes, ws=self._workspace if self.training else None,
         )  # fmt: skip
-        batch = x.shape[0]
+        batch, nnz = x.shape[0], fire_counts.sum()
         threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
         self.sparse_codes = nnz.item() < threshold * batch * self.n_features
         losses = self._losses(x, x_hat, l1_sum / batch, nnz / batch, step)
         if isinstance(features, Tensor):
-            return SAEOutput(x_hat, features, losses)
-        return SAEOutput(x_hat, losses=losses, sparse_features=features)
+            return SAEOutput(x_hat, features, losses, fire_counts=fire_counts)
+        return SAEOutput(x_hat, losses=losses, sparse_features=features, fire_counts=fire_counts)
 
     def forward_reference(self, x: Tensor, step: int = 0) -> SAEOutput:
         f = self.encode(x)  # (batch, n)

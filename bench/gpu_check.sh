@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent GPU machine (see docs/benchmarks.md, "GPU"):
+# CUDA tests, the paper's A/0..A/3 bank end to end on CUDA, and the training-step benchmark
+# in fp32 and bf16 up to 131,072 features. Writes its logs to $OUT (or bench/results/gpu).
+#
+# The machine has CUDA PyTorch, Lightning and transformers; the rest travels as wheels in .whl/
+# (omegaconf, webdataset, deepspeed, sparsify, ... see docs/benchmarks.md for how they are made).
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
+
+echo "== CUDA tests"
+timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_training.py tests/test_lm_gpu.py \
+  2>&1 | tail -n 25 | tee "$OUT/tests.txt"
+
+echo "== paper bank (A/0..A/3) end to end on CUDA"
+start=$(date +%s)
+timeout "${PAPER_S:-200}" python3 -m framework.cli run recipes/paper/bank.yaml workdir=/tmp/paper \
+  lm.path=/tmp/paper/lm harvest.output_dir=/tmp/paper/activations train.wandb.mode=disabled \
+  'run.stages=[pretrain,harvest,train,eval,export]' > "$OUT/paper.log" 2>&1
+echo "paper bank exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/device.txt"
+cp /tmp/paper/eval/metrics.json "$OUT/paper_eval.json" 2>/dev/null
+cp /tmp/paper/lm/metrics.json "$OUT/paper_lm.json" 2>/dev/null
+tail -n 15 "$OUT/paper.log"
+
+echo "== training-step benchmark"
+timeout "${BENCH_S:-180}" python3 bench/run_all.py --device cuda --only train_step scaling --out "$OUT" \
+  > "$OUT/bench.md" 2>&1
+tail -n 40 "$OUT/bench.md"
