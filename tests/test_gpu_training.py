@@ -7,6 +7,7 @@ machine with a GPU.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 
 import pytest
@@ -51,5 +52,7 @@ def test_sae_train_runs_on_cuda_in_bf16_and_lowers_the_loss(pretrained_recipe, t
     harvest(recipe)
     out = train(recipe)
     name = recipe.sae_configs()[0].name
-    metrics = json.loads((out / name / "metrics.json").read_text())
-    assert metrics["steps"] == 16 and 0 < metrics["fvu"] < 1
+    assert json.loads((out / name / "metrics.json").read_text())["steps"] == 16
+    rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
+    mse = [float(r[f"{name}/mse"]) for r in rows if r.get(f"{name}/mse")]
+    assert mse[-1] < 0.5 * mse[0]  # 16 steps at 16,384 features: far from converged, but learning
