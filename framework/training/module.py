@@ -89,6 +89,18 @@ class SAEModule(L.LightningModule):
                 self._log_step(name, x, out)
         return total
 
+    def _check_finite_weights(self, name: str, sae, step: int) -> None:
+        # The sparse fast paths mask NaN pre-activations to zero features, so a diverged
+        # encoder can leave the loss finite; the weights themselves are the reliable signal.
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in sae.parameters())  # DTensor shards
+        if not all(torch.isfinite(t).all() for t in local):
+            where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
+            raise TrainingError(
+                f"SAE {name!r}: weights became non-finite (nan/inf) at step {step}; training stopped. "
+                f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
+                f"or check the activations for inf (`sae harvest RECIPE --verify`)."
+            )
+
     def _check_finite(self, name: str, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
@@ -122,9 +134,11 @@ class SAEModule(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         # Renormalise right after the step, before any callback (resampling, checkpointing)
         # sees the weights: a checkpoint must hold the constrained decoder.
+        step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        for sae in self.saes.values():
+        for name, sae in self.saes.items():
             sae.after_optimizer_step()
+            self._check_finite_weights(name, sae, step)
 
     # ---- optimisation -----------------------------------------------------------------------
 
