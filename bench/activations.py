@@ -1,0 +1,207 @@
+"""Is getting activations ever the bottleneck? Harvest throughput against a bare forward pass of
+the same model to the same layer, the shard reader's rows/s against what SAE training consumes
+at 16,384 features, and bytes per row on disk for each store dtype.
+
+    python bench/activations.py [--quick] [--device cuda]
+
+The model is the built-in LM at the quickstart's shape (residual 128, 512 MLP neurons, vocab
+4,096, contexts of 128) with *random* weights: a harvest's cost does not depend on what the
+weights are, and this needs no pretraining. Its tokenizer is a byte-level BPE trained on the
+first documents of the standard-library corpus. The hook is blocks.0.mlp.hook_post (d = 512),
+the paper's. Tokenising the corpus is a one-time cost per process (the token stream is cached),
+so it is timed separately and both sides start from the cached stream.
+
+A harvest here is `harvest_split` as `sae harvest` runs it: forward with early exit, position
+sampling, the window shuffle, tar + .npy encoding, sha256, fsync and rename. The bare forward
+runs the same contexts in the same batches through `model.run(stop_at=hook)`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, fmt, machine, markdown_table, write_results  # noqa: E402
+
+HOOK = "blocks.0.mlp.hook_post"
+DTYPES = ("float32", "float16", "bfloat16")
+CONSUMER_FEATURES = 16_384
+
+
+def recipe_for(workdir: Path, rows: int, dtype: str, max_documents: int, device: str):
+    from framework.config import load_recipe
+
+    return load_recipe(None, [
+        f"workdir={workdir}", "text.source=stdlib", "text.context_length=128",
+        f"text.max_documents={max_documents}", f"lm.device={device}",
+        f"harvest.hook_points=[{HOOK}]", "harvest.tokens_per_context=64",
+        f"harvest.shuffle_window={min(rows, 65_536)}", f"harvest.rows_per_shard={min(rows, 65_536)}",
+        "harvest.rows_per_sample=1024", f"harvest.dtype={dtype}", "harvest.batch_size=32",
+        f"harvest.n_tokens={rows}", "train.wandb.mode=disabled",
+    ])
+
+
+def quickstart_lm(recipe, device: torch.device):
+    """A randomly initialised built-in LM of the quickstart's shape, with a BPE tokenizer."""
+    from framework.config import BuiltinLMConfig
+    from framework.lm import BuiltinArchitecture, BuiltinLM
+    from framework.lm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(recipe.text, 4096)
+    arch = BuiltinArchitecture.from_config(BuiltinLMConfig(), 128, tokenizer.vocab_size)
+    torch.manual_seed(0)
+    identity = {"name": "builtin", "weights": "random (bench)", "architecture": vars(arch)}
+    return BuiltinLM(arch, tokenizer, identity).to(device).eval()
+
+
+@torch.no_grad()
+def bare_forward_s(model, contexts: torch.Tensor, batch_size: int) -> float:
+    device = model.device
+    start = time.perf_counter()
+    for tokens in contexts.split(batch_size):
+        model.run(tokens.to(device), capture=[HOOK], stop_at=HOOK)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def harvest_s(model, recipe, store: Path) -> float:
+    from framework.activations.harvest import harvest_split
+
+    start = time.perf_counter()
+    harvest_split(model, recipe, store, "train", recipe.harvest.n_tokens)
+    return time.perf_counter() - start
+
+
+def read_rows_per_s(store: Path, batch: int, passes: int) -> list[float]:
+    from framework.activations.reader import ActivationStore, ActivationStream
+
+    rates = []
+    for _ in range(passes):
+        stream = ActivationStream(ActivationStore(str(store)), batch)
+        rows, start = 0, time.perf_counter()
+        for (acts,) in stream:
+            rows += acts.shape[0]
+        rates.append(rows / (time.perf_counter() - start))
+    return rates
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in store.iterdir() if p.is_file())
+
+
+def consumer_tokens_per_s(device: torch.device, d_in: int, n: int, batch: int, steps: int) -> dict:
+    """Our fastest training steps at n features (paper SAE at L0 ~ 32, TopK k = 32): what a
+    trainer fed by the reader consumes, rows/s."""
+    import train_step as ts
+    from common import measure_peak, round_robin
+
+    out = {}
+    for precision in ("fp32", "bf16"):
+        setup = ts.make_setup(n, batch, device, precision, d_in=d_in)
+        contenders = {
+            f"paper L0~32 {precision}": measure_peak(lambda s=setup: ts.ours(s, "paper", "sparse"), device),
+            f"topk k=32 {precision}": measure_peak(lambda s=setup: ts.ours(s, "topk", ""), device),
+        }
+        round_robin(list(contenders.values()), device, warmup=0, repeats=steps)
+        out.update({name: c.summary(batch)["tokens_per_s"] for name, c in contenders.items()})
+    return out
+
+
+def run(device: str = "cpu", quick: bool = False) -> dict:
+    from framework.text import count_contexts
+    from framework.text.contexts import load_contexts
+
+    dev = torch.device(device)
+    rows, max_documents, passes = (4_096, 40, 1) if quick else (262_144, 300, 3)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-activations-"))
+    try:
+        recipe = recipe_for(tmp, rows, "float32", max_documents, device)
+        model = quickstart_lm(recipe, dev)
+        start = time.perf_counter()
+        n_contexts_available = count_contexts(recipe.text, model.tokenizer, "train")  # tokenises once
+        tokenise_s = time.perf_counter() - start
+        n_contexts = rows // recipe.harvest.tokens_per_context
+        if n_contexts > n_contexts_available:
+            raise RuntimeError(f"the corpus cap gives {n_contexts_available} contexts, {n_contexts} needed")
+        contexts = load_contexts(recipe.text, model.tokenizer, "train", 0, n_contexts)
+        tokens = contexts.numel()
+        bare_forward_s(model, contexts[:64], 32)  # warm-up
+        bare, harvests, reads, sizes = [], {}, {}, {}
+        for dtype in DTYPES:
+            bare.append(bare_forward_s(model, contexts, recipe.harvest.batch_size))
+            store = tmp / f"store-{dtype}"
+            harvests[dtype] = harvest_s(model, recipe_for(tmp, rows, dtype, max_documents, device), store)
+            sizes[dtype] = store_bytes(store)
+            reads[dtype] = read_rows_per_s(store, 4096, passes)
+            shutil.rmtree(store)
+        bare.append(bare_forward_s(model, contexts, recipe.harvest.batch_size))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bare_s = statistics.median(bare)
+    consumer_n = 256 if quick else CONSUMER_FEATURES
+    consumers = consumer_tokens_per_s(dev, 512, consumer_n, 256 if quick else 4096, 1 if quick else 3)
+    demand = max(consumers.values())
+    return {
+        "machine": machine(dev),
+        "settings": {"rows": rows, "contexts": n_contexts, "context_length": 128, "tokens_per_context": 64,
+                     "hook": HOOK, "d": 512, "lm": "built-in, quickstart shape, random weights",
+                     "max_documents": max_documents, "consumer_features": consumer_n, "quick": quick},
+        "tokenise_s": tokenise_s,
+        "bare_forward": {"samples_s": bare, "tokens_per_s": tokens / bare_s},
+        "harvest": {
+            dtype: {"seconds": s, "tokens_per_s": tokens / s, "rows_per_s": rows / s,
+                    "overhead_vs_bare": s / bare_s - 1}
+            for dtype, s in harvests.items()
+        },
+        "reader": {
+            dtype: {"rows_per_s": statistics.median(r), "samples": r, "vs_fastest_trainer": statistics.median(r) / demand}
+            for dtype, r in reads.items()
+        },
+        "bytes_per_row": {dtype: b / rows for dtype, b in sizes.items()},
+        "trainer_rows_per_s": consumers,
+    }
+
+
+def tables(results: dict) -> str:
+    bare = results["bare_forward"]["tokens_per_s"]
+    harvest_rows = [["bare forward to " + HOOK, fmt(bare), "–", "–"]] + [
+        [f"harvest ({dtype} store)", fmt(h["tokens_per_s"]), fmt(h["rows_per_s"]), f"{100 * h['overhead_vs_bare']:+.1f}%"]
+        for dtype, h in results["harvest"].items()
+    ]
+    demand = max(results["trainer_rows_per_s"].values())
+    reader_rows = [
+        [dtype, fmt(r["rows_per_s"]), f"{r['vs_fastest_trainer']:.1f}×", fmt(results["bytes_per_row"][dtype], 1)]
+        for dtype, r in results["reader"].items()
+    ]
+    consumer_rows = [[name, fmt(v)] for name, v in results["trainer_rows_per_s"].items()]
+    return "\n".join([
+        f"Harvest vs bare forward ({results['settings']['contexts']:,} contexts of 128 tokens; "
+        f"tokenising the corpus once: {results['tokenise_s']:.1f} s, not included)", "",
+        markdown_table(["", "LM tokens/s", "rows/s", "time over bare forward"], harvest_rows), "",
+        f"Reader (ActivationStream, batch 4,096) vs the fastest trainer step at n = "
+        f"{results['settings']['consumer_features']:,} ({fmt(demand)} rows/s)", "",
+        markdown_table(["store dtype", "rows/s", "× trainer demand", "bytes/row on disk"], reader_rows), "",
+        markdown_table(["trainer step (ours, d = 512)", "rows/s"], consumer_rows), "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = base_parser(__doc__).parse_args(argv)
+    results = run(args.device, args.quick)
+    path = write_results("activations", results, args.out, args.quick)
+    print(tables(results))
+    print(f"\nresults: {path}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
