@@ -35,7 +35,10 @@ VOLATILE = {
     "harvest": ("batch_size", "verify_on_read", "output_dir"),
     "lm": ("device", "path"),
     "eval": ("output_dir",),
-    "analyze": ("output_dir", "save_every"),
+    # The modes other than "features" write elsewhere (their own markers record their settings).
+    "analyze": ("output_dir", "save_every", "mode", "split_feature", "split_candidates", "split_min_correlation",
+                "other_workdir", "other_sae_name", "ceiling_sae", "ultralow_log10_density",
+                "autointerp_api_model", "autointerp_explain_examples", "autointerp_simulate_examples"),
     "export": ("output_dir",),
 }
 

@@ -162,8 +162,11 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0 = only at the end
-    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed, feature_sharded
-    deepspeed_stage: int = 2
+    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed, feature_sharded (docs/distributed.md)
+    deepspeed_stage: int = 2  # ZeRO stage 1, 2 or 3 (strategy=deepspeed)
+    # strategy=feature_sharded: ranks that split one dictionary's features (0 = all ranks); the
+    # world size over it is the data-parallel degree.
+    feature_shards: int = 0
     devices: str = "auto"
     num_nodes: int = 1
     epochs: int = 1
@@ -201,6 +204,21 @@ class AnalyzeConfig:
     autointerp_model: str = "smollm2"  # "smollm2" or an OpenAI-compatible URL
     autointerp_api_key_env: str = "OPENAI_API_KEY"
     autointerp_n_features: int = 20
+    # What `sae analyze` does (docs/analysis.md): "features" (examples, logit effects,
+    # dashboards), "splitting" (match features across the bank's dictionary sizes),
+    # "universality" (best activation correlations with another run's features), "autointerp"
+    # (explain and score features and neurons with an LLM). Each mode writes its own output.
+    mode: str = "features"
+    split_feature: int = -1  # root of the drawn split tree, a feature of the smallest SAE; -1 = the most split
+    split_candidates: int = 8  # nearest larger-dictionary features (decoder cosine) correlated per feature
+    split_min_correlation: float = 0.3  # activation correlation that makes a match an edge of the tree
+    other_workdir: str = ""  # universality: the other run's workdir (model B), holding its recipe.yaml
+    other_sae_name: str = ""  # universality: the other run's SAE (empty: the first of its bank)
+    ceiling_sae: str = ""  # universality ceiling: a second SAE on this run's activations (bank name or directory)
+    ultralow_log10_density: float = -4.0  # features rarer than this form the "ultralow density cluster"
+    autointerp_api_model: str = ""  # the request's "model" when autointerp_model is a URL
+    autointerp_explain_examples: int = 49  # examples the explainer sees (the paper's 49)
+    autointerp_simulate_examples: int = 60  # held-out examples the simulator predicts (the paper's 60)
 
 
 @dataclass
@@ -308,6 +326,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.normalize_activations": ("none", "norm"),
     "train.strategy": ("auto", "ddp", "fsdp", "deepspeed", "feature_sharded"),
     "train.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "analyze.mode": ("features", "splitting", "universality", "autointerp"),
 }
 STAGES = ("pretrain", "harvest", "train", "eval", "analyze", "export")
 
@@ -336,6 +355,10 @@ def _check_choices(recipe: Recipe) -> None:
             f"harvest.skip_first_tokens ({recipe.harvest.skip_first_tokens}) exceeds "
             f"text.context_length ({recipe.text.context_length}); lower one or raise the other"
         )
+    if recipe.train.deepspeed_stage not in (1, 2, 3):
+        raise RecipeError(f"train.deepspeed_stage={recipe.train.deepspeed_stage} is not one of 1, 2, 3")
+    if recipe.train.feature_shards < 0:
+        raise RecipeError(f"train.feature_shards={recipe.train.feature_shards} must be 0 (all ranks) or positive")
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
 

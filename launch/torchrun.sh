@@ -30,8 +30,13 @@ if [[ "$gpus" -eq 0 ]]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 
+# A restarted attempt must not share the rendezvous store with the dead one: torchrun's static
+# rendezvous (and c10d's shared store) hand the new processes the old ranks' addresses, and the
+# restart fails to connect or hangs (pytorch/pytorch#135712, #167288). c10d rendezvous with its
+# own store per attempt restarts cleanly.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec python -m torch.distributed.run \
   --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --max_restarts="$MAX_RESTARTS" \
   -m framework.cli "$@"

@@ -16,8 +16,7 @@ import lightning as L
 import torch
 
 from framework.config import Recipe
-from framework.evaluation.metrics import density_summary, evaluate_sae
-from framework.sae.resampling import FEATURE_DIM, resample_dead_features, reset_adam_state
+from framework.evaluation.metrics import density_summary
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Resampling(L.Callback):
             if sae.variant not in RESAMPLED_VARIANTS or not self.recipe.train.resample:
                 continue
             dead = module.stats[name].steps_since_fired >= min(self.window, step)
-            n_dead = int(dead.sum())
+            n_dead = int(module.layout.sum_over_features(dead.sum()))  # of the whole dictionary
             if n_dead:
                 self._resample(module, name, sae, dead, optimizer, step)
             self.history.append({"step": step, "sae": name, "resampled": n_dead})
@@ -79,11 +78,8 @@ class Resampling(L.Callback):
         size = min(self.recipe.train.resample_sample_size, self.datamodule.available_rows())
         sample = self.datamodule.sample(size, seed=step)[module.hook_points.index(hook)].to(module.device)
         inputs = sample * module.input_scales.get(hook, 1.0)
-        losses = torch.cat([per_input_loss(sae, chunk) for chunk in inputs.split(8192)])
         generator = torch.Generator(device="cpu").manual_seed(self.recipe.train.seed * 7_919 + step)
-        changed = resample_dead_features(sae, dead, inputs, losses, generator)
-        for param_name, index in changed.items():
-            reset_adam_state(optimizer, getattr(sae, param_name), index, FEATURE_DIM[param_name])
+        module.layout.resample(sae, dead, inputs, generator, optimizer)  # the same draw on every rank
         module.stats[name].steps_since_fired[dead] = 0
 
     def state_dict(self) -> dict:
@@ -91,14 +87,6 @@ class Resampling(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
-
-
-def per_input_loss(sae, x: torch.Tensor) -> torch.Tensor:
-    """Each input's own loss under the SAE (reconstruction + sparsity), shape (rows,)."""
-    out = sae(x)
-    mse = (out.reconstruction - x).pow(2).mean(1)
-    sparsity = out.features.abs().sum(1) * float(getattr(sae.cfg, "l1_coefficient", 0.0))
-    return mse + sparsity
 
 
 class FeatureDensity(L.Callback):
@@ -116,7 +104,7 @@ class FeatureDensity(L.Callback):
             stats = module.stats[name]
             if stats.window_rows.item() == 0:
                 continue
-            density = stats.density().float().cpu()
+            density = module.feature_density(name).float().cpu()
             self.last[name] = density
             for key, value in density_summary(density).items():
                 module.log(f"{name}/density/{key}", value, on_step=True)
@@ -160,11 +148,11 @@ class HeldoutEval(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer, module) -> dict[str, dict[str, float]]:
         if self.batches is None:
-            batch = min(self.datamodule.rank_batch, 4096)
+            batch = min(self.datamodule.recipe.train.batch_size, 4096)  # the same rows under any strategy
             self.batches = self.datamodule.heldout_batches(self.n_batches, batch)
         for name, sae in module.saes.items():
-            metrics = evaluate_sae(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
-                                         for b in self.batches])
+            metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
+                                                   for b in self.batches])
             self.results[name] = metrics
             for key, value in metrics.items():
                 module.log(f"{name}/eval/{key}", value, on_step=True)

@@ -1,9 +1,12 @@
 """The LightningDataModule that feeds SAE training: shards from a store, or live from the LM.
 
 Batches are tuples with one (batch, d) tensor per harvested hook point; each SAE of the bank
-picks its own. The stream starts after the rows this rank consumed before a resume, which
-Lightning's restored `global_step` tells (`global_step x per-rank batch`), so a resumed run
-sees exactly the rows an uninterrupted run would have seen next.
+picks its own. The global batch is split over the data-parallel ranks; the ranks of one
+feature-shard group (strategy=feature_sharded) hold different features of the same rows, so
+they read the same slice (`ranks_per_batch` of them per slice). The stream starts after the
+rows this rank consumed before a resume, which Lightning's restored `global_step` tells
+(`global_step x per-rank batch`), so a resumed run sees exactly the rows an uninterrupted run
+would have seen next.
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class ActivationDataModule(L.LightningDataModule):
-    def __init__(self, recipe: Recipe, world_size: int = 1, model=None):
+    def __init__(self, recipe: Recipe, world_size: int = 1, model=None, ranks_per_batch: int = 1):
         super().__init__()
         self.recipe = recipe
-        self.world_size = world_size
+        self.ranks_per_batch = ranks_per_batch
+        self.world_size = world_size // ranks_per_batch  # data-parallel replicas
         cfg = recipe.train
-        if cfg.batch_size % world_size:
+        if cfg.batch_size % self.world_size:
             raise DataError(
-                f"train.batch_size={cfg.batch_size} does not split evenly over {world_size} ranks; "
-                f"use a multiple of {world_size}"
+                f"train.batch_size={cfg.batch_size} does not split evenly over {self.world_size} "
+                f"data-parallel ranks; use a multiple of {self.world_size}"
             )
-        self.rank_batch = cfg.batch_size // world_size
+        self.rank_batch = cfg.batch_size // self.world_size
         self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
         self.live_model = model if recipe.harvest.mode == "live" else None
         self.store = None if self.live_model is not None else ActivationStore(
@@ -106,8 +110,9 @@ class ActivationDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=self.recipe.train.num_workers)
 
     def data_rank(self, rank: int, world: int) -> tuple[int, int]:
-        """Which slice of the data this process reads (strategies may override the mapping)."""
-        return rank, world
+        """Which slice of the data this process reads: ranks r·k … r·k + k - 1 of a feature-shard
+        group of k read slice r (the device mesh is data-parallel-major)."""
+        return rank // self.ranks_per_batch, world // self.ranks_per_batch
 
     def sample(self, n: int, seed: int) -> list[torch.Tensor]:
         """n rows per hook point, drawn reproducibly (for initialisation and resampling)."""

@@ -9,6 +9,11 @@ automatic optimization, which every strategy (DDP, FSDP, DeepSpeed) supports.
 `training_step` holds only the math. Feature statistics that callbacks need (steps since each
 feature last fired, fires in the current density window) live in buffers, so they are
 checkpointed with the weights and a resumed run makes the same resampling decisions.
+
+Distribution stays outside: `configure_model` hands the built bank to `strategies.parallelize`,
+which shards it and sets `self.layout` (layout.py); every step hook, statistic and metric below
+goes through that layout, so one process, DDP, FSDP2, ZeRO and feature sharding give the same
+numbers from the same global batch.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ import math
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from framework.config import Recipe, SAEConfig
 from framework.errors import TrainingError
 from framework.sae import build_sae
+from framework.training.layout import ParameterLayout
 
 
 class FeatureStats(nn.Module):
@@ -35,14 +40,13 @@ class FeatureStats(nn.Module):
         self.register_buffer("window_rows", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, fire_counts: torch.Tensor, batch_rows: int) -> None:
-        fires = fire_counts.to(torch.float64)  # (n_features,)
+    def update(self, fire_counts: torch.Tensor, batch_rows: int, layout: ParameterLayout) -> None:
+        fires = fire_counts.to(torch.float64)  # (n_features,) of this rank's features
         rows = torch.tensor(float(batch_rows), dtype=torch.float64, device=fires.device)
-        if dist.is_available() and dist.is_initialized():
-            # Every rank must see the same statistics, or resampling would diverge the replicas.
-            both = torch.cat([fires, rows.view(1)])
-            dist.all_reduce(both)
-            fires, rows = both[:-1], both[-1]
+        # Every rank must see the counts of the whole global batch, or resampling would diverge
+        # the replicas (and differ from a one-process run).
+        both = layout.sum_over_data(torch.cat([fires, rows.view(1)]))
+        fires, rows = both[:-1], both[-1]
         self.window_fires += fires
         self.window_rows += rows
         self.steps_since_fired += 1
@@ -67,6 +71,15 @@ class SAEModule(L.LightningModule):
         self.input_scales = dict(input_scales)
         self.hook_points: list[str] = []  # order of the tensors in a batch; set by train()
         self.last_good_checkpoint: str | None = None
+        self.layout = ParameterLayout()  # replaced by strategies.parallelize
+        self._parallelized = False
+
+    def configure_model(self) -> None:
+        from framework.training.strategies import parallelize
+
+        if not self._parallelized:
+            parallelize(self)
+            self._parallelized = True
 
     # ---- the math ---------------------------------------------------------------------------
 
@@ -83,11 +96,27 @@ class SAEModule(L.LightningModule):
             x = self.scaled_input(batch, name)
             out = sae(x, self.global_step)
             self._check_finite(name, out.loss)
-            self.stats[name].update(out.fire_counts(), x.shape[0])
+            self._update_stats(name, sae, out.fire_counts(), x.shape[0])
             total = total + out.loss
             if log_now:
                 self._log_step(name, x, out)
         return total
+
+    def on_fit_start(self) -> None:
+        self.layout.on_fit_start(self)
+
+    def _update_stats(self, name: str, sae, fire_counts: torch.Tensor, rows: int) -> None:
+        stats = self.stats[name]
+        stats.update(fire_counts, rows, self.layout)
+        # A variant that counts silent steps itself (TopK's AuxK) gets the count of the whole
+        # global batch, so every rank, and every strategy, declares the same latents dead.
+        own = getattr(sae, "steps_since_fired", None)
+        if own is not None:
+            own.copy_(stats.steps_since_fired)
+
+    def feature_density(self, name: str) -> torch.Tensor:
+        """(n_features,) firing fraction over the current window, of the whole dictionary."""
+        return self.layout.gather_features(self.stats[name].density())
 
     def _check_finite_weights(self, name: str, sae, step: int) -> None:
         # The sparse fast paths mask NaN pre-activations to zero features, so a diverged
@@ -112,13 +141,27 @@ class SAEModule(L.LightningModule):
 
     @torch.no_grad()
     def _log_step(self, name: str, x: torch.Tensor, out) -> None:
-        residual = (x - out.reconstruction).float()
-        fvu = residual.pow(2).sum() / (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-        metrics = {f"{name}/{k}": v.detach().float() for k, v in out.losses.items()}
-        metrics[f"{name}/fvu"] = fvu
-        metrics[f"{name}/l0"] = out.fire_counts().sum().float() / x.shape[0]
-        dead_after = self.dead_window()
-        metrics[f"{name}/dead_fraction"] = (self.stats[name].steps_since_fired >= dead_after).float().mean()
+        """Losses, FVU, L0 and dead fraction of the whole global batch and dictionary: sums are
+        reduced over the ranks that saw other rows and those that hold other features."""
+        layout, xf = self.layout, x.float()
+        keys = list(out.losses)
+        fires = layout.sum_over_features(out.fire_counts().sum().double().view(1))
+        sums = layout.sum_over_data(torch.cat([
+            torch.stack([out.losses[k].detach().double() for k in keys]),  # per-rank means
+            (xf - out.reconstruction.float()).pow(2).sum().double().view(1),  # squared error
+            xf.sum(0).double(), xf.pow(2).sum(0).double(),  # (d,) each: for the variance
+            fires, torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device),
+        ]))
+        d = x.shape[1]
+        means, sq_err, first, second, fires, rows = sums.split([len(keys), 1, d, d, 1, 1])
+        means = means / layout.data_parallel_size()
+        total_var = (second - first.pow(2) / rows).sum()  # Σ (x - mean)² over the global batch
+        metrics = {f"{name}/{k}": v.float() for k, v in zip(keys, means)}
+        metrics[f"{name}/fvu"] = (sq_err[0] / total_var.clamp_min(1e-12)).float()
+        metrics[f"{name}/l0"] = (fires[0] / rows[0]).float()
+        dead = (self.stats[name].steps_since_fired >= self.dead_window()).sum().double().view(1)
+        n_features = self.configs[name].n_features
+        metrics[f"{name}/dead_fraction"] = (layout.sum_over_features(dead)[0] / n_features).float()
         group = list(self.saes).index(name)
         metrics[f"{name}/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[group]["lr"])
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
@@ -126,10 +169,10 @@ class SAEModule(L.LightningModule):
     # ---- the paper's decoder constraint, around Lightning's optimizer step -------------------
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for group, sae in zip(optimizer.param_groups, self.saes.values()):
-            sae.before_optimizer_step()
+        for sae in self.saes.values():
+            self.layout.before_optimizer_step(sae)
             if self.recipe.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(group["params"], self.recipe.train.grad_clip)
+                self.layout.clip_grad_norm_(sae, self.recipe.train.grad_clip)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         # Renormalise right after the step, before any callback (resampling, checkpointing)
@@ -137,7 +180,7 @@ class SAEModule(L.LightningModule):
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         for name, sae in self.saes.items():
-            sae.after_optimizer_step()
+            self.layout.after_optimizer_step(sae)
             self._check_finite_weights(name, sae, step)
 
     # ---- optimisation -----------------------------------------------------------------------
@@ -149,6 +192,20 @@ class SAEModule(L.LightningModule):
         total = total_steps(self.recipe)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def whole(self) -> SAEModule | None:
+        """The bank with plain, whole tensors on global rank 0 (None elsewhere): for reports and
+        export. Collective under sharded layouts; the module itself under replicated ones."""
+        if self.layout.whole_tensors:
+            return self
+        state = self.layout.full_state_dict(self)
+        if not self.trainer.is_global_zero:
+            return None
+        widths = {self.hook_of[name]: sae.d_in for name, sae in self.saes.items()}
+        plain = SAEModule(self.recipe, widths, self.input_scales)
+        plain.hook_points = self.hook_points
+        plain.load_state_dict(state)
+        return plain
 
     def dead_window(self) -> int:
         from framework.training.callbacks import dead_window
@@ -162,6 +219,7 @@ class SAEModule(L.LightningModule):
 
         checkpoint["sae_framework"] = {
             "fingerprint": stage_fingerprint(self.recipe, "train"),
+            "layout": self.layout.name,
             "hook_points": self.hook_points,
             "input_scales": self.input_scales,
         }

@@ -14,11 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
@@ -29,7 +29,13 @@ from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling
 from framework.training.data import ActivationDataModule
 from framework.training.module import SAEModule, total_steps
-from framework.training.strategies import trainer_arguments, world_size
+from framework.training.strategies import (
+    checkpoint_metadata,
+    feature_shards,
+    layout_name,
+    trainer_arguments,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 INIT_SAMPLE_ROWS = 16_384
@@ -61,9 +67,11 @@ class _TrackLastCheckpoint(Callback):
 
 
 def check_checkpoint(path: Path, recipe: Recipe) -> None:
-    """Refuse a checkpoint written by a different recipe or activation store."""
+    """Refuse a checkpoint written by a different recipe, activation store or strategy."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = checkpoint_metadata(path)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(err).__name__}: {err}); delete it to start over"
@@ -80,6 +88,13 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
             f"checkpoint {path} belongs to a different recipe ({'; '.join(differences[:5])}). "
             f"Resuming would mix two experiments: use another train.output_dir, or delete "
             f"{path.parent} to start this recipe from scratch."
+        )
+    layout = state["sae_framework"].get("layout", "replicated")
+    if layout != layout_name(recipe):
+        raise CheckpointError(
+            f"checkpoint {path} holds parameters laid out as {layout!r} but train.strategy="
+            f"{recipe.train.strategy} lays them out as {layout_name(recipe)!r}; resume with the strategy "
+            f"that wrote it, or use another train.output_dir"
         )
 
 
@@ -133,7 +148,7 @@ def train(recipe: Recipe) -> Path:
         from framework.lm import load_lm
 
         live_model = load_lm(recipe)
-    data = ActivationDataModule(recipe, world_size(recipe), model=live_model)
+    data = ActivationDataModule(recipe, world_size(recipe), model=live_model, ranks_per_batch=feature_shards(recipe))
     recipe = resolve_hooks(recipe, data.hook_points)
     data.recipe = recipe
     for cfg in recipe.sae_configs():
@@ -147,20 +162,31 @@ def train(recipe: Recipe) -> Path:
     module.hook_points = data.hook_points
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(recipe, out, data)
-    last = out / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    last = out / "checkpoints" / "last.ckpt"  # a file, or a directory for sharded strategies
+    if last.exists():
         check_checkpoint(last, recipe)
         log.info("resuming from %s", last)
     else:
         initialize(module, data, out, trainer.is_global_zero)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+        trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None, weights_only=True)
+    except Exception as err:
+        if world_size(recipe) > 1:
+            log.error(
+                "rank %d stopped at step %d (%s: %s). If another rank died or stopped answering "
+                "for SAE_DIST_TIMEOUT_S=%ss, its own log says why. The last checkpoint is kept (%s): "
+                "run the same command again to resume from it.", trainer.global_rank, trainer.global_step,
+                type(err).__name__, err, os.environ.get("SAE_DIST_TIMEOUT_S", 1800),
+                last if last.exists() else "none written yet; set train.checkpoint_every",
+            )
+        raise
     finally:
         finish_tracking(trainer.loggers)
+    whole = module.whole()  # collective: the bank as plain tensors on global rank 0
     if trainer.is_global_zero:
         from framework.training.report import write_training_outputs
 
-        write_training_outputs(recipe, module, trainer, out)
+        write_training_outputs(recipe, whole, trainer, out)
         save_recipe(recipe, out)
         mark_complete(out, recipe, "train", saes=list(module.saes))
     trainer.strategy.barrier()

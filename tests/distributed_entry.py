@@ -1,0 +1,54 @@
+"""`sae train` under torchrun, with faults injected by environment (tests/test_distributed.py).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_entry.py RECIPE key=value ...
+
+SAE_TEST_FAULT=kill:RANK:STEP   rank RANK SIGKILLs itself when step STEP starts (first attempt
+                                only: a job restarted by torchrun --max-restarts runs clean)
+SAE_TEST_FAULT=hang:RANK:STEP   rank RANK stops answering (sleeps) when step STEP starts
+
+Nothing is mocked: the fault is a callback added to the Trainer `sae train` builds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from lightning.pytorch.callbacks import Callback
+
+import framework.training.train as train_stage
+from framework.cli import main
+
+
+class Fault(Callback):
+    def __init__(self, kind: str, rank: int, step: int):
+        self.kind, self.rank, self.step = kind, rank, step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        print(f"injected fault: rank {self.rank} {self.kind} at step {self.step}", flush=True)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
+
+
+def with_fault(spec: str):
+    kind, rank, step = spec.split(":")
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, Fault(kind, int(rank), int(step)))
+        return trainer
+
+    return build
+
+
+if __name__ == "__main__":
+    fault = os.environ.get("SAE_TEST_FAULT")
+    if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        train_stage.build_trainer = with_fault(fault)
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,279 @@
+"""Every train.strategy with 2 real processes (torchrun, gloo, CPU) against one process.
+
+"The same global batches": under data parallelism (ddp, fsdp, deepspeed) rank r of 2 reads the
+r-th half of each global batch; the one-process reference reads, at every step, rank 0's half
+followed by rank 1's (`ConcatenatedRanks`). Two feature shards read the whole batch each, which
+is what one process reads anyway. The paper recipes leave features dead, so resampling runs
+under every strategy too (4 features at step 12; 3 at steps 5 and 6 for the feature-sharded one).
+
+Tolerance: 1e-5 absolute on every weight after 16 Adam steps (lr 3e-3; weights of order 1).
+Measured: at most 3.6e-6, from the different summation order of the gradient reductions and of
+the sharded reconstruction; a wrong collective (a gradient counted twice, b_dec added per shard,
+a rank-local statistic) moves weights by 1e-3 or more within a few steps. Adam amplifies
+rounding where a gradient element is near its epsilon (a feature that barely fires): with L1 at
+3e-2 feature sharding's different summation order reaches 3.7e-5 on 3 of 131,072 elements, so
+the feature-sharded paper run uses L1 1e-3.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_PRETRAIN
+from safetensors.torch import load_file
+from test_training import STORE, TRAIN
+from torch.utils.data import DataLoader, IterableDataset
+
+import framework.training.train as train_stage
+from framework.activations.harvest import harvest
+from framework.config import load_recipe
+from framework.errors import CheckpointError
+from framework.training.data import ActivationDataModule
+
+pytestmark = pytest.mark.distributed
+
+HERE = Path(__file__).parent
+TOLERANCE = 1e-5
+PAPER = ["sae.l1_coefficient=3e-2", "train.resample_steps=[6,12]", "train.dead_window=4", "train.checkpoint_every=4"]
+TOPK = ["sae.variant=topk", "sae.k=8", "sae.aux_k=16", "sae.dead_steps_threshold=4", "train.checkpoint_every=4"]
+# AuxK normalises by the residual energy of the batch a rank sees: under data parallelism that is
+# each rank's half, so data-parallel TopK is compared with AuxK idle (no latent dies in 16 steps).
+TOPK_DATA_PARALLEL = ["sae.variant=topk", "sae.k=8", "train.checkpoint_every=4"]
+SHARDED_PAPER = ["train.checkpoint_every=4"]  # L1 1e-3, the paper's schedule compressed to 16 steps
+PAPER_SAE, SHARDED_PAPER_SAE, TOPK_SAE = "paper_256_l1_3e-02", "paper_256_l1_1e-03", "topk_256_k8"
+
+
+@pytest.fixture(scope="module")
+def store_dir(pretrained_recipe, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("distributed_store")
+    return harvest(load_recipe(None, [*TINY_PRETRAIN, f"workdir={workdir}", f"lm.path={pretrained_recipe.path('lm')}", *STORE]))
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "distributed.yaml"
+    path.write_text("name: distributed\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def overrides(pretrained_recipe, store_dir):
+    def make(out: Path, *extra: str) -> list[str]:
+        return [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", *STORE, f"harvest.output_dir={store_dir}",
+                *TRAIN, f"train.output_dir={out}", *extra]
+
+    return make
+
+
+def torchrun(recipe: Path, args: list[str], *, env: dict | None = None, restarts: int = 0, processes: int = 2,
+             timeout: int = 240) -> subprocess.CompletedProcess:
+    """`sae train` under torchrun with CPU processes (through tests/distributed_entry.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--max-restarts={restarts}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", str(HERE / "distributed_entry.py"),
+               str(recipe), *args]
+    full_env = os.environ | {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                             "CUDA_VISIBLE_DEVICES": ""} | (env or {})  # CPU and gloo, GPU or not
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def succeeded(run: subprocess.CompletedProcess) -> bool:
+    if run.returncode != 0:
+        print(run.stdout[-5000:], run.stderr[-15000:])
+    return run.returncode == 0
+
+
+class _Concatenated(IterableDataset):
+    def __init__(self, streams):
+        self.streams = streams
+
+    def __iter__(self):
+        for parts in zip(*self.streams):
+            yield tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
+class ConcatenatedRanks(ActivationDataModule):
+    """One process whose batch at each step is what ranks 0 and 1 of a 2-rank job read, in order."""
+
+    def train_dataloader(self) -> DataLoader:
+        half = self.rank_batch // 2
+        seed = self.recipe.train.seed
+        streams = [self._stream(0, rank, 2, seed, self.total_steps, half) for rank in (0, 1)]
+        return DataLoader(_Concatenated(streams), batch_size=None)
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_file, overrides, tmp_path_factory):
+    """One-process runs, once per (recipe, data order), for every strategy to be compared with."""
+    done: dict[tuple, Path] = {}
+
+    def run(extra: tuple[str, ...], concatenated: bool) -> Path:
+        if (extra, concatenated) not in done:
+            out = tmp_path_factory.mktemp("reference")
+            with pytest.MonkeyPatch.context() as patch:
+                if concatenated:
+                    patch.setattr(train_stage, "ActivationDataModule", ConcatenatedRanks)
+                train_stage.train(load_recipe(recipe_file, overrides(out, *extra)))
+            done[(extra, concatenated)] = out
+        return done[(extra, concatenated)]
+
+    return run
+
+
+def assert_same_weights(a: Path, b: Path, name: str) -> None:
+    mine, theirs = load_file(str(a / name / "sae.safetensors")), load_file(str(b / name / "sae.safetensors"))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=TOLERANCE, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def adam_state_is_split_over_the_ranks(checkpoint: Path, decoder_shape: tuple[int, int]) -> bool:
+    """Each rank saved its own part of the decoder's Adam moments (and no rank all of them)."""
+    if (checkpoint / "checkpoint").is_dir():  # DeepSpeed: one optimizer-state file per rank
+        return len(list((checkpoint / "checkpoint").glob("*optim_states.pt"))) == 2
+    from torch.distributed.checkpoint import FileSystemReader
+
+    moments = [meta for key, meta in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.items()
+               if key.endswith(("exp_avg", "exp_avg_sq")) and tuple(meta.size) == decoder_shape]
+    return len(moments) == 2 and all(len(meta.chunks) == 2 for meta in moments)
+
+
+def resampled(out: Path, name: str) -> float:
+    rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
+    return sum(float(r[f"{name}/resampled"]) for r in rows if r.get(f"{name}/resampled"))
+
+
+STRATEGIES = [
+    pytest.param(["train.strategy=ddp"], PAPER, True, PAPER_SAE, id="ddp"),
+    pytest.param(["train.strategy=fsdp"], PAPER, True, PAPER_SAE, id="fsdp"),
+    pytest.param(["train.strategy=deepspeed", "train.deepspeed_stage=1"], PAPER, True, PAPER_SAE, id="zero1"),
+    pytest.param(["train.strategy=deepspeed", "train.deepspeed_stage=2"], PAPER, True, PAPER_SAE, id="zero2"),
+    pytest.param(["train.strategy=deepspeed", "train.deepspeed_stage=3"], PAPER, True, PAPER_SAE, id="zero3"),
+    pytest.param(["train.strategy=feature_sharded"], SHARDED_PAPER, False, SHARDED_PAPER_SAE, id="feature_sharded-paper"),
+    pytest.param(["train.strategy=feature_sharded"], TOPK, False, TOPK_SAE, id="feature_sharded-topk"),
+    pytest.param(["train.strategy=fsdp"], TOPK_DATA_PARALLEL, True, TOPK_SAE, id="fsdp-topk"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "sae", "concatenated", "name"), STRATEGIES)
+def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_global_batches(
+        strategy, sae, concatenated, name, recipe_file, overrides, reference, tmp_path):
+    one = reference(tuple(sae), concatenated)
+    two = tmp_path / "two"
+    assert succeeded(torchrun(recipe_file, overrides(two, *sae, *strategy)))
+    assert_same_weights(one, two, name)
+    if strategy != ["train.strategy=ddp"]:
+        assert adam_state_is_split_over_the_ranks(two / "checkpoints" / "last.ckpt", (256, 512))
+    metrics_one = json.loads((one / name / "metrics.json").read_text())
+    metrics_two = json.loads((two / name / "metrics.json").read_text())
+    for key in ("fvu", "mse", "l0", "l1", "dead_fraction_heldout", "dead_fraction", "median_log10_density"):
+        assert metrics_two[key] == pytest.approx(metrics_one[key], rel=1e-4, abs=1e-6), key
+    if name != TOPK_SAE:
+        assert resampled(two, name) == resampled(one, name) > 0
+
+
+def test_feature_shards_combine_with_data_parallelism_on_a_two_by_two_mesh(recipe_file, overrides, reference, tmp_path):
+    # 4 processes: ranks 0-1 hold the two halves of the features for the first half of each
+    # global batch, ranks 2-3 for the second half.
+    args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=feature_sharded", "train.feature_shards=2")
+    assert succeeded(torchrun(recipe_file, args, processes=4))
+    assert_same_weights(reference(tuple(SHARDED_PAPER), True), tmp_path / "sae", SHARDED_PAPER_SAE)
+
+
+def test_a_feature_sharded_sae_computes_what_the_whole_sae_does_and_topk_selects_the_same_features(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(HERE / "sharded_selection.py"), str(tmp_path / "out.json")],
+                         env=os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert succeeded(run)
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert set(results) == {"topk", "batchtopk", "paper", "april2024"}
+    for variant, result in results.items():
+        assert result["same_selection"], variant
+        if variant in ("topk", "batchtopk"):
+            assert result["selected"] == 64 * 6 and result["auxk_value"] > 0 and result["auxk"] < TOLERANCE, variant
+        for key in ("reconstruction", "loss", "grad_W_dec", "grad_W_enc", "grad_b_dec"):
+            assert result[key] < TOLERANCE, (variant, key, result[key])
+
+
+def test_a_killed_rank_stops_the_job_with_an_error_and_a_rerun_resumes_to_the_same_weights(
+        recipe_file, overrides, reference, tmp_path):
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")
+    start = time.monotonic()
+    killed = torchrun(recipe_file, args, env={"SAE_TEST_FAULT": "kill:1:7"})
+    assert killed.returncode != 0 and time.monotonic() - start < 120
+    assert "SIGKILL" in killed.stderr and "injected fault: rank 1 kill at step 7" in killed.stdout
+    assert "The last checkpoint is kept" in killed.stderr  # the surviving rank says how to go on
+    assert (tmp_path / "sae" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "sae" / "COMPLETE").exists()
+
+    rerun = torchrun(recipe_file, args)
+    assert succeeded(rerun) and "resuming the activation stream at step 4" in rerun.stderr
+    assert_same_weights(reference(tuple(PAPER), True), tmp_path / "sae", PAPER_SAE)
+
+
+def test_torchrun_restarts_a_killed_feature_sharded_job_from_its_last_checkpoint(
+        recipe_file, overrides, reference, tmp_path):
+    args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=feature_sharded")
+    run = torchrun(recipe_file, args, env={"SAE_TEST_FAULT": "kill:1:7"}, restarts=1)
+    assert succeeded(run)
+    assert "injected fault: rank 1 kill at step 7" in run.stdout
+    assert "resuming the activation stream at step 4" in run.stderr
+    assert_same_weights(reference(tuple(SHARDED_PAPER), False), tmp_path / "sae", SHARDED_PAPER_SAE)
+
+
+def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_instead_of_hanging(
+        recipe_file, overrides, tmp_path):
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")
+    start = time.monotonic()
+    run = torchrun(recipe_file, args, env={"SAE_TEST_FAULT": "hang:1:7", "SAE_DIST_TIMEOUT_S": "10"})
+    assert run.returncode != 0 and time.monotonic() - start < 120
+    assert "timeout" in run.stderr.lower() and "SAE_DIST_TIMEOUT_S=10" in run.stderr
+
+
+def test_a_checkpoint_is_refused_under_a_strategy_that_lays_out_parameters_differently(
+        recipe_file, overrides, reference):
+    one = reference(tuple(SHARDED_PAPER), False)
+    recipe = load_recipe(recipe_file, overrides(one, *SHARDED_PAPER, "train.strategy=fsdp"))
+    with pytest.raises(CheckpointError, match=r"laid out as 'replicated'.*train.strategy=fsdp"):
+        train_stage.check_checkpoint(one / "checkpoints" / "last.ckpt", recipe)
+
+
+def test_a_16384_feature_sae_trains_sharded_over_two_processes(recipe_file, overrides, tmp_path):
+    args = overrides(tmp_path / "sae", "train.strategy=feature_sharded", "sae.variant=topk", "sae.k=32",
+                     "sae.n_features=16384", "sae.init=transpose", "sae.init_target_l0=0", "train.batch_size=1024",
+                     "train.n_tokens=4096", "train.eval_batches=1")
+    assert succeeded(torchrun(recipe_file, args))
+    name = "topk_16384_k32"
+    weights = load_file(str(tmp_path / "sae" / name / "sae.safetensors"))
+    assert weights["W_dec"].shape == (16384, 512) and weights["W_enc"].shape == (512, 16384)
+    torch.testing.assert_close(weights["W_dec"].norm(dim=1), torch.ones(16384), rtol=0, atol=1e-5)
+    metrics = json.loads((tmp_path / "sae" / name / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and 0 < metrics["fvu"] < 1 and metrics["l0"] <= 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", [
+    ["train.strategy=ddp"], ["train.strategy=fsdp"], ["train.strategy=feature_sharded"],
+    ["train.strategy=deepspeed", "train.deepspeed_stage=2"], ["train.strategy=deepspeed", "train.deepspeed_stage=3"],
+], ids=["ddp", "fsdp", "feature_sharded", "zero2", "zero3"])
+def test_each_strategy_trains_on_one_gpu_as_a_single_device_run_does(strategy, recipe_file, overrides, tmp_path):
+    """The CUDA paths (NCCL, Lightning's own DeepSpeedStrategy): one process on the first GPU."""
+    gpu = {"CUDA_VISIBLE_DEVICES": "0"}
+    single = torchrun(recipe_file, overrides(tmp_path / "single", *SHARDED_PAPER), env=gpu, processes=1)
+    assert succeeded(single)
+    run = torchrun(recipe_file, overrides(tmp_path / "strategy", *SHARDED_PAPER, *strategy), env=gpu, processes=1)
+    assert succeeded(run)
+    assert_same_weights(tmp_path / "single", tmp_path / "strategy", SHARDED_PAPER_SAE)
