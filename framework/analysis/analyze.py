@@ -13,6 +13,10 @@ Steps, each in its own module:
     dashboard.py    a static HTML site rendered from features.json
     report.py       report.md: the headline numbers and a few features
 
+`analyze.mode` runs one of the other analyses instead, each into its own subdirectory or file:
+splitting.py (features across the bank's dictionary sizes), universality.py (best-match
+correlations with another run's features), autointerp.py (LLM explanations and scores).
+
 Everything is done for the SAE's features and, when the SAE reads MLP neurons, for the neurons
 themselves, so the paper's comparison (features are more interpretable than neurons) can be
 made on the same tokens with the same tools.
@@ -21,6 +25,7 @@ made on the same tokens with the same tools.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -60,7 +65,28 @@ STATE_FILE = "stream_state.safetensors"
 TOP_NEURONS = 10  # neurons listed in a feature's composition
 
 
+# analyze.mode -> (module, stage function); "features" is `analyze_features` below.
+MODES = {
+    "splitting": ("framework.analysis.splitting", "split"),
+    "universality": ("framework.analysis.universality", "compare_universality"),
+    "autointerp": ("framework.analysis.autointerp", "autointerp"),
+}
+
+
 def analyze(recipe: Recipe) -> Path:
+    """The stage: `analyze.mode` picks what it does (features by default); returns where it wrote."""
+    if recipe.analyze.mode in MODES:
+        module, function = MODES[recipe.analyze.mode]
+        return getattr(importlib.import_module(module), function)(recipe)
+    out = analyze_features(recipe)
+    if recipe.analyze.autointerp:
+        from framework.analysis.autointerp import autointerp
+
+        autointerp(recipe)
+    return out
+
+
+def analyze_features(recipe: Recipe) -> Path:
     out = recipe.path("analysis")
     if is_complete(out, recipe, "analyze"):
         log.info("analysis in %s is complete; nothing to do", out)

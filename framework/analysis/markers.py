@@ -1,0 +1,40 @@
+"""Completion markers for the analysis modes (splitting, universality), each in its own directory.
+
+The features analysis is a stage with the usual marker (framework/artifacts.py): a re-run with
+the same recipe skips it, a different recipe is refused. The other modes are cheaper, read
+things outside the recipe (another run's SAE) and are meant to be re-run with other settings,
+so their marker records the analyze fingerprint plus the mode's own settings: when both match
+the output is reused, otherwise it is recomputed in place rather than refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from framework.artifacts import MARKER, mark_complete, stage_fingerprint
+from framework.config import Recipe
+
+
+def _normalised(value) -> object:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def is_done(out: Path, recipe: Recipe, settings: dict) -> bool:
+    """True if `out` holds this mode's finished output for this recipe and these settings."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return False
+    saved = json.loads(marker.read_text())
+    return (saved.get("fingerprint") == _normalised(stage_fingerprint(recipe, "analyze"))
+            and saved.get("settings") == _normalised(settings))
+
+
+def start(out: Path) -> None:
+    """Before (re)writing a mode's output: whatever is there stops counting as finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+
+
+def mark_done(out: Path, recipe: Recipe, settings: dict) -> None:
+    mark_complete(out, recipe, "analyze", settings=_normalised(settings))

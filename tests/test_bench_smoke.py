@@ -1,0 +1,65 @@
+"""The benchmark entry points run end to end at their smallest sizes and report finite numbers.
+
+A smoke test, not a timing test: `make bench` measures; this only keeps bench/ runnable."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def run_all(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: one thread is faster, and immune to a busy machine
+    try:
+        import run_all
+
+        yield run_all
+    finally:
+        torch.set_num_threads(threads)
+        for name in ("run_all", "train_step", "scaling", "activations", "common"):
+            sys.modules.pop(name, None)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp_path):
+    results = run_all.main(["--quick", "--out", str(tmp_path)])
+
+    for group in results["train_step"]["groups"]:
+        names = {c["name"] for c in group["contenders"]}
+        assert any(n.startswith("ours") for n in names) and any(n.startswith("limit") for n in names)
+        assert any(n.startswith("SAELens") for n in names)
+        for c in group["contenders"]:
+            assert _finite(c["tokens_per_s"]) and c["tokens_per_s"] > 0, c["name"]
+            assert c["sanity"] in ("ok", "–"), (c["name"], c["sanity"])
+            assert all(map(_finite, c.get("loss", []))), c["name"]
+        for row in run_all.train_step.comparisons(group):
+            assert all(_finite(v) for k, v in row.items() if k.startswith("vs_")), row
+    assert {g["family"] for g in results["train_step"]["groups"]} == {"paper", "topk"}
+
+    for point in results["scaling"]["points"]:
+        assert all(_finite(c["tokens_per_s"]) for c in point["contenders"])
+    assert Path(results["scaling"]["plot"]).stat().st_size > 0
+
+    acts = results["activations"]
+    assert _finite(acts["bare_forward"]["tokens_per_s"])
+    assert set(acts["harvest"]) == set(acts["reader"]) == {"float32", "float16", "bfloat16"}
+    assert all(_finite(h["tokens_per_s"]) for h in acts["harvest"].values())
+    assert all(_finite(r["rows_per_s"]) for r in acts["reader"].values())
+    assert acts["bytes_per_row"]["float16"] < acts["bytes_per_row"]["float32"]
+
+    assert results["goals"] and all(len(row) == 3 for row in results["goals"])
+    for name in ("train_step", "scaling", "activations", "goals"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())
