@@ -30,7 +30,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # Fields that change how or where a stage runs, not what it produces: a store moved to
 # another directory, or trained on more GPUs, is still the same experiment.
 VOLATILE = {
-    "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "deepspeed_stage",
+    "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "feature_shards", "deepspeed_stage",
               "checkpoint_every", "output_dir"),
     "harvest": ("batch_size", "verify_on_read", "output_dir"),
     "lm": ("device", "path"),
