@@ -10,6 +10,7 @@ round-robin of them.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ CONTENDERS = {
 
 
 def run_size(n: int, precision: str, device: torch.device, batch: int, peer_max: int, repeats: int) -> dict:
+    load_before = os.getloadavg()[0]
     setup = ts.make_setup(n, batch, device, precision)
     paper_weights = ts.weights_of(ts.our_sae(setup, "paper", "sparse"))
     topk_weights = ts.weights_of(ts.our_sae(setup, "topk", ""))
@@ -45,7 +47,8 @@ def run_size(n: int, precision: str, device: torch.device, batch: int, peer_max:
     ]
     contenders, failed = ts.build_all(builders, device)
     ts.round_robin(contenders, device, warmup=0, repeats=repeats)
-    return {"n": n, "precision": precision, "contenders": [c.summary(batch) for c in contenders], "failed": failed}
+    return {"n": n, "precision": precision, "contenders": [c.summary(batch) for c in contenders], "failed": failed,
+            "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = ("fp32",),
@@ -125,6 +128,9 @@ def tables(results: dict) -> str:
             rows.append([name] + [fmt(by_n[n]["tokens_per_s"]) if n in by_n else "–" for n in sizes])
             if not name.startswith("limit"):
                 memory.append([name] + [fmt(by_n[n]["peak_mib"]) if n in by_n else "–" for n in sizes])
+        loads = [f"{p['load_average'][0]:.1f}→{p['load_average'][1]:.1f}" for p in results["points"]
+                 if p["precision"] == precision and "load_average" in p]
+        rows.append(["1-min load before→after"] + loads)
         out += [f"tokens/s by n_features ({precision})", "", markdown_table(header, rows), "",
                 f"peak MiB per step by n_features ({precision})", "", markdown_table(header, memory), ""]
     return "\n".join(out)

@@ -32,6 +32,7 @@ paper SAE, the five (batch × d_in × n) GEMMs of a dense step; TopK, one encode
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -391,6 +392,7 @@ def warm_up_libraries(device: torch.device) -> None:
 
 def run_group(family: str, n: int, precision: str, device: torch.device, batch: int,
               warmup: int, repeats: int) -> dict:
+    load_before = os.getloadavg()[0]
     setup = make_setup(n, batch, device, precision)
     contenders, failed = build_all(FAMILIES[family](setup), device)
     round_robin(contenders, device, warmup, repeats)
@@ -400,7 +402,7 @@ def run_group(family: str, n: int, precision: str, device: torch.device, batch: 
         if s["sanity"] not in ("ok", "–"):
             print(f"WARNING {family} n={n} {precision} {s['name']}: {s['sanity']}", file=sys.stderr)
     return {"family": family, "n": n, "precision": precision, "batch": batch,
-            "contenders": summaries, "failed": failed}
+            "contenders": summaries, "failed": failed, "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf16"),
@@ -508,7 +510,10 @@ def tables(results: dict) -> str:
             l0 = next((_l0(c) for c in found if c and _l0(c) is not None), None)
             rows.append([name, _cell(groups[0], name), _cell(groups[1], name), fmt(l0, 0),
                          " / ".join(fmt(c["peak_mib"]) if c else "–" for c in found)])
+        loads = [f"{g['precision']} {g['load_average'][0]:.1f}→{g['load_average'][1]:.1f}"
+                 for g in groups if g and "load_average" in g]
         out += [f"### {family} SAE, n = {n:,} (d_in {results['settings']['d_in']}, batch {batch:,})", "",
+                f"1-minute load average before→after: {', '.join(loads)}", "",
                 markdown_table(["step", "fp32 tokens/s (min–max step)", "bf16 tokens/s (min–max step)", "L0",
                                 "peak MiB fp32 / bf16"], rows), ""]
         ratios = [{r["ours"]: r for r in comparisons(g)} if g else {} for g in groups]

@@ -1,4 +1,4 @@
-"""Every train.strategy with 2 real processes (torchrun, gloo, CPU) against one process.
+"""Every train.strategy in real torchrun jobs (CPU processes on gloo) against one process.
 
 "The same global batches": under data parallelism (ddp, fsdp, deepspeed) rank r of 2 reads the
 r-th half of each global batch; the one-process reference reads, at every step, rank 0's half
@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, IterableDataset
 import framework.training.train as train_stage
 from framework.activations.harvest import harvest
 from framework.config import load_recipe
-from framework.errors import CheckpointError
+from framework.errors import CheckpointError, RecipeError
 from framework.training.data import ActivationDataModule
+from framework.training.strategies import trainer_arguments
 
 pytestmark = pytest.mark.distributed
 
@@ -248,6 +249,17 @@ def test_a_checkpoint_is_refused_under_a_strategy_that_lays_out_parameters_diffe
     recipe = load_recipe(recipe_file, overrides(one, *SHARDED_PAPER, "train.strategy=fsdp"))
     with pytest.raises(CheckpointError, match=r"laid out as 'replicated'.*train.strategy=fsdp"):
         train_stage.check_checkpoint(one / "checkpoints" / "last.ckpt", recipe)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["sae.variant=jumprelu"], r"supports sae.variant paper, april2024, topk, batchtopk; 'jumprelu'"),
+    (["sae.n_features=255"], r"n_features=255 .* does not split over 2 feature shards"),
+])
+def test_feature_sharding_refuses_an_sae_it_cannot_split_before_training(extra, message, recipe_file, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = load_recipe(recipe_file, ["train.strategy=feature_sharded", *extra])
+    with pytest.raises(RecipeError, match=message):
+        trainer_arguments(recipe)
 
 
 def test_a_16384_feature_sae_trains_sharded_over_two_processes(recipe_file, overrides, tmp_path):

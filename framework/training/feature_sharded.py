@@ -51,6 +51,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from framework.config import SAEConfig
 from framework.errors import RecipeError
 from framework.sae import FEATURE_DIM, BatchTopKSAE, SAEOutput, TopKSAE, build_sae, reset_adam_state
 from framework.sae.kernels import (
@@ -69,6 +70,20 @@ SUPPORTED_VARIANTS = ("paper", "april2024", "topk", "batchtopk")
 # Which dimension of each sharded tensor indexes features; every other tensor is replicated.
 SAE_FEATURE_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "steps_since_fired": 0}
 STATS_FEATURE_DIM = {"steps_since_fired": 0, "window_fires": 0}
+
+
+def check_shardable(cfg: SAEConfig, shards: int) -> None:
+    """Refuse, before any process starts training, an SAE this strategy cannot split."""
+    if cfg.variant not in SUPPORTED_VARIANTS:
+        raise RecipeError(
+            f"train.strategy=feature_sharded supports sae.variant {', '.join(SUPPORTED_VARIANTS)}; "
+            f"{cfg.variant!r} (SAE {cfg.name!r}) is not sharded yet: train it with strategy ddp, fsdp or deepspeed"
+        )
+    if cfg.n_features % shards:
+        raise RecipeError(
+            f"sae.n_features={cfg.n_features} (SAE {cfg.name!r}) does not split over {shards} feature shards; "
+            f"use a multiple of {shards}, or set train.feature_shards"
+        )
 
 
 def _slice(t: Tensor, dim: int, start: int, length: int) -> Tensor:
@@ -124,16 +139,7 @@ class FeatureShardedSAE(nn.Module):
     def __init__(self, whole, group, data_group):
         super().__init__()
         shards, shard = dist.get_world_size(group), dist.get_rank(group)
-        if whole.variant not in SUPPORTED_VARIANTS:
-            raise RecipeError(
-                f"train.strategy=feature_sharded supports sae.variant {', '.join(SUPPORTED_VARIANTS)}; "
-                f"{whole.variant!r} is not sharded yet: use strategy ddp, fsdp or deepspeed for it"
-            )
-        if whole.n_features % shards:
-            raise RecipeError(
-                f"sae.n_features={whole.n_features} does not split over {shards} feature shards; "
-                f"use a multiple of {shards} (or set train.feature_shards)"
-            )
+        check_shardable(whole.cfg, shards)
         self.group, self.data_group = group, data_group
         self.shard, self.n_shards = shard, shards
         self.cfg, self.d_in, self.n_features = whole.cfg, whole.d_in, whole.n_features

@@ -121,8 +121,10 @@ class SAEModule(L.LightningModule):
     def _check_finite_weights(self, name: str, sae, step: int) -> None:
         # The sparse fast paths mask NaN pre-activations to zero features, so a diverged
         # encoder can leave the loss finite; the weights themselves are the reliable signal.
-        local = (p.to_local() if hasattr(p, "to_local") else p for p in sae.parameters())  # DTensor shards
-        if not all(torch.isfinite(t).all() for t in local):
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in sae.parameters()]  # DTensor shards
+        bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum().double().view(1)
+        # Counted over every rank, so all of them stop together (a NaN may sit in one rank's shard).
+        if self.layout.sum_over_features(self.layout.sum_over_data(bad)).item() > 0:
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
             raise TrainingError(
                 f"SAE {name!r}: weights became non-finite (nan/inf) at step {step}; training stopped. "

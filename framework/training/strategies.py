@@ -83,9 +83,11 @@ def _strategy(recipe: Recipe, on_gpu: bool):
         from framework.training.zero import deepspeed_strategy
 
         return deepspeed_strategy(cfg.deepspeed_stage, on_gpu, timeout, cfg.batch_size // world)
-    from framework.training.feature_sharded import FeatureShardedStrategy
+    from framework.training.feature_sharded import FeatureShardedStrategy, check_shardable
 
     shards = feature_shards(recipe)
+    for sae in recipe.sae_configs():
+        check_shardable(sae, shards)
     return FeatureShardedStrategy(data_parallel_size=world // shards, tensor_parallel_size=shards,
                                   process_group_backend=backend, timeout=timeout)
 
