@@ -406,7 +406,7 @@ def run_group(family: str, n: int, precision: str, device: torch.device, batch: 
 
 
 def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf16"),
-        sizes: tuple[int, ...] | None = None) -> dict:
+        sizes: tuple[int, ...] | None = None, families: tuple[str, ...] = tuple(FAMILIES)) -> dict:
     dev = torch.device(device)
     torch.manual_seed(0)
     if quick:
@@ -416,7 +416,7 @@ def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = 
         warmup, repeats = (5, 20) if dev.type == "cuda" else (2, 7)
         warm_up_libraries(dev)
     groups = []
-    for family in FAMILIES:
+    for family in families:
         for n in sizes:
             for precision in precisions:
                 print(f"train_step: {family} n={n} {precision}", file=sys.stderr, flush=True)
@@ -543,8 +543,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="n_features (default 4096 16384)")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = parser.parse_args(argv)
-    results = run(args.device, args.quick, tuple(args.precision), tuple(args.sizes) if args.sizes else None)
+    results = run(args.device, args.quick, tuple(args.precision), tuple(args.sizes) if args.sizes else None,
+                  tuple(args.families))
     path = write_results("train_step", results, args.out, args.quick)
     print(tables(results))
     print(f"\nresults: {path}", file=sys.stderr)

