@@ -81,7 +81,7 @@ class HarvestConfig:
 
     hook_points: list[str] = field(default_factory=lambda: ["blocks.0.mlp.hook_post"])
     mode: str = "shards"  # "shards" (write to disk once) or "live" (regenerate while training)
-    output_dir: str = ""  # empty = {workdir}/activations
+    output_dir: str = ""  # empty = {workdir}/activations; training also reads a URL (docs/activations.md)
     n_tokens: int = 1_000_000
     tokens_per_context: int = 64  # sampled from each context, as the paper draws 250 of 1024
     skip_first_tokens: int = 1  # position 0 sees only itself; its activations are atypical
@@ -271,6 +271,12 @@ class Recipe:
         }[stage]
         return Path(explicit) if explicit else Path(self.workdir) / stage
 
+    def store_location(self) -> str:
+        """Where training reads activations: the local store directory, or harvest.output_dir
+        as given when it is a URL (`http(s)://`, `s3://`, `pipe:...`), which a Path would mangle."""
+        explicit = self.harvest.output_dir
+        return explicit if explicit and is_url(explicit) else str(self.path("activations"))
+
     def sae_configs(self) -> list[SAEConfig]:
         """The bank: `sae` alone, or `sae` overridden by each entry of `train.bank`."""
         entries = self.train.bank or [{}]
@@ -291,6 +297,11 @@ class Recipe:
         if len(set(names)) != len(names):
             raise RecipeError(f"train.bank: SAE names must be unique, got {names}; set `name`")
         return configs
+
+
+def is_url(location: str) -> bool:
+    """A store given as a URL or pipe command rather than a local directory."""
+    return "://" in location or location.startswith("pipe:")
 
 
 def _compact_float(value: float) -> str:

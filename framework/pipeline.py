@@ -25,7 +25,7 @@ STAGE_FUNCTIONS = {
 }
 
 
-def run_stage(stage: str, recipe: Recipe) -> Path:
+def run_stage(stage: str, recipe: Recipe) -> Path | str:
     module_name, function_name = STAGE_FUNCTIONS[stage]
     return getattr(importlib.import_module(module_name), function_name)(recipe)
 
@@ -39,25 +39,25 @@ def run(recipe: Recipe) -> Path:
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, workdir)
-    outputs: dict[str, tuple[Path, float]] = {}
+    outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL
     for stage in stages_for(recipe):
         log.info("== %s ==", stage)
         start = time.perf_counter()
-        outputs[stage] = (Path(run_stage(stage, recipe)), time.perf_counter() - start)
+        outputs[stage] = (run_stage(stage, recipe), time.perf_counter() - start)
     report = workdir / "report.md"
     report.write_text(pipeline_report(recipe, outputs))
     print(summary_text(outputs, report))
     return report
 
 
-def summary_text(outputs: dict[str, tuple[Path, float]], report: Path) -> str:
+def summary_text(outputs: dict[str, tuple[Path | str, float]], report: Path) -> str:
     lines = ["", "Done. Where everything went:"]
     lines += [f"  {stage:<9} {path}  ({seconds:.0f}s)" for stage, (path, seconds) in outputs.items()]
     lines += [f"  report    {report}", ""]
     return "\n".join(lines)
 
 
-def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path, float]]) -> str:
+def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> str:
     """One markdown page linking each stage's own report, with the headline numbers inline."""
     workdir = Path(recipe.workdir).resolve()
     lines = [f"# {recipe.name}", "", "| stage | output | time |", "|---|---|---|"]
@@ -66,7 +66,7 @@ def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path, float]]) -> s
     for stage in ("pretrain", "train", "eval", "analyze"):
         if stage not in outputs:
             continue
-        directory = outputs[stage][0]
+        directory = Path(outputs[stage][0])
         directory = directory if directory.is_dir() else directory.parent
         sub = directory / "report.md"
         if sub.is_file():

@@ -17,7 +17,7 @@ from conftest import TINY_PRETRAIN
 
 from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
-from framework.activations.reader import ActivationStore, ActivationStream
+from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.activations.verify import verify_store
 from framework.config import load_recipe
 from framework.errors import DataError
@@ -116,6 +116,38 @@ def test_two_ranks_read_disjoint_rows_that_cover_the_store(harvested):
     keys = [{(c, p) for r in rows for c, p in zip(r.context.tolist(), r.position.tolist())} for rows in ranks]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert len(keys[0] | keys[1]) == 6144
+
+
+def test_store_streams_over_http_and_pipe_urls_with_verified_checksums(harvested):
+    """A store served by a real HTTP server, and one read through `pipe:cat`, give the rows of
+    the local directory; checksums verify over the URL too."""
+    import functools
+    import http.server
+    import threading
+
+    local = str(harvested.path("activations"))
+    expected = torch.cat([r.acts[0] for r in all_rows(local)])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=local)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        store = ActivationStore(url, verify=True)
+        assert store.shard_url(0).startswith(url)
+        over_http = list(ActivationStream(store, batch_size=1, shuffle=False).iter_rows())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert torch.equal(torch.cat([r.acts[0] for r in over_http]), expected)
+
+    # A pipe command names each member with {name} (as `pipe:aws s3 cp s3://b/store/{name} -` would).
+    piped = ActivationStore(f"pipe:cat {local}/{{name}}", verify=True)
+    assert piped.shard_url(1) == f"pipe:cat {local}/shard-000001.tar"
+    rows = list(ActivationStream(piped, batch_size=1, shuffle=False).iter_rows())
+    assert torch.equal(torch.cat([r.acts[0] for r in rows]), expected)
+    assert ActivationStore(sub_store(piped.location, "heldout")).manifest.split == "heldout"
 
 
 def test_resumed_stream_continues_where_it_stopped(harvested):

@@ -228,3 +228,30 @@ def test_offline_wandb_run_is_written_and_holds_metrics_but_no_secret(pretrained
         if path.is_file():
             assert b"local-secret-key" not in path.read_bytes(), path
     assert os.environ["WANDB_API_KEY"].startswith("local-secret")
+
+
+def test_training_from_a_store_served_over_http_equals_training_from_the_directory(pretrained_recipe, store_dir, tmp_path):
+    """harvest.output_dir may be a URL: `sae train` streams the shards (and the held-out split)
+    from a real HTTP server and ends with the weights a local read gives."""
+    import functools
+    import http.server
+    import threading
+
+    local = train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "local"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(store_dir))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "http", f"harvest.output_dir={url}",
+                             "harvest.verify_on_read=true")
+        assert recipe.store_location() == url
+        assert harvest(recipe) == url  # nothing to harvest, but the store must answer
+        remote = train_stage.train(recipe)
+    finally:
+        server.shutdown()
+        server.server_close()
+    name = recipe.sae_configs()[0].name
+    for key, value in weights(local, name).items():
+        assert torch.equal(value, weights(remote, name)[key]), key

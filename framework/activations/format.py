@@ -21,6 +21,7 @@ its sha256 is recorded. Shards are written under a temporary name and renamed wh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -110,10 +111,28 @@ def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _npy_member(array: np.ndarray) -> io.BytesIO:
+    """The .npy encoding of `array`, positioned at its start, ready for tarfile to copy."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    buffer.seek(0)
+    return buffer
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what passes through it, so a shard's sha256 costs no second
+    read of the file."""
+
+    def __init__(self, raw):
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
@@ -157,26 +176,32 @@ class Rows:
 def write_shard(path: Path, shard_index: int, rows: Rows, dtype: str, rows_per_sample: int) -> ShardInfo:
     """Write a complete shard atomically: temporary name, fsync, rename. Returns its info."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, start in enumerate(range(0, len(rows), rows_per_sample)):
-            block = rows.take(slice(start, start + rows_per_sample))
-            key = f"{shard_index:06d}_{k:06d}"
-            members = {f"acts{h}.npy": to_storage(a, dtype) for h, a in enumerate(block.acts)}
-            members["token.npy"] = block.token.numpy().astype(np.int32)
-            members["context.npy"] = block.context.numpy().astype(np.int64)
-            members["position.npy"] = block.position.numpy().astype(np.int16)
-            for ext, array in members.items():
-                data = _npy_bytes(array)
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        tar.close()
+    # Converted once per shard rather than per sample: one pass over the rows.
+    stored = [to_storage(a, dtype) for a in rows.acts]
+    token = rows.token.numpy().astype(np.int32)
+    context = rows.context.numpy().astype(np.int64)
+    position = rows.position.numpy().astype(np.int16)
+    with open(tmp, "wb") as raw:
+        out = _HashingWriter(raw)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for k, start in enumerate(range(0, len(rows), rows_per_sample)):
+                block = slice(start, start + rows_per_sample)
+                key = f"{shard_index:06d}_{k:06d}"
+                members = {f"acts{h}.npy": a[block] for h, a in enumerate(stored)}
+                members.update({"token.npy": token[block], "context.npy": context[block],
+                                "position.npy": position[block]})
+                for ext, array in members.items():
+                    data = _npy_member(array)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = data.getbuffer().nbytes
+                    tar.addfile(info, data)
         raw.flush()
         os.fsync(raw.fileno())
-    sha = file_sha256(tmp)
     size = tmp.stat().st_size
+    if size != out.size:
+        raise OSError(errno.EIO, f"{tmp} holds {size} bytes, {out.size} were written")
     tmp.replace(path)
-    return ShardInfo(name=path.name, rows=len(rows), sha256=sha, bytes=size)
+    return ShardInfo(name=path.name, rows=len(rows), sha256=out.digest.hexdigest(), bytes=size)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

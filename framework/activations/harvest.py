@@ -38,7 +38,7 @@ from framework.activations.format import (
     write_shard,
 )
 from framework.artifacts import is_complete, mark_complete, stage_fingerprint
-from framework.config import HarvestConfig, Recipe, RecipeError, recipe_to_dict
+from framework.config import HarvestConfig, Recipe, RecipeError, is_url, recipe_to_dict
 from framework.distributed import barrier, current_rank, init_process_group
 from framework.errors import DataError
 from framework.lm import BaseLM, load_lm
@@ -104,23 +104,68 @@ def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> Harve
                        cfg.rows_per_shard, cfg.seed)
 
 
+@dataclass
+class Window:
+    """One window's rows in the order they were sampled, the shuffle to apply, and the sums the
+    store's normalisation statistics are merged from. Shuffled row i is `rows.take(order[i])`;
+    the harvest applies `order` shard by shard while converting to the store dtype, so the
+    window is copied once instead of once to shuffle and once more to cut and convert."""
+
+    rows: Rows
+    order: torch.Tensor
+    stats: list[dict]
+
+    def shuffled(self) -> Rows:
+        return self.rows.take(self.order)
+
+
 @torch.no_grad()
-def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
-    """All rows of one window, shuffled: a pure function of (recipe, plan, window)."""
+def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Window:
+    """Run the LM over one window's contexts: a pure function of (recipe, plan, window)."""
     cfg = recipe.harvest
     n_rows = plan.window_row_count(window)
     n_contexts = math.ceil(n_rows / plan.tokens_per_context)
     first = window * plan.contexts_per_window
     generator = torch.Generator().manual_seed(hash_seed(plan.seed, plan.split, window))
     stop_at = model.last_hook(cfg.hook_points)
-    blocks = []
+    widths = model.hook_points()
+    # Filled batch by batch (no list of blocks to concatenate at the end).
+    rows = Rows(
+        acts=[torch.empty(n_rows, widths[h], dtype=torch.float32) for h in cfg.hook_points],
+        token=torch.empty(n_rows, dtype=torch.int64),
+        context=torch.empty(n_rows, dtype=torch.int64),
+        position=torch.empty(n_rows, dtype=torch.int64),
+    )
+    sums = [torch.zeros(widths[h], dtype=torch.float64) for h in cfg.hook_points]
+    norm_sums = [0.0 for _ in cfg.hook_points]
+    filled = 0
     for context_ids, tokens in iter_context_batches(
         recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first, stop=first + n_contexts
     ):
         out = model.run(tokens.to(model.device), capture=cfg.hook_points, stop_at=stop_at)
-        blocks.append(_sample_positions(out.activations, cfg, context_ids, tokens, generator))
-    rows = Rows.cat(blocks).take(slice(0, n_rows))
-    return rows.take(torch.randperm(len(rows), generator=generator))
+        block = _sample_positions(out.activations, cfg, context_ids, tokens, generator)
+        k = min(len(block), n_rows - filled)
+        here = slice(filled, filled + k)
+        for h, acts in enumerate(block.acts):
+            acts = acts[:k]
+            rows.acts[h][here] = acts
+            # Statistics per batch (float32 over a batch, float64 across batches): the store's
+            # mean and mean norm without a float64 copy of the whole window. Summing with
+            # dtype=float64 directly is ~5x slower on CPU.
+            sums[h] += acts.sum(0).double()
+            norm_sums[h] += torch.linalg.vector_norm(acts, dim=1).sum().item()
+        rows.token[here], rows.context[here], rows.position[here] = block.token[:k], block.context[:k], block.position[:k]
+        filled += k
+    if filled != n_rows:
+        raise DataError(f"window {window} of the {plan.split} split produced {filled} rows, {n_rows} expected; "
+                        f"the text source changed while harvesting. Re-run `sae harvest` on a fixed corpus.")
+    stats = [{"sum": s.tolist(), "norm_sum": n, "count": n_rows} for s, n in zip(sums, norm_sums)]
+    return Window(rows, torch.randperm(n_rows, generator=generator), stats)
+
+
+def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
+    """All rows of one window, shuffled, exactly as its shards hold them."""
+    return collect_window(model, recipe, plan, window).shuffled()
 
 
 def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, generator) -> Rows:
@@ -131,7 +176,7 @@ def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens
     positions = order[:, : cfg.tokens_per_context] + cfg.skip_first_tokens  # (batch, tpc)
     rows_of = torch.arange(batch).unsqueeze(1).expand_as(positions)
     acts = [activations[h][rows_of.to(activations[h].device), positions.to(activations[h].device)]
-            .flatten(0, 1).float().cpu() for h in cfg.hook_points]
+            .flatten(0, 1).to(device="cpu", dtype=torch.float32) for h in cfg.hook_points]
     return Rows(
         acts=acts,
         token=tokens[rows_of, positions].flatten().cpu(),
@@ -144,24 +189,17 @@ def hash_seed(seed: int, split: str, window: int) -> int:
     return (seed * 1_000_003 + window * 7_919 + (0 if split == "train" else 104_729)) % (2**63)
 
 
-def _window_stats(rows: Rows) -> list[dict]:
-    """Sums from which the store's mean and mean norm are merged exactly."""
-    return [
-        {"sum": a.double().sum(0).tolist(), "norm_sum": a.double().norm(dim=1).sum().item(), "count": len(a)}
-        for a in rows.acts
-    ]
-
-
 def _window_done(store: Path, plan: HarvestPlan, window: int) -> bool:
     return (store / f"window-{window:06d}.json").is_file() and all(
         (store / shard_name(s)).is_file() for s in plan.window_shards(window)
     )
 
 
-def _write_window(store: Path, plan: HarvestPlan, window: int, rows: Rows, recipe: Recipe) -> None:
+def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window, recipe: Recipe) -> None:
     infos = []
     for i, shard in enumerate(plan.window_shards(window)):
-        piece = rows.take(slice(i * plan.rows_per_shard, (i + 1) * plan.rows_per_shard))
+        # Shuffle while cutting: shard i holds shuffled rows i * rows_per_shard onwards.
+        piece = collected.rows.take(collected.order[i * plan.rows_per_shard:(i + 1) * plan.rows_per_shard])
         try:
             infos.append(write_shard(store / shard_name(shard), shard, piece, recipe.harvest.dtype,
                                      recipe.harvest.rows_per_sample))
@@ -175,7 +213,7 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, rows: Rows, recip
                     f"to halve the store) and re-run `sae harvest` -- complete shards are skipped."
                 ) from None
             raise
-    record = {"window": window, "shards": [vars(i) for i in infos], "stats": _window_stats(rows)}
+    record = {"window": window, "shards": [vars(i) for i in infos], "stats": collected.stats}
     tmp = store / f".window-{window:06d}.json.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(store / f"window-{window:06d}.json")
@@ -240,9 +278,9 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     # Fault-injection tests set this to hold the harvest between windows while they kill it.
     pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
     for window in todo:
-        rows = harvest_window(model, recipe, plan, window)
-        _write_window(store, plan, window, rows, recipe)
-        progress.update(len(rows))
+        collected = collect_window(model, recipe, plan, window)
+        _write_window(store, plan, window, collected, recipe)
+        progress.update(len(collected.rows))
         time.sleep(pause)
     barrier()
     if not rank.is_main:
@@ -252,8 +290,17 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     return manifest
 
 
-def harvest(recipe: Recipe) -> Path:
+def harvest(recipe: Recipe) -> Path | str:
     """The `sae harvest` stage: train (or `harvest.split`) store, then a held-out store inside it."""
+    if is_url(recipe.harvest.output_dir):
+        # A store harvested elsewhere and uploaded: nothing to write, but it must be readable.
+        from framework.activations.reader import open_manifest
+
+        manifest = open_manifest(recipe.harvest.output_dir)
+        log.info("harvest.output_dir is a URL: training reads its %s rows from %s; harvest writes only "
+                 "to a local directory (harvest there, upload, then point harvest.output_dir at it)",
+                 f"{manifest.rows:,}", recipe.harvest.output_dir)
+        return recipe.harvest.output_dir
     store = recipe.path("activations")
     if is_complete(store, recipe, "harvest"):
         log.info("activations in %s are complete; nothing to do", store)

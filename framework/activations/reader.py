@@ -11,8 +11,10 @@ reader only permutes whole shards per epoch. Then the stream is a pure function 
 counts without reading them. Each rank takes every world-th shard of the permuted list, so ranks
 read disjoint rows and never the same bytes.
 
-Shards are read through `webdataset`, so a store can be a local directory or any URL it opens
-(`file:`, `pipe:aws s3 cp ... -`, `http(s)://`, object storage through fsspec).
+Shards are read through `webdataset`'s tar iterators, so a store can be a local directory or any
+URL: what `webdataset.gopen` opens (`file:`, `http(s)://` through curl, `gs://`, `pipe:CMD`), and
+other object stores (`s3://`, `az://`, ...) through fsspec when its backend package is installed.
+A pipe command names each member with `{name}`: `pipe:aws s3 cp s3://bucket/store/{name} -`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
+from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from framework.activations.format import MANIFEST, Manifest, Rows, decode_sample
 from framework.errors import DataError
@@ -32,17 +37,46 @@ from framework.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def _join(location: str, name: str) -> str:
+def member_url(location: str, name: str) -> str:
+    """The URL of file `name` of the store at `location` (a directory, URL prefix, or a pipe
+    command with a `{name}` placeholder)."""
+    if "{name}" in location:
+        return location.replace("{name}", name)
     return f"{location.rstrip('/')}/{name}"
 
 
-def open_manifest(location: str) -> Manifest:
-    """The manifest of a store at a local path or any URL webdataset can open."""
-    url = _join(str(location), MANIFEST)
+def sub_store(location: str, name: str) -> str:
+    """The location of a store nested in another (the held-out split in `heldout/`)."""
+    if "{name}" in location:
+        return location.replace("{name}", f"{name}/{{name}}")
+    return f"{location.rstrip('/')}/{name}"
+
+
+def open_url(url: str):
+    """A binary stream of `url`: webdataset's openers where it has one for the scheme, fsspec
+    (`s3://`, `az://`, ...) otherwise."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes or len(scheme) == 1:  # 1 letter: a drive
+        return wds.gopen(url, "rb")
     try:
-        with wds.gopen(url, "rb") as stream:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except ImportError as err:
+        raise DataError(
+            f"cannot open {url}: no reader for {scheme}:// ({err}). Install the fsspec backend for it "
+            f"(for example s3fs or adlfs), or give the store as a pipe command such as "
+            f"'pipe:aws s3 cp {scheme}://bucket/store/{{name}} -'."
+        ) from None
+
+
+def open_manifest(location: str) -> Manifest:
+    """The manifest of a store at a local path or any URL (see the module docstring)."""
+    url = member_url(str(location), MANIFEST)
+    try:
+        with open_url(url) as stream:
             data = json.loads(stream.read())
-    except (FileNotFoundError, OSError) as err:
+    except (FileNotFoundError, OSError, ValueError) as err:
         raise DataError(
             f"cannot read {url} ({err}): the activation store is missing or its harvest did not "
             f"finish. Run `sae harvest RECIPE` (it resumes where it stopped)."
@@ -63,7 +97,7 @@ class ActivationStore:
         return len(self.manifest.shards)
 
     def shard_url(self, index: int) -> str:
-        return _join(self.location, self.manifest.shards[index].name)
+        return member_url(self.location, self.manifest.shards[index].name)
 
     def check_compatible(self, hook: str, d_in: int, sae_name: str) -> None:
         """Refuse before training: the SAE's hook and width must be what the store holds."""
@@ -84,13 +118,16 @@ class ActivationStore:
         url = self.shard_url(index)
         if self.verify:
             self.verify_shard(index)
-        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
         seen = 0
         try:
-            for sample in pipeline:
-                rows = decode_sample(sample, self.manifest.dtype, len(self.manifest.hook_points))
-                seen += len(rows)
-                yield rows
+            # shard URL -> stream -> tar members -> samples grouped by key (webdataset's own
+            # iterators, fed a stream opened here so fsspec URLs work too)
+            with open_url(url) as stream:
+                samples = group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}])))
+                for sample in samples:
+                    rows = decode_sample(sample, self.manifest.dtype, len(self.manifest.hook_points))
+                    seen += len(rows)
+                    yield rows
         except DataError:
             raise
         except FileNotFoundError:
@@ -115,7 +152,7 @@ class ActivationStore:
         info = self.manifest.shards[index]
         digest = hashlib.sha256()
         try:
-            with wds.gopen(self.shard_url(index), "rb") as stream:
+            with open_url(self.shard_url(index)) as stream:
                 for chunk in iter(lambda: stream.read(1 << 22), b""):
                     digest.update(chunk)
         except FileNotFoundError:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from framework.activations.reader import ActivationStore
+from framework.activations.reader import ActivationStore, open_manifest, sub_store
 from framework.config import Recipe
 from framework.errors import DataError
 
@@ -14,11 +13,16 @@ log = logging.getLogger(__name__)
 
 def verify_store(recipe: Recipe) -> str:
     """sha256 and row count of every shard (train and held-out); raises naming the first bad one."""
-    root = recipe.path("activations")
-    locations = [root] + ([root / "heldout"] if (Path(root) / "heldout" / "manifest.json").is_file() else [])
+    root = recipe.store_location()
+    locations = [root]
+    try:
+        open_manifest(sub_store(root, "heldout"))
+        locations.append(sub_store(root, "heldout"))
+    except DataError:  # a store without a held-out split
+        pass
     checked = 0
     for location in locations:
-        store = ActivationStore(str(location), verify=True)
+        store = ActivationStore(location, verify=True)
         for index in range(store.n_shards):
             store.verify_shard(index)
             rows = sum(len(block) for block in store.iter_shard(index))

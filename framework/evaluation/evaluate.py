@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from framework.activations.reader import ActivationStore, ActivationStream
+from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.artifacts import atomic_write_text, is_complete, mark_complete
 from framework.config import Recipe, save_recipe
 from framework.errors import DataError
@@ -30,14 +30,15 @@ ROWS_PER_BATCH = 4096
 
 def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[torch.Tensor]:
     """Held-out rows of `hook`: from the store's heldout/ split, else straight from the LM."""
-    location = Path(recipe.path("activations")) / "heldout"
-    if (location / "manifest.json").is_file():
-        store = ActivationStore(str(location))
-        if hook in store.manifest.hook_points:
-            index = store.manifest.hook_points.index(hook)
-            batches = ActivationStream(store, min(ROWS_PER_BATCH, n_rows), shuffle=False,
-                                       max_batches=max(1, n_rows // ROWS_PER_BATCH))
-            return [b[index] for b in batches]
+    try:
+        store = ActivationStore(sub_store(recipe.store_location(), "heldout"))
+    except DataError:  # no held-out store: run the LM below
+        store = None
+    if store is not None and hook in store.manifest.hook_points:
+        index = store.manifest.hook_points.index(hook)
+        batches = ActivationStream(store, min(ROWS_PER_BATCH, n_rows), shuffle=False,
+                                   max_batches=max(1, n_rows // ROWS_PER_BATCH))
+        return [b[index] for b in batches]
     rows, out = 0, []
     for _, tokens in iter_context_batches(recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size):
         acts = model.run(tokens.to(model.device), capture=[hook], stop_at=hook).activations[hook]

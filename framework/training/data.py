@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.activations.reader import ActivationStore, ActivationStream
+from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.config import Recipe
 from framework.errors import DataError
 
@@ -41,7 +41,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
         self.live_model = model if recipe.harvest.mode == "live" else None
         self.store = None if self.live_model is not None else ActivationStore(
-            str(recipe.path("activations")), verify=recipe.harvest.verify_on_read
+            recipe.store_location(), verify=recipe.harvest.verify_on_read
         )
         if self.store is not None:
             self._check_enough_rows()
@@ -125,7 +125,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def heldout_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
         """Held-out rows for periodic evaluation (the store's heldout/ split)."""
-        location = f"{self.recipe.path('activations')}/heldout"
+        location = sub_store(self.recipe.store_location(), "heldout")
         if self.store is None:
             from framework.activations.live import LiveStream
 
