@@ -35,10 +35,18 @@ def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[t
     except DataError:  # no held-out store: run the LM below
         store = None
     if store is not None and hook in store.manifest.hook_points:
-        index = store.manifest.hook_points.index(hook)
-        batches = ActivationStream(store, min(ROWS_PER_BATCH, n_rows), shuffle=False,
-                                   max_batches=max(1, n_rows // ROWS_PER_BATCH))
-        return [b[index] for b in batches]
+        # Rows, not fixed-size batches: a held-out split smaller than one batch (or the last
+        # partial batch) would otherwise be dropped, leaving nothing or less than it holds.
+        index, rows, out = store.manifest.hook_points.index(hook), 0, []
+        for block in ActivationStream(store, ROWS_PER_BATCH, shuffle=False).iter_rows():
+            out.append(block.acts[index][: n_rows - rows].float())
+            rows += out[-1].shape[0]
+            if rows >= n_rows:
+                break
+        if not rows:
+            raise DataError(f"the held-out store {store.location} holds no rows; re-run `sae harvest RECIPE` "
+                            f"with harvest.heldout_tokens > 0")
+        return list(torch.cat(out).split(ROWS_PER_BATCH))
     rows, out = 0, []
     for _, tokens in iter_context_batches(recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size):
         acts = model.run(tokens.to(model.device), capture=[hook], stop_at=hook).activations[hook]
@@ -56,6 +64,10 @@ def evaluate_one(recipe: Recipe, model, trained: TrainedSAE, token_batches) -> d
     rows = heldout_activations(recipe, model, trained.hook_point, recipe.eval.n_tokens)
     batches = [b.to(device) * trained.input_scale for b in rows]
     metrics = evaluate_sae(trained.sae, batches)
+    # The SAE sees x * input_scale; report MSE in the activations' own units, so that it does
+    # not depend on train.normalize_activations, and an SAE scores the same after `sae export`
+    # (which folds the scale into the weights) and a re-import through eval.sae_path.
+    metrics["mse"] /= trained.input_scale**2
     counter = DensityCounter(trained.sae.n_features)
     with torch.no_grad():
         for x in batches:
