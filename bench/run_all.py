@@ -62,8 +62,13 @@ def goals(step: dict | None, acts: dict | None) -> list[list[str]]:
                 add(f"topk n={n:,} {prec}: ≥ 75% of the TopK limit", r["vs_limit"], 0.75, True)
     if acts:
         worst = max(h["overhead_vs_bare"] for h in acts["harvest"].values())
-        rows.append(["harvest overhead over a bare forward ≤ 10% (worst dtype)", f"{100 * worst:+.1f}%",
-                     "met" if worst <= 0.10 else "missed"])
+        rows.append(["harvest overhead over a bare forward ≤ 10%, quickstart LM (worst dtype)",
+                     f"{100 * worst:+.1f}%", "met" if worst <= 0.10 else "missed"])
+        smollm2 = acts.get("smollm2") or {}
+        if "overhead_vs_bare" in smollm2:
+            value = smollm2["overhead_vs_bare"]
+            rows.append(["harvest overhead over a bare forward ≤ 10%, SmolLM2-135M layer 15",
+                         f"{100 * value:+.1f}%", "met" if value <= 0.10 else "missed"])
         slowest = min(r["vs_fastest_trainer"] for r in acts["reader"].values())
         rows.append(["reader rows/s ≥ the fastest trainer's consumption (slowest dtype)", f"{slowest:.1f}×",
                      "met" if slowest >= 1 else "missed"])

@@ -112,14 +112,14 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
     return {k: getattr(sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def ours(setup: Setup, variant: str, regime: str, fused_adam: bool = False) -> Timed:
+def ours(setup: Setup, variant: str, regime: str) -> Timed:
     from framework.training.layout import ParameterLayout
     from framework.training.module import FeatureStats
 
     sae = our_sae(setup, variant, regime)
     stats, layout = FeatureStats(setup.n).to(setup.device), ParameterLayout()
-    # As SAEModule.configure_optimizers (fused=None: torch's default implementation).
-    optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999), fused=fused_adam or None)
+    # As SAEModule.configure_optimizers builds it for one process or DDP: torch's fused Adam.
+    optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     counter = itertools.count()
 
@@ -325,7 +325,6 @@ def paper_contenders(setup: Setup) -> list[Builder]:
         weights = weights_of(our_sae(setup, "paper", regime))
         out += [
             (f"ours paper, {regime} codes", lambda r=regime: ours(setup, "paper", r)),
-            (f"ours paper, {regime} codes, fused Adam", lambda r=regime: ours(setup, "paper", r, fused_adam=True)),
             (f"SAELens standard, {regime} codes", lambda r=regime, w=weights: saelens(setup, w, "paper")),
         ]
     return out + [("limit: 5 GEMMs", lambda: limit_paper(setup)),
@@ -336,7 +335,6 @@ def topk_contenders(setup: Setup) -> list[Builder]:
     weights = weights_of(our_sae(setup, "topk", ""))
     return [
         ("ours topk", lambda: ours(setup, "topk", "")),
-        ("ours topk, fused Adam", lambda: ours(setup, "topk", "", fused_adam=True)),
         ("SAELens topk", lambda: saelens(setup, weights, "topk")),
         # SAELens: "only worthwhile if using float32 and not using autocast"
         ("SAELens topk, sparse activations", lambda: saelens(setup, weights, "topk", sparse_activations=True)),
@@ -450,10 +448,10 @@ def comparisons(group: dict) -> list[dict]:
 
     rows = []
     if group["family"] == "paper":
-        ours_names = [f"ours paper, {r} codes{a}" for r in ("dense", "sparse") for a in ("", ", fused Adam")]
+        ours_names = [f"ours paper, {r} codes" for r in ("dense", "sparse")]
         limit = _find(group, "limit: 5 GEMMs")
     else:
-        ours_names = ["ours topk", "ours topk, fused Adam"]
+        ours_names = ["ours topk"]
         limit = _find(group, "limit:")
     for name in ours_names:
         mine = next((c for c in group["contenders"] if c["name"] == name), None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -76,13 +77,13 @@ def overrides(pretrained_recipe, store_dir):
 
 
 def torchrun(recipe: Path, args: list[str], *, env: dict | None = None, restarts: int = 0, processes: int = 2,
-             timeout: int = 240) -> subprocess.CompletedProcess:
+             timeout: int = 240, entry: Path = HERE / "distributed_entry.py") -> subprocess.CompletedProcess:
     """`sae train` under torchrun with CPU processes (through tests/distributed_entry.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--max-restarts={restarts}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", str(HERE / "distributed_entry.py"),
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", str(entry),
                str(recipe), *args]
     full_env = os.environ | {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                              "CUDA_VISIBLE_DEVICES": ""} | (env or {})  # CPU and gloo, GPU or not
@@ -241,6 +242,70 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_instead_of_
     run = torchrun(recipe_file, args, env={"SAE_TEST_FAULT": "hang:1:7", "SAE_DIST_TIMEOUT_S": "10"})
     assert run.returncode != 0 and time.monotonic() - start < 120
     assert "timeout" in run.stderr.lower() and "SAE_DIST_TIMEOUT_S=10" in run.stderr
+
+
+# `sae train` under torchrun in which one rank writes a NaN into its own ZeRO-3 partition of the
+# first SAE's W_enc (DeepSpeed's fp32 master, the copy Adam steps) just before an optimizer step:
+# the NaN then reaches that rank's partition of the module's weights and no other rank's.
+NAN_IN_ONE_PARTITION = """
+import os, sys
+
+from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+from lightning.pytorch.callbacks import Callback
+
+import framework.training.train as train_stage
+from framework.cli import main
+
+RANK, STEP = (int(v) for v in os.environ["SAE_TEST_NAN"].split(":"))
+
+
+class NaNInPartition(Callback):
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_rank != RANK or trainer.global_step != STEP:
+            return
+        param = next(iter(module.saes.values())).W_enc
+        assert param.numel() == 0 and param.ds_tensor.numel() > 0, "expected a ZeRO-3 partitioned parameter"
+        local = safe_get_local_fp32_param(param).clone()
+        local[-1] = float("nan")
+        safe_set_local_fp32_param(param, local)
+        print(f"injected fault: rank {RANK} nan in its W_enc partition at step {STEP}", flush=True)
+
+
+original = train_stage.build_trainer
+
+
+def build(*args, **kwargs):
+    trainer = original(*args, **kwargs)
+    trainer.callbacks.insert(0, NaNInPartition())
+    return trainer
+
+
+train_stage.build_trainer = build
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_nan_in_one_ranks_zero3_weight_partition_stops_every_rank_with_the_training_error(
+        recipe_file, overrides, tmp_path):
+    # Under ZeRO-3 a rank's module parameters are empty placeholders outside gathers; the weight
+    # check must read each rank's own partition, and sum the count over the ranks so that rank 0,
+    # whose partition is clean, stops at the same step with the same error instead of hanging.
+    entry = tmp_path / "nan_entry.py"
+    entry.write_text(NAN_IN_ONE_PARTITION)
+    args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=deepspeed", "train.deepspeed_stage=3")
+    start = time.monotonic()
+    run = torchrun(recipe_file, args, entry=entry, timeout=300,
+                   env={"SAE_TEST_NAN": "1:6", "DS_ACCELERATOR": "cpu", "SAE_DIST_TIMEOUT_S": "60"})
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0, run.stderr[-5000:]
+    assert "injected fault: rank 1 nan in its W_enc partition at step 6" in run.stdout
+    error = (rf"SAE '{SHARDED_PAPER_SAE}': weights became non-finite \(nan/inf\) at step 6; training stopped\. "
+             rf"The last good checkpoint is kept: \S*checkpoints/last\.ckpt")
+    for rank in (0, 1):  # each rank raised the TrainingError itself (none was killed or timed out)
+        assert re.search(rf"rank {rank} stopped at step \d+ \(TrainingError: {error}", run.stderr), run.stderr[-8000:]
+    assert elapsed < 240
+    assert (tmp_path / "sae" / "checkpoints" / "last.ckpt").is_dir()
+    assert not (tmp_path / "sae" / "COMPLETE").exists()
 
 
 def test_a_checkpoint_is_refused_under_a_strategy_that_lays_out_parameters_differently(

@@ -8,10 +8,13 @@ all-reduce, in two halves, for a world-fold cut in resident state. The whole wei
 the backward, their gradients) still exist on every rank for the duration of one SAE's step, so
 FSDP helps until a single SAE's weights no longer fit a device; past that, feature sharding.
 
-Each SAE is its own FSDP unit, so a bank gathers one SAE at a time. Every parameter is a
-DTensor sharded on dim 0: W_dec and b_enc by features, W_enc and b_dec by input dimension. The
-variants' constraint hooks are row-wise on W_dec (a rowwise dot and a rowwise norm), which
-DTensor runs shard-locally, so they run unchanged; resampling gathers (layout.GatheredLayout).
+Each SAE is its own FSDP unit and, as the bank around it is not sharded, its own FSDP root:
+FSDP2 does not reshard a root after its forward, so an SAE's weights are gathered once per step
+and stay whole until its backward has run (in a bank, every SAE's at once, since all forwards
+run before the backward). Every parameter is a DTensor sharded on dim 0: W_dec and b_enc by
+features, W_enc and b_dec by input dimension. The variants' constraint hooks are row-wise on
+W_dec (a rowwise dot and a rowwise norm), which DTensor runs shard-locally, so they run
+unchanged; resampling gathers (layout.GatheredLayout).
 
 fully_shard's post-forward hook hangs its pre-backward hook (all-gather before backward,
 reduce-scatter after) on the tensors of the output, which an SAEOutput hides from it:

@@ -121,9 +121,11 @@ class SAEModule(L.LightningModule):
     def _check_finite_weights(self, name: str, sae, step: int) -> None:
         # The sparse fast paths mask NaN pre-activations to zero features, so a diverged
         # encoder can leave the loss finite; the weights themselves are the reliable signal.
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in sae.parameters()]  # DTensor shards
+        # Each rank counts the values it holds (the whole tensor, its DTensor shard or its ZeRO-3
+        # partition), never a gathered copy: no collective but the one sum below, which every
+        # rank reaches, so all of them stop together (a NaN may sit in one rank's shard only).
+        local = [local_values(p) for p in sae.parameters()]
         bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum().double().view(1)
-        # Counted over every rank, so all of them stop together (a NaN may sit in one rank's shard).
         if self.layout.sum_over_features(self.layout.sum_over_data(bad)).item() > 0:
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
             raise TrainingError(
@@ -190,10 +192,21 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.recipe.train
         groups = [{"params": list(sae.parameters()), "name": name} for name, sae in self.saes.items()]
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=self._fused_adam(groups))
         total = total_steps(self.recipe)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_adam(self, groups: list[dict]) -> bool | None:
+        """torch's fused Adam (one kernel for all tensors; 5-30% faster steps in
+        bench/train_step.py) where every parameter is a plain CPU or CUDA tensor, replicated or
+        data-parallel. FSDP's DTensors, DeepSpeed's flat partitions and feature-sharded views
+        keep torch's default implementation."""
+        if self.recipe.train.strategy not in ("auto", "ddp"):
+            return None
+        params = [p for g in groups for p in g["params"]]
+        plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+        return True if plain else None
 
     def whole(self) -> SAEModule | None:
         """The bank with plain, whole tensors on global rank 0 (None elsewhere): for reports and
@@ -225,6 +238,23 @@ class SAEModule(L.LightningModule):
             "hook_points": self.hook_points,
             "input_scales": self.input_scales,
         }
+
+
+def local_values(param: torch.Tensor) -> torch.Tensor:
+    """The values of `param` that this rank holds and updates, without communication.
+
+    A plain parameter (one process, DDP, ZeRO-1/2) is whole on every rank; a DTensor (fsdp,
+    feature_sharded) holds its shard; a ZeRO-3 parameter is an empty placeholder outside the
+    gathers around its forward and backward, and its values live in `ds_tensor`, this rank's
+    flat partition (zero.local_partition).
+    """
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    if getattr(param, "ds_tensor", None) is not None:
+        from framework.training.zero import local_partition
+
+        return local_partition(param)
+    return param
 
 
 def total_steps(recipe: Recipe) -> int:

@@ -8,7 +8,7 @@ and gives the module the matching `ParameterLayout` (layout.py):
     auto / ddp        DDPStrategy: replicas, gradients all-reduced; the global batch is split
     fsdp              ModelParallelStrategy (data_parallel = world): FSDP2 per SAE (fsdp.py)
     deepspeed         DeepSpeedStrategy, ZeRO train.deepspeed_stage (zero.py); on CPU through
-                      CPUDeepSpeedStrategy, which lifts only Lightning's CUDA-only check
+                      CPUDeepSpeedStrategy, which lifts only Lightning's CUDA-only checks
     feature_sharded   ModelParallelStrategy on a (data_parallel, feature shards) mesh:
                       each rank owns a slice of the features (feature_sharded.py)
 

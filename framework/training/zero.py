@@ -17,8 +17,13 @@ gradient fragments before the step; to the fp32 masters and to the module's weig
 each step and of its gradients before it, the price of a constraint that needs whole rows.
 
 Lightning refuses DeepSpeed without CUDA; DeepSpeed itself runs on CPU (its CPU accelerator
-with the gloo backend). `CPUDeepSpeedStrategy` lifts exactly that refusal, so a CPU run takes the
-same Lightning path, ZeRO optimizer and checkpoint format as a GPU run.
+with the gloo backend). `CPUDeepSpeedStrategy` lifts that refusal and the two CUDA device-index
+assumptions behind it, so a CPU run takes the same Lightning path, ZeRO optimizer and checkpoint
+format as a GPU run.
+
+Under ZeRO-3 a parameter is an empty placeholder outside the gathers around its module's forward
+and backward; `local_partition` gives the part of it this rank holds, for checks that must not
+gather (SAEModule's non-finite weight check).
 """
 
 from __future__ import annotations
@@ -66,6 +71,23 @@ def deepspeed_strategy(stage: int, on_gpu: bool, timeout, rank_batch: int) -> De
     if on_gpu:
         return DeepSpeedStrategy(**options)
     return CPUDeepSpeedStrategy(**options, process_group_backend="gloo")
+
+
+def local_partition(param) -> Tensor:
+    """This rank's ZeRO-3 partition of `param`: the elements of the flattened tensor it owns.
+
+    Outside the gathers around a module's forward and backward a ZeRO-3 parameter's `.data` is
+    an empty placeholder (numel 0); `ds_tensor` holds the rank's flat slice of `ds_numel`
+    elements, the one the optimizer's fp32 step is copied into. The last ranks' slices are padded
+    to equal length; the padding is allocated uninitialised and is no part of the parameter (it
+    may hold anything, NaN included), so it is cut off.
+    """
+    import torch.distributed as dist
+
+    partition = param.ds_tensor
+    size = partition.numel()
+    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+    return partition.narrow(0, 0, max(0, min(size, param.ds_numel - start)))
 
 
 class ZeROLayout(GatheredLayout):
