@@ -184,6 +184,7 @@ def write_shard(path: Path, shard_index: int, rows: Rows, dtype: str, rows_per_s
     with open(tmp, "wb") as raw:
         out = _HashingWriter(raw)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            tar.copybufsize = 1 << 22  # members are copied in 4 MiB pieces, not tarfile's 16 KiB
             for k, start in enumerate(range(0, len(rows), rows_per_sample)):
                 block = slice(start, start + rows_per_sample)
                 key = f"{shard_index:06d}_{k:06d}"

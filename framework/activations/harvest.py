@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,7 +196,8 @@ def _window_done(store: Path, plan: HarvestPlan, window: int) -> bool:
     )
 
 
-def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window, recipe: Recipe) -> None:
+def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window, recipe: Recipe) -> int:
+    """Write one window's shards, then its record (which marks the window complete); rows written."""
     infos = []
     for i, shard in enumerate(plan.window_shards(window)):
         # Shuffle while cutting: shard i holds shuffled rows i * rows_per_shard onwards.
@@ -217,6 +219,7 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
     tmp = store / f".window-{window:06d}.json.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(store / f"window-{window:06d}.json")
+    return len(collected.rows)
 
 
 def _remove_partials(store: Path) -> None:
@@ -235,12 +238,13 @@ def _merge_manifest(store: Path, plan: HarvestPlan, model: BaseLM, recipe: Recip
         norm_sum = sum(r["stats"][h]["norm_sum"] for r in records)
         normalisation[hook] = {"mean": (total / count).tolist(), "mean_norm": norm_sum / count}
     shards = [ShardInfo(**s) for r in records for s in r["shards"]]
+    resolved = recipe_to_dict(recipe)
     return Manifest(
         model=model.identity, hook_points=list(cfg.hook_points), d=[widths[h] for h in cfg.hook_points],
         dtype=cfg.dtype, rows=sum(s.rows for s in shards), rows_per_sample=cfg.rows_per_sample,
         rows_per_shard=cfg.rows_per_shard, context_length=recipe.text.context_length,
-        tokens_per_context=cfg.tokens_per_context, text=recipe_to_dict(recipe)["text"], split=plan.split,
-        normalisation=normalisation, shards=shards, recipe=recipe_to_dict(recipe),
+        tokens_per_context=cfg.tokens_per_context, text=resolved["text"], split=plan.split,
+        normalisation=normalisation, shards=shards, recipe=resolved,
     )
 
 
@@ -277,11 +281,20 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     progress = Progress(f"harvest {split}", sum(plan.window_row_count(w) for w in todo), "rows")
     # Fault-injection tests set this to hold the harvest between windows while they kill it.
     pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
-    for window in todo:
-        collected = collect_window(model, recipe, plan, window)
-        _write_window(store, plan, window, collected, recipe)
-        progress.update(len(collected.rows))
-        time.sleep(pause)
+    # Window w is written (shuffle, encode, hash, fsync) on a writer thread while the LM runs
+    # window w + 1: on a GPU the writing then costs no time at all, on a CPU it fills the gaps.
+    # At most one window waits to be written, so memory holds two windows, and a write error
+    # (a full disk) surfaces before the next window is handed over.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        pending = None
+        for window in todo:
+            collected = collect_window(model, recipe, plan, window)
+            if pending is not None:
+                progress.update(pending.result())
+            pending = writer.submit(_write_window, store, plan, window, collected, recipe)
+            time.sleep(pause)
+        if pending is not None:
+            progress.update(pending.result())
     barrier()
     if not rank.is_main:
         return None
