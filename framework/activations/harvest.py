@@ -282,7 +282,7 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     # Fault-injection tests set this to hold the harvest between windows while they kill it.
     pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
     # Window w is written (shuffle, encode, hash, fsync) on a writer thread while the LM runs
-    # window w + 1: on a GPU the writing then costs no time at all, on a CPU it fills the gaps.
+    # window w + 1: on a GPU the writing overlaps the device's work, on a CPU it fills the gaps.
     # At most one window waits to be written, so memory holds two windows, and a write error
     # (a full disk) surfaces before the next window is handed over.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
