@@ -205,14 +205,6 @@ def write_shard(path: Path, shard_index: int, rows: Rows, dtype: str, rows_per_s
     return ShardInfo(name=path.name, rows=len(rows), sha256=out.digest.hexdigest(), bytes=size)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def decode_sample(sample: dict, dtype: str, n_hooks: int) -> Rows:
     """A WebDataset sample (member extension -> bytes) back into rows."""
 
