@@ -150,6 +150,30 @@ def test_store_streams_over_http_and_pipe_urls_with_verified_checksums(harvested
     assert ActivationStore(sub_store(piped.location, "heldout")).manifest.split == "heldout"
 
 
+def test_store_reads_through_fsspec_and_names_a_missing_backend(harvested):
+    """Schemes webdataset has no opener for go through fsspec: a store copied into fsspec's
+    in-memory filesystem gives the directory's rows; s3:// without s3fs says what to install."""
+    import fsspec
+
+    local = harvested.path("activations")
+    memory = fsspec.filesystem("memory")
+    for path in local.iterdir():
+        if path.is_file():
+            memory.pipe(f"/sae-store/{path.name}", path.read_bytes())
+    try:
+        rows = list(ActivationStream(ActivationStore("memory://sae-store", verify=True), batch_size=1,
+                                     shuffle=False).iter_rows())
+    finally:
+        memory.rm("/sae-store", recursive=True)
+    expected = torch.cat([r.acts[0] for r in all_rows(str(local))])
+    assert torch.equal(torch.cat([r.acts[0] for r in rows]), expected)
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is None:  # with s3fs installed this would reach for S3
+        with pytest.raises(DataError, match="s3fs.*pipe:aws s3 cp"):
+            ActivationStore("s3://bucket/store")
+
+
 def test_resumed_stream_continues_where_it_stopped(harvested):
     store = ActivationStore(str(harvested.path("activations")))
     full = list(ActivationStream(store, batch_size=512, seed=3, epochs=2))
