@@ -61,7 +61,7 @@ def _compare(fast_sae, ref_sae, x, precision: str, x_needs_grad: bool = False):
             assert error < 0.1, f"{name}: relative error {error:.3g}"
         fired, ref_fired = fast.features != 0, ref.features.detach() != 0
         assert (fired != ref_fired).sum() <= 0.02 * ref_fired.sum()
-    return fast, ref
+    return fast, ref, fast_grads
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -69,7 +69,7 @@ def _compare(fast_sae, ref_sae, x, precision: str, x_needs_grad: bool = False):
 def test_relu_sae_dense_fast_path_matches_reference(variant, precision):
     sae = _sae(variant)  # zero biases: about half the features fire, the dense regime
     sae.sparse_codes = False
-    fast, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
+    fast, _, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
     assert fast.sparse_features is None
 
 
@@ -78,19 +78,23 @@ def test_relu_sae_dense_fast_path_matches_reference(variant, precision):
 def test_relu_sae_sparse_fast_path_matches_reference(variant, precision):
     sae = _sae(variant, target_l0=6)
     sae.sparse_codes = True
-    fast, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
+    fast, _, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
     assert fast.sparse_features is not None
 
 
 def test_relu_sae_sparse_fast_path_gives_input_gradient():
     sae = _sae("paper", target_l0=6)
     sae.sparse_codes = True
-    _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+    fast, _, grads = _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+    assert fast.sparse_features is not None  # the sparse path was the one compared
+    assert grads["x"].shape == (BATCH, D_IN) and grads["x"].abs().sum() > 0
 
 
 def test_relu_sae_dense_fast_path_gives_input_gradient():
     sae = _sae("paper")
-    _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+    fast, _, grads = _compare(sae, copy.deepcopy(sae), _data(), "fp32", x_needs_grad=True)
+    assert fast.sparse_features is None  # the dense path was the one compared
+    assert grads["x"].shape == (BATCH, D_IN) and grads["x"].abs().sum() > 0
 
 
 def test_paper_sae_switches_to_sparse_path_when_codes_are_sparse():
@@ -103,14 +107,20 @@ def test_paper_sae_switches_to_sparse_path_when_codes_are_sparse():
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
 def test_topk_fast_path_matches_reference(variant, precision):
     sae = _sae(variant)
-    _compare(sae, copy.deepcopy(sae), _data(), precision)
+    fast, _, grads = _compare(sae, copy.deepcopy(sae), _data(), precision)
+    fired = (fast.features != 0).sum(1)
+    if variant == "topk":  # k = 12 per row
+        assert fired.max() <= 12
+    else:  # k · batch over the whole batch
+        assert fired.sum() <= 12 * BATCH
+    assert grads["W_enc"].abs().sum() > 0 and grads["W_dec"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
 def test_topk_fast_path_matches_reference_with_auxk_loss(variant):
     sae = _sae(variant, dead_steps_threshold=1, aux_k=20)
     sae.steps_since_fired[: N_FEATURES // 2] = 1  # half the latents dead
-    fast, ref = _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+    fast, ref, _ = _compare(sae, copy.deepcopy(sae), _data(), "fp32")
     assert ref.losses["auxk"] > 0
 
 
@@ -118,7 +128,9 @@ def test_batchtopk_fast_path_matches_reference_at_inference():
     sae = _sae("batchtopk")
     sae.threshold.fill_(0.5)
     sae.eval()
-    _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+    fast, _, _ = _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+    kept = fast.features[fast.features != 0]
+    assert kept.numel() > 0 and (kept > 0.5).all()  # the global threshold, not a per-batch top-k
 
 
 def test_batchtopk_selection_is_exact_when_the_sampled_cut_keeps_too_few():
