@@ -109,3 +109,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Save a matplotlib figure under a temporary name, close it, then rename."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # the suffix tells savefig the format
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

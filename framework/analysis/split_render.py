@@ -13,7 +13,7 @@ from pathlib import Path
 
 from framework.analysis.assets import STYLE
 from framework.analysis.dashboard import DRAWN, chip
-from framework.artifacts import atomic_write_text
+from framework.artifacts import atomic_save_figure, atomic_write_text
 
 TREE_STYLE = """
 ul.tree, ul.tree ul { list-style: none; margin: 0; padding-left: 1.6em; }
@@ -87,11 +87,7 @@ def write_tree_png(path: Path, data: dict) -> Path:
     ax.axis("off")
     ax.set_title(f"Split tree of feature {data['tree']['feature']} ({data['tree']['sae']})", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path, dpi=120)
 
 
 def _layout(node: dict, depth: int, next_leaf: list[int], out: list[tuple[dict, float, int]]) -> float:

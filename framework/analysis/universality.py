@@ -36,7 +36,7 @@ from framework.analysis.analyze import pick_sae
 from framework.analysis.collect import hook_rows
 from framework.analysis.corpus import Corpus, analysis_corpus
 from framework.analysis.correlation import PairCorrelation
-from framework.artifacts import MARKER, atomic_write_text
+from framework.artifacts import MARKER, atomic_save_figure, atomic_write_text
 from framework.config import Recipe, RecipeError, load_recipe, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM, parse_hook
@@ -247,8 +247,4 @@ def write_plot(path: Path, results: dict[str, Comparison]) -> Path:
     ax.set_title("Universality (units of A that fired)")
     ax.legend(fontsize=7, loc="upper center")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path, dpi=120)

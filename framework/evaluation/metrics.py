@@ -8,13 +8,16 @@ import torch
 
 
 @torch.no_grad()
-def evaluate_sae(sae, batches: list[torch.Tensor]) -> dict[str, float]:
+def evaluate_sae(sae, batches: list[torch.Tensor], sum_over_features=None) -> dict[str, float]:
     """MSE, FVU, L0, L1 and the features never seen firing, over batches of SAE inputs.
 
     FVU is the squared error over the total variance around the batches' own mean, so it is 1
-    for the best constant reconstruction and 0 for a perfect one.
+    for the best constant reconstruction and 0 for a perfect one. `sum_over_features` sums the
+    per-feature tallies over the ranks that each hold a slice of the features (feature
+    sharding); with whole SAEs there is nothing to sum.
     """
-    sq_err = total_var = l0 = l1 = rows = 0.0
+    sq_err = total_var = 0.0
+    tallies = torch.zeros(3, dtype=torch.float64, device=batches[0].device)  # active, Σ|f|, never fired
     fired = None
     mean = torch.cat(batches).float().mean(0)
     for x in batches:
@@ -22,17 +25,19 @@ def evaluate_sae(sae, batches: list[torch.Tensor]) -> dict[str, float]:
         sq_err += (out.reconstruction.float() - x.float()).pow(2).sum().item()
         total_var += (x.float() - mean).pow(2).sum().item()
         active = out.features > 0
-        l0 += active.sum().item()
-        l1 += out.features.float().abs().sum().item()
-        rows += x.shape[0]
+        tallies[0] += active.sum()
+        tallies[1] += out.features.float().abs().sum()
         fired = active.any(0) if fired is None else fired | active.any(0)
-    d = batches[0].shape[1]
+    tallies[2] = (~fired).sum()
+    if sum_over_features is not None:
+        tallies = sum_over_features(tallies)
+    rows = sum(x.shape[0] for x in batches)
     return {
-        "mse": sq_err / (rows * d),
+        "mse": sq_err / (rows * batches[0].shape[1]),
         "fvu": sq_err / max(total_var, 1e-12),
-        "l0": l0 / rows,
-        "l1": l1 / rows,
-        "dead_fraction_heldout": 1 - fired.float().mean().item(),
+        "l0": tallies[0].item() / rows,
+        "l1": tallies[1].item() / rows,
+        "dead_fraction_heldout": tallies[2].item() / sae.n_features,
     }
 
 

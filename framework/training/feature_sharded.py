@@ -324,31 +324,11 @@ class FeatureShardedSAE(nn.Module):
         for name in ("W_enc", "W_dec", "b_enc"):
             reset_adam_state(optimizer, getattr(local, name), index, FEATURE_DIM[name])
 
-    @torch.no_grad()
     def evaluate(self, batches: list[Tensor]) -> dict[str, float]:
-        """framework/evaluation/metrics.evaluate_sae, with the per-feature sums reduced."""
-        sq_err = total_var = 0.0
-        counts = torch.zeros(3, dtype=torch.float64, device=batches[0].device)  # l0, l1, never fired
-        fired = torch.zeros(self.n_local, dtype=torch.bool, device=batches[0].device)
-        mean = torch.cat(batches).float().mean(0)
-        for x in batches:
-            out = self(x)
-            sq_err += (out.reconstruction.float() - x.float()).pow(2).sum().item()
-            total_var += (x.float() - mean).pow(2).sum().item()
-            active = out.features > 0
-            counts[0] += active.sum()
-            counts[1] += out.features.float().abs().sum()
-            fired |= active.any(0)
-        counts[2] = (~fired).sum()
-        counts = self._sum(counts)
-        rows = sum(x.shape[0] for x in batches)
-        return {
-            "mse": sq_err / (rows * self.d_in),
-            "fvu": sq_err / max(total_var, 1e-12),
-            "l0": counts[0].item() / rows,
-            "l1": counts[1].item() / rows,
-            "dead_fraction_heldout": counts[2].item() / self.n_features,
-        }
+        """framework/evaluation/metrics.evaluate_sae, with the per-feature tallies summed."""
+        from framework.evaluation.metrics import evaluate_sae
+
+        return evaluate_sae(self, batches, self._sum)
 
 
 def shard_features(module, mesh) -> None:
