@@ -38,6 +38,7 @@ import framework.training.train as train_stage
 from framework.activations.harvest import harvest
 from framework.config import load_recipe
 from framework.errors import CheckpointError, RecipeError
+from framework.sae import build_sae
 from framework.training.data import ActivationDataModule
 from framework.training.strategies import trainer_arguments
 
@@ -327,15 +328,52 @@ def test_feature_sharding_refuses_an_sae_it_cannot_split_before_training(extra, 
         trainer_arguments(recipe)
 
 
-def test_a_16384_feature_sae_trains_sharded_over_two_processes(recipe_file, overrides, tmp_path):
+# `sae train` under torchrun that prints, on every rank, the size of every SAE built with storage
+# (an SAE built on the meta device holds none).
+RECORD_MATERIALISED = """
+import sys
+
+import torch.distributed as dist
+
+from framework.cli import main
+from framework.sae.base import SAE
+
+original = SAE.__init__
+
+
+def recording(self, d_in, cfg):
+    original(self, d_in, cfg)
+    if not self.W_enc.is_meta:
+        rank = dist.get_rank() if dist.is_initialized() else -1
+        print(f"materialised on rank {rank}: {cfg.n_features} features", flush=True)
+
+
+SAE.__init__ = recording
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_16384_feature_sae_trains_sharded_over_two_processes_and_no_rank_holds_it_whole(
+        recipe_file, overrides, tmp_path):
+    entry = tmp_path / "record_entry.py"
+    entry.write_text(RECORD_MATERIALISED)
     args = overrides(tmp_path / "sae", "train.strategy=feature_sharded", "sae.variant=topk", "sae.k=32",
                      "sae.n_features=16384", "sae.init=transpose", "sae.init_target_l0=0", "train.batch_size=1024",
                      "train.n_tokens=4096", "train.eval_batches=1")
-    assert succeeded(torchrun(recipe_file, args))
+    run = torchrun(recipe_file, args, entry=entry)
+    assert succeeded(run)
+    # Each rank materialised its own half only (the export on rank 0 loads gathered tensors into
+    # SAEs built on the meta device).
+    assert sorted(re.findall(r"materialised on rank (-?\d+): (\d+) features", run.stdout)) == [("0", "8192"), ("1", "8192")]
     name = "topk_16384_k32"
     weights = load_file(str(tmp_path / "sae" / name / "sae.safetensors"))
     assert weights["W_dec"].shape == (16384, 512) and weights["W_enc"].shape == (512, 16384)
     torch.testing.assert_close(weights["W_dec"].norm(dim=1), torch.ones(16384), rtol=0, atol=1e-5)
+    # The halves drawn on each rank, gathered, are the init of the whole dictionary.
+    recipe = load_recipe(recipe_file, args)
+    whole = build_sae(512, recipe.sae_configs()[0])
+    init = load_file(str(tmp_path / "sae" / name / "init_decoder.safetensors"))["W_dec"]
+    assert torch.equal(init, whole.W_dec.detach())
     metrics = json.loads((tmp_path / "sae" / name / "metrics.json").read_text())
     assert metrics["steps"] == 4 and 0 < metrics["fvu"] < 1 and metrics["l0"] <= 32
 

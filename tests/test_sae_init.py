@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from framework.config import SAEConfig
 from framework.sae import build_sae
-from framework.sae.init import geometric_median
+from framework.sae.init import INIT_BLOCK, geometric_median, initialize_weights
 
 
 def _sample(rows: int = 4096, d: int = 32, seed: int = 0) -> torch.Tensor:
@@ -110,3 +111,66 @@ def test_geometric_median_matches_brute_force_minimum():
 def test_geometric_median_ignores_outliers_that_move_the_mean():
     points = torch.cat([torch.zeros(99, 3), torch.full((1, 3), 1000.0)])
     assert geometric_median(points).norm() < 1e-3
+
+
+# ---- slices of a dictionary (feature sharding draws only the features a rank holds) -----------
+
+
+def _whole_and_slice(cfg: SAEConfig, d: int, first: int, n: int):
+    whole = build_sae(d, cfg)
+    part = build_sae(d, dataclasses.replace(cfg, n_features=n))
+    initialize_weights(part, first, cfg.n_features)
+    return whole, part
+
+
+@pytest.mark.parametrize("init", ["kaiming", "transpose"])
+@pytest.mark.parametrize("variant", ["paper", "april2024"])
+def test_a_slice_draws_exactly_the_whole_dictionarys_rows_across_init_blocks(variant, init):
+    # 3 blocks (the last one short); slices that start mid-block, straddle a boundary, end the dictionary.
+    cfg = SAEConfig(variant=variant, n_features=2 * INIT_BLOCK + 1000, init=init, seed=11)
+    for first, n in [(0, 1000), (INIT_BLOCK - 300, 600), (5000, 2 * INIT_BLOCK - 4000), (2 * INIT_BLOCK, 1000)]:
+        whole, part = _whole_and_slice(cfg, 8, first, n)
+        assert torch.equal(part.W_enc, whole.W_enc[:, first : first + n]), (first, n)
+        assert torch.equal(part.W_dec, whole.W_dec[first : first + n]), (first, n)
+    # Blocks are independent draws, not one stream cut in three.
+    assert not torch.allclose(whole.W_dec[:1000], whole.W_dec[INIT_BLOCK : INIT_BLOCK + 1000])
+
+
+@pytest.mark.parametrize("init", ["kaiming", "transpose"])
+def test_a_dictionary_of_one_block_keeps_the_init_it_always_had(init):
+    # Before blocks existed: one generator, nn.Linear's Kaiming-uniform for both matrices (kaiming),
+    # or unit-norm Gaussian decoder rows with the encoder tied (transpose).
+    n, d, seed = 3000, 24, 4
+    g = torch.Generator().manual_seed(seed * 1_000_003)
+    if init == "kaiming":
+        W_enc = torch.nn.init.kaiming_uniform_(torch.empty(n, d), a=math.sqrt(5), generator=g).T
+        W_dec = torch.nn.init.kaiming_uniform_(torch.empty(d, n), a=math.sqrt(5), generator=g).T
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    else:
+        W_dec = torch.randn(n, d, generator=g)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        W_enc = W_dec.T
+    sae = build_sae(d, SAEConfig(variant="paper", n_features=n, init=init, seed=seed))
+    assert torch.equal(sae.W_enc, W_enc) and torch.equal(sae.W_dec, W_dec)
+
+
+@pytest.mark.parametrize("variant", ["paper", "topk"])
+def test_a_slice_gets_the_whole_dictionarys_data_init_and_bias_calibration(variant):
+    cfg = SAEConfig(variant=variant, n_features=512, init="data", init_target_l0=20, k=32, seed=2)
+    sample = _sample(rows=2048)  # more rows than features: decoder rows drawn without replacement
+    whole = build_sae(32, cfg)
+    whole.initialize_from_data(sample)
+    for first in (0, 128, 384):
+        part = build_sae(32, dataclasses.replace(cfg, n_features=128))
+        initialize_weights(part, first, cfg.n_features)
+        part.initialize_from_data(sample, first, cfg.n_features)
+        for name in ("W_enc", "W_dec", "b_enc"):
+            whole_part = getattr(whole, name)[..., first : first + 128] if name == "W_enc" else getattr(whole, name)[first : first + 128]
+            assert torch.equal(getattr(part, name), whole_part), (first, name)
+        assert torch.equal(part.b_dec, whole.b_dec)
+
+
+def test_an_sae_built_on_the_meta_device_holds_no_storage_and_skips_its_init():
+    with torch.device("meta"):
+        sae = build_sae(4096, SAEConfig(variant="topk", n_features=1_048_576, k=32))
+    assert all(p.is_meta for p in sae.parameters())

@@ -127,7 +127,8 @@ class SAE(nn.Module):
         """Re-impose weight constraints after the optimizer step (default: nothing)."""
 
     @torch.no_grad()
-    def initialize_from_data(self, sample: torch.Tensor) -> None:
+    def initialize_from_data(self, sample: torch.Tensor, first: int = 0, total: int | None = None) -> None:
         """Data-dependent initialisation from a sample of activations (rows, d_in), as the
-        recipe's `init`, `decoder_bias_init` and `init_target_l0` say (see init.py)."""
-        init.initialize_from_data(self, sample)
+        recipe's `init`, `decoder_bias_init` and `init_target_l0` say (see init.py); `first` and
+        `total` when this SAE is a slice of a larger dictionary's features."""
+        init.initialize_from_data(self, sample, first, total)

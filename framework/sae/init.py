@@ -19,10 +19,17 @@ Recipe fields (SAEConfig):
                      meaningful.
   seed               every random draw uses a local generator seeded from it, so two SAEs built
                      from the same recipe start bit-identical.
+
+Random weights are drawn in blocks of INIT_BLOCK features, each from its own generator, so a rank
+that holds features [first, first + n) of a larger dictionary (train.strategy=feature_sharded)
+draws only the blocks it overlaps and gets exactly the rows the whole dictionary would have,
+whatever the number of shards. Block 0's generator is the one every SAE of up to INIT_BLOCK
+features has always used, so those start as they always did.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING
 
@@ -32,9 +39,21 @@ if TYPE_CHECKING:
     from framework.sae.base import SAE
 
 
-def _generator(seed: int, purpose: int) -> torch.Generator:
+INIT_BLOCK = 16_384  # features per independently seeded block of random weights
+
+
+def _generator(seed: int, purpose: int, block: int = 0) -> torch.Generator:
     # One stream per purpose, so adding a draw to one never shifts another.
-    return torch.Generator().manual_seed(seed * 1_000_003 + purpose)
+    if block == 0:
+        return torch.Generator().manual_seed(seed * 1_000_003 + purpose)
+    digest = hashlib.sha256(f"sae-init/{seed}/{purpose}/{block}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _kaiming_bound(fan_in: int) -> float:
+    # nn.init.kaiming_uniform_(a=sqrt(5)), the nn.Linear default, computed the same way.
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -42,22 +61,37 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def initialize_weights(sae: SAE) -> None:
-    """Data-independent weights, from cfg.init and cfg.seed (called at construction)."""
+def initialize_weights(sae: SAE, first: int = 0, total: int | None = None) -> None:
+    """Data-independent weights, from cfg.init and cfg.seed (called at construction).
+
+    `sae` holds features [first, first + sae.n_features) of a dictionary of `total` features
+    (default: all of them); it gets exactly those rows of the whole dictionary's init."""
+    if sae.W_enc.is_meta:  # built without storage; its owner initialises the real slices
+        return
     cfg, n, d = sae.cfg, sae.n_features, sae.d_in
-    g = _generator(cfg.seed, 0)
-    if cfg.init == "kaiming":
-        # nn.Linear(d, n) and nn.Linear(n, d) weights, transposed into SAELens's layout.
-        W_enc = torch.nn.init.kaiming_uniform_(torch.empty(n, d), a=math.sqrt(5), generator=g).T
-        W_dec = torch.nn.init.kaiming_uniform_(torch.empty(d, n), a=math.sqrt(5), generator=g).T
-        W_dec = _unit_rows(W_dec) * sae.decoder_init_norm
-    elif cfg.init in ("transpose", "data"):
-        W_dec = _unit_rows(torch.randn(n, d, generator=g)) * sae.decoder_init_norm  # (n, d)
-        W_enc = W_dec.T
-    else:
+    total = n if total is None else total
+    if cfg.init not in ("kaiming", "transpose", "data"):
         raise ValueError(f"sae.init={cfg.init!r} is not one of kaiming, transpose, data")
-    sae.W_enc.copy_(W_enc)
-    sae.W_dec.copy_(W_dec)
+    for block in range(first // INIT_BLOCK, (first + n - 1) // INIT_BLOCK + 1):
+        start = block * INIT_BLOCK
+        size = min(INIT_BLOCK, total - start)
+        W_enc, W_dec = _draw_block(cfg.init, size, d, total, _generator(cfg.seed, 0, block))
+        W_dec = _unit_rows(W_dec) * sae.decoder_init_norm
+        W_enc = W_dec if W_enc is None else W_enc
+        lo, hi = max(first, start), min(first + n, start + size)  # the part of the block held
+        sae.W_enc[:, lo - first : hi - first] = W_enc[lo - start : hi - start].T
+        sae.W_dec[lo - first : hi - first] = W_dec[lo - start : hi - start]
+
+
+def _draw_block(init: str, size: int, d: int, total: int, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One block's (size, d) encoder rows (None: tied to the decoder's) and (size, d) decoder
+    rows before their normalisation."""
+    if init == "kaiming":
+        # nn.Linear(d, total) and nn.Linear(total, d) weights, one block of features of each.
+        W_enc = torch.empty(size, d).uniform_(-_kaiming_bound(d), _kaiming_bound(d), generator=g)
+        W_dec = torch.empty(d, size).uniform_(-_kaiming_bound(total), _kaiming_bound(total), generator=g).T
+        return W_enc, W_dec
+    return None, torch.randn(size, d, generator=g)  # transpose / data: W_enc = W_decᵀ
 
 
 @torch.no_grad()
@@ -87,8 +121,10 @@ def decoder_bias_from(sample: torch.Tensor, how: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_encoder_bias(sae: SAE, sample: torch.Tensor, target_l0: float) -> None:
-    """Set b_enc so each feature fires on about target_l0 / n_features of the sample's rows.
+def calibrate_encoder_bias(sae: SAE, sample: torch.Tensor, target_l0: float, total: int | None = None) -> None:
+    """Set b_enc so each feature fires on about target_l0 / total of the sample's rows (`total`:
+    the whole dictionary's features, of which `sae` may hold a slice; each bias depends only on
+    its own feature's column).
 
     For feature j, with its pre-activations (without bias) sorted descending v_1 ≥ v_2 ≥ …, the
     bias puts the firing threshold at rank r + ½, r = rows·target_l0/n_features (between v_r and
@@ -96,7 +132,8 @@ def calibrate_encoder_bias(sae: SAE, sample: torch.Tensor, target_l0: float) -> 
     """
     z = (sample - sae.b_dec) @ sae.W_enc  # (m, n)
     m = z.shape[0]
-    position = min(max(m * target_l0 / sae.n_features + 0.5, 1.0), float(m))  # 1-indexed rank
+    total = sae.n_features if total is None else total
+    position = min(max(m * target_l0 / total + 0.5, 1.0), float(m))  # 1-indexed rank
     lower = int(position)
     top = z.topk(min(lower + 1, m), dim=0).values  # (lower + 1, n), descending
     above, below = top[lower - 1], top[min(lower, m - 1)]
@@ -105,21 +142,26 @@ def calibrate_encoder_bias(sae: SAE, sample: torch.Tensor, target_l0: float) -> 
 
 
 @torch.no_grad()
-def initialize_from_data(sae: SAE, sample: torch.Tensor) -> None:
-    """b_dec from the sample, then (init="data") decoder rows from it, then bias calibration."""
-    cfg = sae.cfg
+def initialize_from_data(sae: SAE, sample: torch.Tensor, first: int = 0, total: int | None = None) -> None:
+    """b_dec from the sample, then (init="data") decoder rows from it, then bias calibration.
+
+    As in initialize_weights, `sae` may hold features [first, first + n) of `total`: it draws the
+    whole dictionary's choice of rows (an index per feature) and keeps its own."""
+    cfg, n = sae.cfg, sae.n_features
+    total = n if total is None else total
     sample = sample.to(device=sae.W_dec.device, dtype=torch.float32)
     sae.b_dec.copy_(decoder_bias_from(sample, cfg.decoder_bias_init))
     if cfg.init == "data":
         g = _generator(cfg.seed, 1)
         m = sample.shape[0]
         # Without replacement while the sample is large enough, so no two features start equal.
-        if m >= sae.n_features:
-            chosen = torch.randperm(m, generator=g)[: sae.n_features]
+        if m >= total:
+            chosen = torch.randperm(m, generator=g)[:total]
         else:
-            chosen = torch.randint(m, (sae.n_features,), generator=g)
+            chosen = torch.randint(m, (total,), generator=g)
+        chosen = chosen[first : first + n]
         W_dec = _unit_rows(sample[chosen.to(sample.device)] - sae.b_dec) * sae.decoder_init_norm
         sae.W_dec.copy_(W_dec)  # (n, d)
         sae.W_enc.copy_(W_dec.T)
     if cfg.init_target_l0 > 0:
-        calibrate_encoder_bias(sae, sample, cfg.init_target_l0)
+        calibrate_encoder_bias(sae, sample, cfg.init_target_l0, total)

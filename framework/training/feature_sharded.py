@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from framework.config import SAEConfig
 from framework.errors import RecipeError
 from framework.sae import FEATURE_DIM, BatchTopKSAE, SAEOutput, TopKSAE, build_sae, reset_adam_state
+from framework.sae.init import initialize_weights
 from framework.sae.kernels import (
     ActivePattern,
     Workspace,
@@ -146,8 +147,16 @@ class FeatureShardedSAE(nn.Module):
         self.n_local = whole.n_features // shards
         self.offset = shard * self.n_local
         self.local = build_sae(whole.d_in, dataclasses.replace(whole.cfg, n_features=self.n_local))
-        self.local.load_state_dict(self._my_slice(whole.state_dict()))
+        if whole.W_enc.is_meta:  # the whole SAE was never materialised: draw this slice's init
+            initialize_weights(self.local, self.offset, self.n_features)
+        else:
+            self.local.load_state_dict(self._my_slice(whole.state_dict()))
         self._workspace = Workspace()
+
+    def initialize_from_data(self, sample: Tensor) -> None:
+        """The whole SAE's data-dependent init, restricted to this slice (the sample is the same
+        on every rank; b_dec comes out the same everywhere)."""
+        self.local.initialize_from_data(sample, self.offset, self.n_features)
 
     def _my_slice(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {key: _slice(t, SAE_FEATURE_DIM[key], self.offset, self.n_local) if key in SAE_FEATURE_DIM else t
@@ -332,10 +341,15 @@ class FeatureShardedSAE(nn.Module):
 
 
 def shard_features(module, mesh) -> None:
-    """Replace each SAE of the bank (and its statistics) by this rank's slice of its features."""
+    """Replace each SAE of the bank (and its statistics) by this rank's slice of its features.
+
+    The bank is normally built on the meta device (SAEModule(on_meta=True)): each rank then draws
+    only its slice's init, and runs the data-dependent init (module.pending_init, the samples
+    train.initialize left) on the slice, so no rank holds a whole dictionary while training."""
     from framework.training.module import FeatureStats
 
     data, features = mesh["data_parallel"].get_group(), mesh["tensor_parallel"].get_group()
+    layout = FeatureShardedLayout(mesh)
     for name, whole in list(module.saes.items()):
         sharded = FeatureShardedSAE(whole, features, data)
         stats = FeatureStats(sharded.n_local)
@@ -343,7 +357,13 @@ def shard_features(module, mesh) -> None:
                                if key in STATS_FEATURE_DIM else t
                                for key, t in module.stats[name].state_dict().items()})
         module.saes[name], module.stats[name] = sharded, stats
-    module.layout = FeatureShardedLayout(mesh)
+        if module.pending_init is not None:
+            sharded.initialize_from_data(module.pending_init.samples[name])
+            W_dec = layout.gather_to_root(sharded.local.W_dec.detach(), SAE_FEATURE_DIM["W_dec"])
+            if W_dec is not None:
+                module.pending_init.save_decoder(name, W_dec)
+    module.pending_init = None
+    module.layout = layout
 
 
 class FeatureShardedLayout(ParameterLayout):
@@ -385,18 +405,25 @@ class FeatureShardedLayout(ParameterLayout):
         """This rank's slice as a view of the whole tensor (replicated over data parallelism)."""
         return DTensor.from_local(t, self.mesh, [Replicate(), Shard(dim)], run_check=False)
 
+    def gather_to_root(self, t: Tensor, dim: int) -> Tensor | None:
+        """The whole tensor from every shard's slice, on global rank 0 only (None elsewhere)."""
+        if self.mesh["data_parallel"].get_local_rank() != 0:
+            return None  # rank 0's feature group holds the same slices
+        is_root = self.mesh["tensor_parallel"].get_local_rank() == 0
+        parts = [torch.empty_like(t) for _ in range(self.mesh["tensor_parallel"].size())] if is_root else None
+        dist.gather(t.contiguous(), parts, group=self.feature_group, group_dst=0)
+        return torch.cat(parts, dim=dim) if is_root else None
+
     def full_state_dict(self, module) -> dict[str, Tensor]:
         """The whole bank on global rank 0, gathered slice by slice (rank 0's feature group)."""
-        if self.mesh["data_parallel"].get_local_rank() != 0:
-            return {}
         dims, whole = self.feature_dims(module), {}
         for key, t in module.state_dict().items():
             if key in dims:
-                parts = [torch.empty_like(t) for _ in range(self.mesh["tensor_parallel"].size())]
-                is_root = self.mesh["tensor_parallel"].get_local_rank() == 0
-                dist.gather(t.contiguous(), parts if is_root else None, group=self.feature_group, group_dst=0)
-                t = torch.cat(parts, dim=dims[key])
-            whole[key.replace(".local.", ".", 1) if key.startswith("saes.") else key] = t.cpu()
+                t = self.gather_to_root(t, dims[key])
+            elif self.mesh["data_parallel"].get_local_rank() != 0:
+                t = None
+            if t is not None:
+                whole[key.replace(".local.", ".", 1) if key.startswith("saes.") else key] = t.cpu()
         return whole
 
 

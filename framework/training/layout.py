@@ -144,7 +144,9 @@ class GatheredLayout(ParameterLayout):
         raise NotImplementedError
 
     def plain_copy(self, sae):
-        plain = build_sae(sae.d_in, sae.cfg).to(sae.b_dec.device)
+        with torch.device("meta"):  # every tensor is overwritten below: skip the random init
+            plain = build_sae(sae.d_in, sae.cfg)
+        plain = plain.to_empty(device=sae.b_dec.device)
         with torch.no_grad():
             for name, param in plain.named_parameters():
                 param.copy_(self.full_parameter(sae, name))

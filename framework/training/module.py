@@ -18,6 +18,7 @@ numbers from the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning as L
@@ -61,17 +62,23 @@ class FeatureStats(nn.Module):
 
 
 class SAEModule(L.LightningModule):
-    def __init__(self, recipe: Recipe, widths: dict[str, int], input_scales: dict[str, float]):
+    def __init__(self, recipe: Recipe, widths: dict[str, int], input_scales: dict[str, float], on_meta: bool = False):
+        """`on_meta`: build the SAEs without storage or init. Feature sharding does so, then each
+        rank materialises only its slice (feature_sharded.py), so no rank ever allocates a whole
+        dictionary; `whole()` does so before loading gathered tensors into them."""
         super().__init__()
         self.recipe = recipe
         self.configs: dict[str, SAEConfig] = {c.name: c for c in recipe.sae_configs()}
         self.hook_of = {name: c.hook_point for name, c in self.configs.items()}
-        self.saes = nn.ModuleDict({name: build_sae(widths[c.hook_point], c) for name, c in self.configs.items()})
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            saes = {name: build_sae(widths[c.hook_point], c) for name, c in self.configs.items()}
+        self.saes = nn.ModuleDict(saes)
         self.stats = nn.ModuleDict({name: FeatureStats(c.n_features) for name, c in self.configs.items()})
         self.input_scales = dict(input_scales)
         self.hook_points: list[str] = []  # order of the tensors in a batch; set by train()
         self.last_good_checkpoint: str | None = None
         self.layout = ParameterLayout()  # replaced by strategies.parallelize
+        self.pending_init: dict[str, torch.Tensor] | None = None  # see train.initialize
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -217,9 +224,9 @@ class SAEModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return None
         widths = {self.hook_of[name]: sae.d_in for name, sae in self.saes.items()}
-        plain = SAEModule(self.recipe, widths, self.input_scales)
+        plain = SAEModule(self.recipe, widths, self.input_scales, on_meta=True)
         plain.hook_points = self.hook_points
-        plain.load_state_dict(state)
+        plain.load_state_dict(state, assign=True)
         return plain
 
     def dead_window(self) -> int:

@@ -12,6 +12,7 @@ Layout of the output directory (`{workdir}/sae` unless `train.output_dir` says o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
@@ -98,14 +100,31 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
         )
 
 
+@dataclasses.dataclass
+class PendingInit:
+    """Data-dependent init that waits for feature sharding: the samples, and where the initial
+    decoder goes (moved_fraction in the report compares the trained decoder with it)."""
+
+    samples: dict[str, torch.Tensor]  # SAE name -> (rows, d_in), scaled as training sees it
+    out: Path
+
+    def save_decoder(self, name: str, W_dec: torch.Tensor) -> None:
+        (self.out / name).mkdir(parents=True, exist_ok=True)
+        save_file({"W_dec": W_dec.contiguous().cpu()}, str(self.out / name / "init_decoder.safetensors"))
+
+
 def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main: bool) -> None:
     sample = data.sample(min(INIT_SAMPLE_ROWS, data.available_rows()), seed=module.recipe.train.seed)
+    samples = {name: sample[data.hook_points.index(hook)] * module.input_scales[hook]
+               for name, hook in module.hook_of.items()}
+    pending = PendingInit(samples, out)
+    if module.recipe.train.strategy == "feature_sharded":
+        module.pending_init = pending  # each rank initialises its own slices (shard_features)
+        return
     for name, sae in module.saes.items():
-        hook = module.hook_of[name]
-        sae.initialize_from_data(sample[data.hook_points.index(hook)] * module.input_scales[hook])
+        sae.initialize_from_data(samples[name])
         if is_main:
-            (out / name).mkdir(parents=True, exist_ok=True)
-            save_file({"W_dec": sae.W_dec.detach().contiguous()}, str(out / name / "init_decoder.safetensors"))
+            pending.save_decoder(name, sae.W_dec.detach())
 
 
 def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Trainer:
@@ -158,7 +177,8 @@ def train(recipe: Recipe) -> Path:
                 f"has d={data.width(cfg.hook_point)}; set sae.d_in=0 to take it from the store"
             )
     hooks = {c.hook_point for c in recipe.sae_configs()}
-    module = SAEModule(recipe, {h: data.width(h) for h in hooks}, {h: data.input_scale(h) for h in hooks})
+    module = SAEModule(recipe, {h: data.width(h) for h in hooks}, {h: data.input_scale(h) for h in hooks},
+                       on_meta=recipe.train.strategy == "feature_sharded")
     module.hook_points = data.hook_points
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(recipe, out, data)
