@@ -9,6 +9,7 @@ import torch
 
 from framework.config import SAEConfig
 from framework.sae import build_sae
+from framework.sae.kernels import Workspace, column_sums, dense_fire_counts
 
 D_IN, N_FEATURES, BATCH = 48, 384, 96
 
@@ -141,3 +142,28 @@ def test_batchtopk_selection_is_exact_when_the_sampled_cut_keeps_too_few():
     chosen = batch_topk_flat(pre, 64 * 8, None)
     expected = pre.view(-1).topk(64 * 8).indices.sort().values
     assert torch.equal(chosen, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 255, 1001, 4099])
+def test_dense_fire_counts_are_exact_in_every_dtype_and_batch_size(dtype, batch):
+    # Odd counts above 256 (2,048) are not representable in bfloat16 (float16): the block sums
+    # must stay below that.
+    g = torch.Generator().manual_seed(batch)
+    f = torch.relu(torch.randn(batch, 300, generator=g) + torch.linspace(-3, 3, 300)).to(dtype)
+    f[:, 0] = 1.0  # one column fires on every row (the largest count)
+    expected = torch.count_nonzero(f, dim=0)
+    assert expected[0] == batch and expected.max() == batch and expected.min() < batch // 10 + 1
+    for ws in (None, Workspace()):
+        counts = dense_fire_counts(f, ws)
+        assert counts.dtype == torch.int64 and torch.equal(counts, expected)
+
+
+def test_column_sums_are_torchs_float32_sums_in_float32_and_rounded_gemm_sums_in_bfloat16():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(4096, 64, generator=g)
+    assert torch.equal(column_sums(t), t.sum(0))
+    exact = t.bfloat16().float().sum(0)
+    fast = column_sums(t.bfloat16())
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=2**-8, atol=0)  # one bfloat16 rounding of the sum

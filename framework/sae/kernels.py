@@ -99,6 +99,38 @@ def dense_pre_activations(
     return torch.mm(x_aug, W_aug, out=out)
 
 
+# Integers a float type holds exactly: a column sum of 0/1 entries over this many rows is exact
+# even when the GEMM rounds its output to the type (bfloat16 and float16 keep 8 and 11 bits).
+_EXACT_COUNT = {torch.bfloat16: 256, torch.float16: 2048}
+
+
+@torch.no_grad()
+def dense_fire_counts(f: Tensor, ws: Workspace | None) -> Tensor:
+    """(n,) int64: on how many rows each column of f (batch, n) is > 0, as one GEMM.
+
+    torch.count_nonzero(f, dim=0) builds a bool mask, widens it to int64 and reduces across rows:
+    65 ms at 4,096 × 4,096 on 2 CPU cores, as long as the encoder GEMM. Here the mask is 0/1 in
+    f's dtype and a (blocks, batch) matrix of ones sums each block of rows; blocks are short
+    enough that every count is exact in that dtype, and the block counts add up in float32
+    (4-6 ms).
+    """
+    batch = f.shape[0]
+    mask = torch.gt(f, 0, out=_scratch(ws, "fire_mask", f.shape, f.dtype, f.device))
+    rows = min(batch, _EXACT_COUNT.get(f.dtype, batch))
+    blocks = torch.arange(-(-batch // rows), device=f.device).unsqueeze(1)
+    ones = (torch.arange(batch, device=f.device) // rows == blocks).to(f.dtype)  # (blocks, batch)
+    return torch.mm(ones, mask).float().sum(0).round().long()
+
+
+def column_sums(t: Tensor) -> Tensor:
+    """(n,) float32 sums over the rows of t (batch, n). In float32 exactly torch's sum; in a
+    16-bit type a GEMM against ones (float32 accumulation, the result rounded to the type, as
+    every GEMM of the step is): a float32 reduction of bfloat16 ran 7× slower on CPU."""
+    if t.dtype in _EXACT_COUNT:
+        return torch.mv(t.T, t.new_ones(t.shape[0])).float()
+    return t.sum(0, dtype=torch.float32)
+
+
 def _offsets(sorted_index: Tensor, size: int) -> Tensor:
     """CSR row pointers (size + 1,) int32 from an ascending int32 index."""
     bounds = torch.arange(size + 1, dtype=torch.int32, device=sorted_index.device)
@@ -237,13 +269,14 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_weight, dtype: torch.dtype):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_weight, dtype: torch.dtype, ws: Workspace | None):
         ctx.set_materialize_grads(False)
+        ctx.ws = ws
         xc = (x - b_dec).to(dtype)  # (batch, d)
         W_enc_c, W_dec_c = W_enc.to(dtype), W_dec.to(dtype)
         f = torch.addmm(b_enc.to(dtype), xc, W_enc_c).relu_()  # (batch, n)
         x_hat = torch.addmm(b_dec.to(dtype), f, W_dec_c)  # (batch, d)
-        feature_sums = f.sum(0, dtype=torch.float32)  # (n,)
+        feature_sums = column_sums(f)  # (n,)
         l1_sum = feature_sums @ l1_weight.float()
         ctx.mark_non_differentiable(f)
         ctx.save_for_backward(xc, W_enc, W_enc_c, W_dec_c, f, feature_sums, l1_weight)
@@ -259,11 +292,13 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
             g = grad_x_hat.to(dtype) if grad_x_hat is not None else xc.new_zeros(xc.shape)  # (batch, d)
             l1_grad = (grad_l1_sum * l1_weight).to(dtype) if grad_l1_sum is not None else f.new_zeros(n)
             grad_W_dec = (f.T @ g).to(W_dec_c.dtype) if need_Wd else None  # (n, batch) @ (batch, d)
-            # dL/dpre = (g W_decᵀ + l1 gradient) where f > 0, else 0: one GEMM, one in-place mask.
-            grad_pre = torch.addmm(l1_grad.expand(batch, n), g, W_dec_c.T)  # (batch, n)
+            # dL/dpre = (g W_decᵀ + l1 gradient) where f > 0, else 0: one GEMM, one in-place mask,
+            # into a workspace buffer (it never leaves this function; a fresh one page-faults).
+            grad_pre = _scratch(ctx.ws, "grad_pre", (batch, n), dtype, f.device)
+            torch.addmm(l1_grad.expand(batch, n), g, W_dec_c.T, out=grad_pre)  # (batch, n)
             torch.ops.aten.threshold_backward.grad_input(grad_pre, f, 0, grad_input=grad_pre)
             grad_W_enc = (xc.T @ grad_pre) if need_We else None  # (d, batch) @ (batch, n)
-            grad_b_enc = grad_pre.sum(0, dtype=torch.float32)  # (n,)
+            grad_b_enc = column_sums(grad_pre)  # (n,)
             # b_dec enters twice: added to x̂, and subtracted from x before the encoder.
             grad_b_dec = g.sum(0, dtype=torch.float32) - W_enc.float() @ grad_b_enc if need_bd else None
             grad_w = feature_sums * grad_l1_sum if need_w and grad_l1_sum is not None else None
@@ -275,6 +310,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
             grad_W_dec,
             grad_b_dec,
             grad_w,
+            None,
             None,
         )
 
@@ -294,8 +330,8 @@ def relu_autoencoder(
     and detached, or sparse), and each feature's fire count over the batch (n,)."""
     dtype = compute_dtype(x, W_enc)
     if not sparse:
-        x_hat, l1_sum, f = _DenseReLUAutoencoder.apply(x, W_enc, b_enc, W_dec, b_dec, l1_weight, dtype)
-        return x_hat, l1_sum, f, torch.count_nonzero(f, dim=0)
+        x_hat, l1_sum, f = _DenseReLUAutoencoder.apply(x, W_enc, b_enc, W_dec, b_dec, l1_weight, dtype, ws)
+        return x_hat, l1_sum, f, dense_fire_counts(f, ws)
     with torch.no_grad():
         pre = dense_pre_activations(x, W_enc, b_enc, b_dec, dtype, ws)  # (batch, n)
         mask = torch.gt(pre, 0, out=_scratch(ws, "mask", pre.shape, torch.bool, pre.device))
