@@ -7,7 +7,9 @@ for ReLU, the L1 gradient and their sum. Two regimes are cheaper:
 
 Dense codes (early training, L0 in the hundreds): `_DenseReLUAutoencoder` runs exactly five GEMMs,
 adds the L1 gradient inside the decoder-gradient GEMM, masks by the ReLU in place, and takes
-b_dec's gradient as -W_enc @ Σ grad_pre (one matrix-vector product) instead of a sixth GEMM.
+b_dec's gradient as -W_enc @ Σ grad_pre (one matrix-vector product) instead of a sixth GEMM;
+its fire counts and (in 16-bit types) column sums are GEMMs too (`dense_fire_counts`,
+`column_sums`), since reductions across rows ran far slower than GEMMs on CPU.
 
 Sparse codes (L0 of tens, TopK and BatchTopK always): only the encoder's forward GEMM needs the
 dense (batch, n) pre-activations. Everything after touches the nonzero codes alone:
