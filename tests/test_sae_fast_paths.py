@@ -9,7 +9,14 @@ import torch
 
 from framework.config import SAEConfig
 from framework.sae import build_sae
-from framework.sae.kernels import Workspace, column_sums, dense_fire_counts
+from framework.sae.kernels import (
+    ActivePattern,
+    Workspace,
+    _spmm_into_columns,
+    column_sums,
+    dense_fire_counts,
+    row_topk_indices,
+)
 
 D_IN, N_FEATURES, BATCH = 48, 384, 96
 
@@ -167,3 +174,38 @@ def test_column_sums_are_torchs_float32_sums_in_float32_and_rounded_gemm_sums_in
     fast = column_sums(t.bfloat16())
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, exact, rtol=2**-8, atol=0)  # one bfloat16 rounding of the sum
+
+
+@pytest.mark.parametrize("n", [300, 4096, 5000])
+def test_the_encoder_weight_gradient_comes_out_in_w_encs_layout_piece_by_piece(n):
+    # Above 2,048 features the product is built in pieces of features and transposed piece by
+    # piece; 5,000 ends on a short piece, and some features have no active rows at all.
+    g = torch.Generator().manual_seed(n)
+    batch, d, k = 64, 40, 5
+    idx = torch.stack([torch.randperm(n // 2, generator=g)[:k].sort().values * 2 for _ in range(batch)])
+    pattern = ActivePattern.from_topk(idx, n)
+    values = torch.randn(batch * k, generator=g)
+    dense = torch.randn(batch, d, generator=g)
+    result = _spmm_into_columns(pattern, values, dense)
+    assert result.shape == (d, n) and result.is_contiguous()
+    codes = torch.zeros(batch, n)
+    codes[pattern.rows.long(), pattern.cols.long()] = values
+    torch.testing.assert_close(result, dense.T @ codes, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_topk_on_integer_keys_keeps_the_same_values_after_the_relu(dtype):
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 500, generator=g)
+    pre[:8] = -pre[:8].abs()  # rows with no positive entry
+    pre[8:16, 3:] = -pre[8:16, 3:].abs()  # rows with at most 3 positive entries: fewer than k
+    pre[16, :] = 0.0  # a row of zeros, +0 and -0
+    pre[16, ::2] = -0.0
+    pre = pre.to(dtype)
+    k = 10
+    idx = row_topk_indices(pre, k)
+    ours = torch.relu(pre.gather(1, idx)).float().sort(1).values
+    expected = torch.relu(pre.topk(k, dim=1).values).float().sort(1).values
+    assert torch.equal(ours, expected)
+    if dtype == torch.float32:  # no ties among random float32 values: the very same columns
+        assert torch.equal(idx.sort(1).values[20:], pre.topk(k, dim=1).indices.sort(1).values[20:])

@@ -98,7 +98,7 @@ class PaperSAE(ReLUSAE):
 
     def before_optimizer_step(self) -> None:
         if self.W_dec.grad is not None:
-            remove_parallel_component_(self.W_dec.grad, self.W_dec)
+            remove_parallel_component_(self.W_dec.grad, self.W_dec, self._workspace)
 
     def after_optimizer_step(self) -> None:
         normalize_rows_(self.W_dec)
