@@ -209,3 +209,18 @@ def test_row_topk_on_integer_keys_keeps_the_same_values_after_the_relu(dtype):
     assert torch.equal(ours, expected)
     if dtype == torch.float32:  # no ties among random float32 values: the very same columns
         assert torch.equal(idx.sort(1).values[20:], pre.topk(k, dim=1).indices.sort(1).values[20:])
+
+
+def test_a_relu_sae_keeps_only_the_buffers_of_the_path_it_takes_next():
+    # The dense and sparse paths each keep (batch, n) buffers; holding both doubled the step's
+    # memory once a run had passed from dense to sparse codes.
+    sae = _sae("paper", target_l0=4)  # sparse codes: the next step takes the sparse path
+    sae.sparse_codes = False
+    sae(_data()).loss.backward()  # a dense step, after which the codes are found sparse
+    assert sae.sparse_codes
+    assert set(sae._workspace._buffers) == {"grad_pre"}  # the dense backward's, until the next forward
+    sae(_data(3)).loss.backward()
+    assert set(sae._workspace._buffers) == {"pre", "mask"}
+    dense = _sae("paper")  # half the features fire: stays dense
+    dense(_data()).loss.backward()
+    assert not dense.sparse_codes and not set(dense._workspace._buffers) & {"pre", "mask"}

@@ -24,6 +24,8 @@ from framework.config import SAEConfig
 from framework.sae.base import SAE, SAEOutput
 from framework.sae.init import initialize_weights
 from framework.sae.kernels import (
+    DENSE_PATH_BUFFERS,
+    SPARSE_PATH_BUFFERS,
     Workspace,
     compute_dtype,
     normalize_rows_,
@@ -72,6 +74,7 @@ class ReLUSAE(SAE):
         batch, nnz = x.shape[0], fire_counts.sum()
         threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
         self.sparse_codes = nnz.item() < threshold * batch * self.n_features
+        self._workspace.release(*(DENSE_PATH_BUFFERS if self.sparse_codes else SPARSE_PATH_BUFFERS))
         losses = self._losses(x, x_hat, l1_sum / batch, nnz / batch, step)
         if isinstance(features, Tensor):
             return SAEOutput(x_hat, features, losses, fire_counts=fire_counts)
