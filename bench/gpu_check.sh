@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (see docs/benchmarks.md, "GPU"):
-# CUDA tests, the paper's A/0..A/3 bank end to end on CUDA, and the training-step benchmark
-# in fp32 and bf16 up to 131,072 features. Writes its logs to $OUT (or bench/results/gpu).
+# CUDA tests, every train.strategy through Lightning on CUDA (DeepSpeed and FSDP2 included),
+# the paper's A/0..A/3 bank end to end on CUDA, and the training-step benchmark in fp32 and bf16
+# up to 131,072 features. Writes its logs to $OUT (or bench/results/gpu).
+#
+# PARTS picks the sections (default all: "tests strategies paper bench"); each has its own
+# timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S), so one call fits a device budget:
+#   PARTS="tests strategies" STRATEGY_S=300 bash bench/gpu_check.sh
 #
 # The machine has CUDA PyTorch, Lightning and transformers; the rest travels as wheels in .whl/
 # (omegaconf, webdataset, deepspeed, sparsify, ... see docs/benchmarks.md for how they are made).
@@ -18,10 +23,22 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
 
+PARTS=${PARTS:-tests strategies paper bench}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if part tests; then
 echo "== CUDA tests"
 timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_training.py tests/test_lm_gpu.py \
   2>&1 | tail -n 25 | tee "$OUT/tests.txt"
+fi
 
+if part strategies; then
+echo "== every train.strategy on one GPU against a single-device run (NCCL, Lightning's DeepSpeed and FSDP2)"
+timeout "${STRATEGY_S:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py \
+  2>&1 | tail -n 25 | tee "$OUT/strategies.txt"
+fi
+
+if part paper; then
 echo "== paper bank (A/0..A/3) end to end on CUDA"
 start=$(date +%s)
 timeout "${PAPER_S:-200}" python3 -m framework.cli run recipes/paper/bank.yaml workdir=/tmp/paper \
@@ -31,8 +48,11 @@ echo "paper bank exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/devic
 cp /tmp/paper/eval/metrics.json "$OUT/paper_eval.json" 2>/dev/null
 cp /tmp/paper/lm/metrics.json "$OUT/paper_lm.json" 2>/dev/null
 tail -n 15 "$OUT/paper.log"
+fi
 
+if part bench; then
 echo "== training-step benchmark"
 timeout "${BENCH_S:-180}" python3 bench/run_all.py --device cuda --only train_step scaling --out "$OUT" \
   > "$OUT/bench.md" 2>&1
 tail -n 40 "$OUT/bench.md"
+fi
