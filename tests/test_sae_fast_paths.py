@@ -15,6 +15,7 @@ from framework.sae.kernels import (
     _spmm_into_columns,
     column_sums,
     dense_fire_counts,
+    order_keys,
     row_topk_indices,
 )
 
@@ -224,3 +225,12 @@ def test_a_relu_sae_keeps_only_the_buffers_of_the_path_it_takes_next():
     dense = _sae("paper")  # half the features fire: stays dense
     dense(_data()).loss.backward()
     assert not dense.sparse_codes and not set(dense._workspace._buffers) & {"pre", "mask"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_integer_keys_compare_with_zero_as_the_floats_do(dtype):
+    values = torch.tensor([-float("inf"), -3.0, -1e-3, -0.0, 0.0, 1e-3, 2.5, float("inf")], dtype=dtype)
+    keys = order_keys(values)
+    assert keys.dtype != dtype  # on CPU the integer view is what gets compared
+    assert torch.equal(torch.gt(keys, 0), values > 0)
+    assert torch.equal(keys[4:].argsort(), values[4:].argsort())  # order among the non-negative
