@@ -186,6 +186,46 @@ def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_g
         assert resampled(two, name) == resampled(one, name) > 0
 
 
+# `sae train` under torchrun that prints, at the first step, whether each SAE's parameters are
+# sharded again (FSDP2 swaps a module's parameters to DTensor shards when it reshards) once every
+# forward of the bank has run and before the backward.
+RECORD_RESHARDED = """
+import sys
+
+from torch.distributed.tensor import DTensor
+
+from framework.cli import main
+from framework.training.module import SAEModule
+
+original = SAEModule.training_step
+
+
+def training_step(self, batch, batch_idx):
+    loss = original(self, batch, batch_idx)
+    if self.global_step == 0:
+        for name, sae in self.saes.items():
+            print(f"rank {self.global_rank} {name} sharded before backward: {isinstance(sae.W_enc, DTensor)}", flush=True)
+    return loss
+
+
+SAEModule.training_step = training_step
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+BANK = [*PAPER, "train.bank=[{name: small, n_features: 128}, {name: large, n_features: 256}]"]
+
+
+def test_an_fsdp_bank_holds_one_sae_whole_at_a_time_and_trains_as_one_process(recipe_file, overrides, reference, tmp_path):
+    entry = tmp_path / "record_entry.py"
+    entry.write_text(RECORD_RESHARDED)
+    run = torchrun(recipe_file, overrides(tmp_path / "sae", *BANK, "train.strategy=fsdp"), entry=entry)
+    assert succeeded(run)
+    found = re.findall(r"rank (\d) (\w+) sharded before backward: (\w+)", run.stdout)
+    assert sorted(found) == [(r, name, "True") for r in "01" for name in ("large", "small")]
+    one = reference(tuple(BANK), True)
+    for name in ("small", "large"):
+        assert_same_weights(one, tmp_path / "sae", name)
+
+
 def test_feature_shards_combine_with_data_parallelism_on_a_two_by_two_mesh(recipe_file, overrides, reference, tmp_path):
     # 4 processes: ranks 0-1 hold the two halves of the features for the first half of each
     # global batch, ranks 2-3 for the second half.

@@ -9,9 +9,11 @@ the backward, their gradients) still exist on every rank for the duration of one
 FSDP helps until a single SAE's weights no longer fit a device; past that, feature sharding.
 
 Each SAE is its own FSDP unit and, as the bank around it is not sharded, its own FSDP root:
-FSDP2 does not reshard a root after its forward, so an SAE's weights are gathered once per step
-and stay whole until its backward has run (in a bank, every SAE's at once, since all forwards
-run before the backward). Every parameter is a DTensor sharded on dim 0: W_dec and b_enc by
+FSDP2 does not reshard a root after its forward, so a lone SAE's weights are gathered once per
+step and stay whole until its backward has run. In a bank all forwards run before the backward,
+so that would hold every SAE whole at once; there each SAE reshards right after its forward
+(as FSDP2 does for non-root units) and is gathered again for its backward: one more all-gather
+per SAE and step, for a peak of one SAE's whole weights instead of the bank's. Every parameter is a DTensor sharded on dim 0: W_dec and b_enc by
 features, W_enc and b_dec by input dimension. The variants' constraint hooks are row-wise on
 W_dec (a rowwise dot and a rowwise norm), which DTensor runs shard-locally, so they run
 unchanged; resampling gathers (layout.GatheredLayout).
@@ -37,7 +39,16 @@ def shard_saes(module, mesh) -> None:
     for sae in module.saes.values():
         fully_shard(sae, mesh=mesh)
         expose_losses_to_hooks(sae)
+        if len(module.saes) > 1:
+            sae.register_forward_hook(_reshard_after_forward)
     module.layout = FSDPLayout(mesh.get_group())
+
+
+def _reshard_after_forward(sae, _args, out):
+    # After FSDP's own post-forward hook, which has hung the re-gathering for backward on the
+    # output; the unsharded tensors autograd saved are refilled in place by that gather.
+    sae.reshard()
+    return out
 
 
 def _local_part(full: Tensor, like: DTensor) -> Tensor:
