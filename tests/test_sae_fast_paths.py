@@ -15,7 +15,9 @@ from framework.sae.kernels import (
     _spmm_into_columns,
     column_sums,
     dense_fire_counts,
+    mask_where_inactive_,
     order_keys,
+    relu_,
     row_topk_indices,
 )
 
@@ -108,8 +110,9 @@ def test_relu_sae_dense_fast_path_gives_input_gradient():
 
 def test_paper_sae_switches_to_sparse_path_when_codes_are_sparse():
     sae = _sae("paper", target_l0=6)
-    assert sae(_data()).sparse_features is None  # the first step is dense
-    assert sae(_data()).sparse_features is not None
+    sae.sparse_codes = False  # as after a step whose codes were dense
+    assert sae(_data()).sparse_features is None  # this step takes the dense path
+    assert sae(_data()).sparse_features is not None  # and its density sends the next one sparse
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -234,3 +237,28 @@ def test_integer_keys_compare_with_zero_as_the_floats_do(dtype):
     assert keys.dtype != dtype  # on CPU the integer view is what gets compared
     assert torch.equal(torch.gt(keys, 0), values > 0)
     assert torch.equal(keys[4:].argsort(), values[4:].argsort())  # order among the non-negative
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_relu_and_its_backward_on_integer_keys_give_the_float_results(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 33, generator=g).to(dtype)
+    x[0, :4] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf")], dtype=dtype)
+    grad = torch.randn(64, 33, generator=g).to(dtype)
+    f = relu_(x.clone())
+    assert torch.equal(f, torch.relu(x))  # values (torch.relu keeps -0.0 where this writes +0.0)
+    assert not torch.signbit(f).any()
+    masked = mask_where_inactive_(grad.clone(), f)  # kept gradients bit for bit
+    expected = torch.ops.aten.threshold_backward(grad, torch.relu(x), 0)
+    assert torch.equal(masked.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_the_first_forward_looks_at_the_codes_before_choosing_its_path():
+    # Before any forward the density is unknown; a calibrated SAE must not pay a dense first step
+    # (three (batch, n) tensors), and an SAE with half its features firing must not go sparse.
+    sparse, dense = _sae("paper", target_l0=4), _sae("paper")
+    assert sparse.sparse_codes is None and dense.sparse_codes is None
+    sparse(_data())
+    assert set(sparse._workspace._buffers) == {"pre", "mask"}  # the sparse path ran
+    dense(_data())
+    assert "fire_mask" in dense._workspace._buffers and "pre" not in dense._workspace._buffers

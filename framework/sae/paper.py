@@ -28,7 +28,9 @@ from framework.sae.kernels import (
     SPARSE_PATH_BUFFERS,
     Workspace,
     compute_dtype,
+    dense_pre_activations,
     normalize_rows_,
+    order_keys,
     relu_autoencoder,
     remove_parallel_component_,
 )
@@ -53,8 +55,9 @@ class ReLUSAE(SAE):
         super().__init__(d_in, cfg)
         initialize_weights(self)
         self._workspace = Workspace()
-        # Which fast path the next forward takes: set from each forward's density.
-        self.sparse_codes = False
+        # Which fast path the next forward takes: set from each forward's density; None until
+        # the first forward, which looks at its pre-activations before choosing.
+        self.sparse_codes: bool | None = None
 
     def l1_weight(self) -> Tensor:
         """(n,) weight of each feature's activation in the L1 penalty."""
@@ -67,18 +70,28 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_activations(x))  # (batch, n)
 
     def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
+        threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
+        if self.sparse_codes is None:
+            self.sparse_codes = self._density(x) < threshold
         x_hat, l1_sum, features, fire_counts = relu_autoencoder(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_weight(),
             sparse=self.sparse_codes, ws=self._workspace if self.training else None,
         )  # fmt: skip
         batch, nnz = x.shape[0], fire_counts.sum()
-        threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
         self.sparse_codes = nnz.item() < threshold * batch * self.n_features
         self._workspace.release(*(DENSE_PATH_BUFFERS if self.sparse_codes else SPARSE_PATH_BUFFERS))
         losses = self._losses(x, x_hat, l1_sum / batch, nnz / batch, step)
         if isinstance(features, Tensor):
             return SAEOutput(x_hat, features, losses, fire_counts=fire_counts)
         return SAEOutput(x_hat, losses=losses, sparse_features=features, fire_counts=fire_counts)
+
+    @torch.no_grad()
+    def _density(self, x: Tensor) -> float:
+        """The fraction of x's codes that are nonzero, for the first forward's choice of path:
+        a dense step at 131,072 features and batch 4,096 would hold three (batch, n) tensors
+        (6 GiB in float32) that the sparse path never needs."""
+        pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc), None)
+        return torch.gt(order_keys(pre), 0).sum().item() / pre.numel()
 
     def forward_reference(self, x: Tensor, step: int = 0) -> SAEOutput:
         f = self.encode(x)  # (batch, n)
