@@ -86,7 +86,8 @@ def order_keys(t: Tensor) -> Tensor:
 
     For floats ≥ +0 the integer order is the float order (+inf and sign-clear NaNs last, as
     torch.topk and ReLU treat them), and every negative float, -0 included, reads as a negative
-    integer. So comparisons with 0 and top-k among non-negative values give the float answers,
+    integer (in reverse order: -inf ranks above -1, so never mask with -inf before a top-k on
+    these keys). So comparisons with 0 and top-k among non-negative values give the float answers,
     and CPU kernels run them faster on integers: `> 0` over 4,096 × 4,096 bfloat16 took 3.6
     against 10.3 ms on 2 cores, a top-k at 4,096 × 16,384 48 against 62 ms.
     """
