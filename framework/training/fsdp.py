@@ -13,10 +13,12 @@ FSDP2 does not reshard a root after its forward, so a lone SAE's weights are gat
 step and stay whole until its backward has run. In a bank all forwards run before the backward,
 so that would hold every SAE whole at once; there each SAE reshards right after its forward
 (as FSDP2 does for non-root units) and is gathered again for its backward: one more all-gather
-per SAE and step, for a peak of one SAE's whole weights instead of the bank's. Every parameter is a DTensor sharded on dim 0: W_dec and b_enc by
-features, W_enc and b_dec by input dimension. The variants' constraint hooks are row-wise on
-W_dec (a rowwise dot and a rowwise norm), which DTensor runs shard-locally, so they run
-unchanged; resampling gathers (layout.GatheredLayout).
+per SAE and step, for a peak of one SAE's whole weights instead of the bank's.
+
+Every parameter is a DTensor sharded on dim 0: W_dec and b_enc by features, W_enc and b_dec by
+input dimension. The variants' constraint hooks are row-wise on W_dec (a rowwise dot and a
+rowwise norm), which DTensor runs shard-locally, so they run unchanged; resampling gathers
+(layout.GatheredLayout).
 
 fully_shard's post-forward hook hangs its pre-backward hook (all-gather before backward,
 reduce-scatter after) on the tensors of the output, which an SAEOutput hides from it:

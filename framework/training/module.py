@@ -78,7 +78,7 @@ class SAEModule(L.LightningModule):
         self.hook_points: list[str] = []  # order of the tensors in a batch; set by train()
         self.last_good_checkpoint: str | None = None
         self.layout = ParameterLayout()  # replaced by strategies.parallelize
-        self.pending_init: dict[str, torch.Tensor] | None = None  # see train.initialize
+        self.pending_init = None  # a train.PendingInit, until feature sharding consumes it
         self._parallelized = False
 
     def configure_model(self) -> None:
