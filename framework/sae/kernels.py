@@ -391,6 +391,8 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         )
 
 
+# The workspace buffers each ReLU path keeps between steps, all (batch, n): a ReLU SAE releases
+# the other path's when it switches (Workspace.release).
 DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask")
 SPARSE_PATH_BUFFERS = ("pre", "mask")
 
