@@ -118,8 +118,8 @@ def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main
     samples = {name: sample[data.hook_points.index(hook)] * module.input_scales[hook]
                for name, hook in module.hook_of.items()}
     pending = PendingInit(samples, out)
-    if module.recipe.train.strategy == "feature_sharded":
-        module.pending_init = pending  # each rank initialises its own slices (shard_features)
+    if any(p.is_meta for p in module.saes.parameters()):
+        module.pending_init = pending  # not materialised yet: each rank inits its own slices (shard_features)
         return
     for name, sae in module.saes.items():
         sae.initialize_from_data(samples[name])
