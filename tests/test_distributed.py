@@ -91,6 +91,14 @@ def torchrun(recipe: Path, args: list[str], *, env: dict | None = None, restarts
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_entry(tmp_path: Path, patch: str) -> Path:
+    """A torchrun entry script: `patch` (source that patches the train stage to observe or
+    inject something), then `sae train` with the command line's arguments."""
+    entry = tmp_path / "train_entry.py"
+    entry.write_text(patch + '\nimport sys\n\nfrom framework.cli import main\n\nsys.exit(main(["train", *sys.argv[1:]]))\n')
+    return entry
+
+
 def succeeded(run: subprocess.CompletedProcess) -> bool:
     if run.returncode != 0:
         print(run.stdout[-5000:], run.stderr[-15000:])
@@ -190,11 +198,8 @@ def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_g
 # sharded again (FSDP2 swaps a module's parameters to DTensor shards when it reshards) once every
 # forward of the bank has run and before the backward.
 RECORD_RESHARDED = """
-import sys
-
 from torch.distributed.tensor import DTensor
 
-from framework.cli import main
 from framework.training.module import SAEModule
 
 original = SAEModule.training_step
@@ -209,14 +214,12 @@ def training_step(self, batch, batch_idx):
 
 
 SAEModule.training_step = training_step
-sys.exit(main(["train", *sys.argv[1:]]))
 """
 BANK = [*PAPER, "train.bank=[{name: small, n_features: 128}, {name: large, n_features: 256}]"]
 
 
 def test_an_fsdp_bank_holds_one_sae_whole_at_a_time_and_trains_as_one_process(recipe_file, overrides, reference, tmp_path):
-    entry = tmp_path / "record_entry.py"
-    entry.write_text(RECORD_RESHARDED)
+    entry = train_entry(tmp_path, RECORD_RESHARDED)
     run = torchrun(recipe_file, overrides(tmp_path / "sae", *BANK, "train.strategy=fsdp"), entry=entry)
     assert succeeded(run)
     # Two ranks share the pipe: a line's text and its newline are separate writes, so lines may
@@ -291,13 +294,12 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_instead_of_
 # first SAE's W_enc (DeepSpeed's fp32 master, the copy Adam steps) just before an optimizer step:
 # the NaN then reaches that rank's partition of the module's weights and no other rank's.
 NAN_IN_ONE_PARTITION = """
-import os, sys
+import os
 
 from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 from lightning.pytorch.callbacks import Callback
 
 import framework.training.train as train_stage
-from framework.cli import main
 
 RANK, STEP = (int(v) for v in os.environ["SAE_TEST_NAN"].split(":"))
 
@@ -324,7 +326,6 @@ def build(*args, **kwargs):
 
 
 train_stage.build_trainer = build
-sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -333,8 +334,7 @@ def test_a_nan_in_one_ranks_zero3_weight_partition_stops_every_rank_with_the_tra
     # Under ZeRO-3 a rank's module parameters are empty placeholders outside gathers; the weight
     # check must read each rank's own partition, and sum the count over the ranks so that rank 0,
     # whose partition is clean, stops at the same step with the same error instead of hanging.
-    entry = tmp_path / "nan_entry.py"
-    entry.write_text(NAN_IN_ONE_PARTITION)
+    entry = train_entry(tmp_path, NAN_IN_ONE_PARTITION)
     args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=deepspeed", "train.deepspeed_stage=3")
     start = time.monotonic()
     run = torchrun(recipe_file, args, entry=entry, timeout=300,
@@ -373,11 +373,8 @@ def test_feature_sharding_refuses_an_sae_it_cannot_split_before_training(extra, 
 # `sae train` under torchrun that prints, on every rank, the size of every SAE built with storage
 # (an SAE built on the meta device holds none).
 RECORD_MATERIALISED = """
-import sys
-
 import torch.distributed as dist
 
-from framework.cli import main
 from framework.sae.base import SAE
 
 original = SAE.__init__
@@ -391,14 +388,12 @@ def recording(self, d_in, cfg):
 
 
 SAE.__init__ = recording
-sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
 def test_a_16384_feature_sae_trains_sharded_over_two_processes_and_no_rank_holds_it_whole(
         recipe_file, overrides, tmp_path):
-    entry = tmp_path / "record_entry.py"
-    entry.write_text(RECORD_MATERIALISED)
+    entry = train_entry(tmp_path, RECORD_MATERIALISED)
     args = overrides(tmp_path / "sae", "train.strategy=feature_sharded", "sae.variant=topk", "sae.k=32",
                      "sae.n_features=16384", "sae.init=transpose", "sae.init_target_l0=0", "train.batch_size=1024",
                      "train.n_tokens=4096", "train.eval_batches=1")
