@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (see docs/benchmarks.md, "GPU"):
 # CUDA tests, every train.strategy through Lightning on CUDA (DeepSpeed and FSDP2 included),
-# the paper's A/0..A/3 bank end to end on CUDA, and the training-step benchmark in fp32 and bf16
-# up to 131,072 features. Writes its logs to $OUT (or bench/results/gpu).
+# the paper's A/0..A/3 bank end to end on CUDA, the training-step benchmark in fp32 and bf16
+# up to 131,072 features, and a profile of our steps (bench/step_profile.py). Writes its logs
+# to $OUT (or bench/results/gpu): log.txt (device, test summaries, profile), pytest.txt (the
+# tests' whole output), bench.md and bench/*.json with the scaling plot; few files, since a lent
+# machine returns at most eight.
 #
-# PARTS picks the sections (default all: "tests strategies paper bench"); each has its own
-# timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S), so one call fits a device budget:
-#   PARTS="tests strategies" STRATEGY_S=300 bash bench/gpu_check.sh
+# PARTS picks the sections (default all: "tests strategies paper bench profile"); each has its
+# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, PROFILE_S), so one call fits a
+# device budget:
+#   PARTS="tests strategies bench profile" BENCH_S=200 bash bench/gpu_check.sh
 #
 # The machine has CUDA PyTorch, Lightning and transformers; the rest travels as wheels in .whl/
-# (omegaconf, webdataset, deepspeed, sparsify, ... see docs/benchmarks.md for how they are made).
+# (omegaconf, webdataset, deepspeed, sparsify, SAELens and its imports; see docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
@@ -20,22 +24,24 @@ if [[ -d .whl ]]; then
 else
   export PYTHONPATH=$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
+LOG="$OUT/log.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
-PARTS=${PARTS:-tests strategies paper bench}
+PARTS=${PARTS:-tests strategies paper bench profile}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if part tests; then
-echo "== CUDA tests"
-timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_training.py tests/test_lm_gpu.py \
-  2>&1 | tail -n 25 | tee "$OUT/tests.txt"
+echo "== CUDA tests" | tee -a "$LOG" "$OUT/pytest.txt"
+timeout "${TEST_S:-150}" python3 -m pytest -q -rfEs --durations=5 -m gpu -p no:cacheprovider tests/test_gpu_training.py \
+  tests/test_lm_gpu.py 2>&1 | tee -a "$OUT/pytest.txt" | tail -n 25 | tee -a "$LOG"
 fi
 
 if part strategies; then
-echo "== every train.strategy on one GPU against a single-device run (NCCL, Lightning's DeepSpeed and FSDP2)"
-timeout "${STRATEGY_S:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed.py \
-  2>&1 | tail -n 25 | tee "$OUT/strategies.txt"
+echo "== every train.strategy on one GPU against a single-device run (NCCL, Lightning's DeepSpeed and FSDP2)" \
+  | tee -a "$LOG" "$OUT/pytest.txt"
+timeout "${STRATEGY_S:-300}" python3 -m pytest -q -rfEs --durations=8 -m gpu -p no:cacheprovider tests/test_distributed.py \
+  2>&1 | tee -a "$OUT/pytest.txt" | tail -n 25 | tee -a "$LOG"
 fi
 
 if part paper; then
@@ -44,15 +50,23 @@ start=$(date +%s)
 timeout "${PAPER_S:-200}" python3 -m framework.cli run recipes/paper/bank.yaml workdir=/tmp/paper \
   lm.path=/tmp/paper/lm harvest.output_dir=/tmp/paper/activations train.wandb.mode=disabled \
   'run.stages=[pretrain,harvest,train,eval,export]' > "$OUT/paper.log" 2>&1
-echo "paper bank exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/device.txt"
+echo "paper bank exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
 cp /tmp/paper/eval/metrics.json "$OUT/paper_eval.json" 2>/dev/null
 cp /tmp/paper/lm/metrics.json "$OUT/paper_lm.json" 2>/dev/null
 tail -n 15 "$OUT/paper.log"
 fi
 
 if part bench; then
-echo "== training-step benchmark"
-timeout "${BENCH_S:-180}" python3 bench/run_all.py --device cuda --only train_step scaling --out "$OUT" \
+echo "== training-step benchmark" | tee -a "$LOG"
+start=$(date +%s)
+timeout "${BENCH_S:-240}" python3 bench/run_all.py --device cuda --only train_step scaling --out "$OUT/bench" \
   > "$OUT/bench.md" 2>&1
+echo "bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
 tail -n 40 "$OUT/bench.md"
+fi
+
+if part profile; then
+echo "== where our steps spend their time" | tee -a "$LOG"
+timeout "${PROFILE_S:-60}" python3 bench/step_profile.py --device cuda --rows 25 2>&1 | grep -v "^USDT\|^STAGE" >> "$LOG"
+tail -n 70 "$LOG"
 fi

@@ -415,17 +415,26 @@ def test_a_16384_feature_sae_trains_sharded_over_two_processes_and_no_rank_holds
     assert metrics["steps"] == 4 and 0 < metrics["fvu"] < 1 and metrics["l0"] <= 32
 
 
+GPU = {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+@pytest.fixture(scope="module")
+def single_gpu_run(recipe_file, overrides, tmp_path_factory) -> Path:
+    """The plain single-device run on the first GPU, once for every strategy compared with it."""
+    out = tmp_path_factory.mktemp("single_gpu")
+    assert succeeded(torchrun(recipe_file, overrides(out, *SHARDED_PAPER), env=GPU, processes=1))
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("strategy", [
     ["train.strategy=ddp"], ["train.strategy=fsdp"], ["train.strategy=feature_sharded"],
     ["train.strategy=deepspeed", "train.deepspeed_stage=2"], ["train.strategy=deepspeed", "train.deepspeed_stage=3"],
 ], ids=["ddp", "fsdp", "feature_sharded", "zero2", "zero3"])
-def test_each_strategy_trains_on_one_gpu_as_a_single_device_run_does(strategy, recipe_file, overrides, tmp_path):
+def test_each_strategy_trains_on_one_gpu_as_a_single_device_run_does(strategy, single_gpu_run, recipe_file,
+                                                                      overrides, tmp_path):
     """The CUDA paths (NCCL, Lightning's own DeepSpeedStrategy): one process on the first GPU."""
-    gpu = {"CUDA_VISIBLE_DEVICES": "0"}
-    single = torchrun(recipe_file, overrides(tmp_path / "single", *SHARDED_PAPER), env=gpu, processes=1)
-    assert succeeded(single)
-    run = torchrun(recipe_file, overrides(tmp_path / "strategy", *SHARDED_PAPER, *strategy), env=gpu, processes=1)
+    run = torchrun(recipe_file, overrides(tmp_path / "strategy", *SHARDED_PAPER, *strategy), env=GPU, processes=1)
     assert succeeded(run)
-    assert_same_weights(tmp_path / "single", tmp_path / "strategy", SHARDED_PAPER_SAE)
+    assert_same_weights(single_gpu_run, tmp_path / "strategy", SHARDED_PAPER_SAE)
