@@ -91,6 +91,13 @@ def _slice(t: Tensor, dim: int, start: int, length: int) -> Tensor:
     return t.narrow(dim, start, length).clone()
 
 
+def _collective_device(group) -> torch.device:
+    """Where a tensor must be for a collective on `group`: the current GPU under NCCL, else the host."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_gather(t: Tensor, group) -> Tensor:
     """(shards, *t.shape): every rank's t, in rank order."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -410,9 +417,12 @@ class FeatureShardedLayout(ParameterLayout):
         if self.mesh["data_parallel"].get_local_rank() != 0:
             return None  # rank 0's feature group holds the same slices
         is_root = self.mesh["tensor_parallel"].get_local_rank() == 0
+        # NCCL gathers CUDA tensors only: the slices are still on the host while configure_model
+        # draws them (the initial decoder), on the GPU afterwards.
+        t = t.to(_collective_device(self.feature_group)).contiguous()
         parts = [torch.empty_like(t) for _ in range(self.mesh["tensor_parallel"].size())] if is_root else None
-        dist.gather(t.contiguous(), parts, group=self.feature_group, group_dst=0)
-        return torch.cat(parts, dim=dim) if is_root else None
+        dist.gather(t, parts, group=self.feature_group, group_dst=0)
+        return torch.cat(parts, dim=dim).cpu() if is_root else None
 
     def full_state_dict(self, module) -> dict[str, Tensor]:
         """The whole bank on global rank 0, gathered slice by slice (rank 0's feature group)."""

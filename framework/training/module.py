@@ -79,6 +79,7 @@ class SAEModule(L.LightningModule):
         self.last_good_checkpoint: str | None = None
         self.layout = ParameterLayout()  # replaced by strategies.parallelize
         self.pending_init = None  # a train.PendingInit, until feature sharding consumes it
+        self.trained_bank: SAEModule | None = None  # whole(), gathered as training ends (rank 0)
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -214,6 +215,12 @@ class SAEModule(L.LightningModule):
         params = [p for g in groups for p in g["params"]]
         plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
         return True if plain else None
+
+    def on_train_end(self) -> None:
+        # Gathered here, while the strategy still holds its devices: Lightning's teardown then
+        # moves a DDP or DeepSpeed module to the host, where NCCL cannot gather its partitions.
+        # (Not registered as a submodule: whole() is the module itself when tensors are whole.)
+        object.__setattr__(self, "trained_bank", self.whole())
 
     def whole(self) -> SAEModule | None:
         """The bank with plain, whole tensors on global rank 0 (None elsewhere): for reports and

@@ -202,11 +202,10 @@ def train(recipe: Recipe) -> Path:
         raise
     finally:
         finish_tracking(trainer.loggers)
-    whole = module.whole()  # collective: the bank as plain tensors on global rank 0
     if trainer.is_global_zero:
         from framework.training.report import write_training_outputs
 
-        write_training_outputs(recipe, whole, trainer, out)
+        write_training_outputs(recipe, module.trained_bank, trainer, out)
         save_recipe(recipe, out)
         mark_complete(out, recipe, "train", saes=list(module.saes))
     trainer.strategy.barrier()
