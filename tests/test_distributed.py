@@ -430,8 +430,9 @@ def single_gpu_run(recipe_file, overrides, tmp_path_factory) -> Path:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("strategy", [
     ["train.strategy=ddp"], ["train.strategy=fsdp"], ["train.strategy=feature_sharded"],
-    ["train.strategy=deepspeed", "train.deepspeed_stage=2"], ["train.strategy=deepspeed", "train.deepspeed_stage=3"],
-], ids=["ddp", "fsdp", "feature_sharded", "zero2", "zero3"])
+    ["train.strategy=deepspeed", "train.deepspeed_stage=1"], ["train.strategy=deepspeed", "train.deepspeed_stage=2"],
+    ["train.strategy=deepspeed", "train.deepspeed_stage=3"],
+], ids=["ddp", "fsdp", "feature_sharded", "zero1", "zero2", "zero3"])
 def test_each_strategy_trains_on_one_gpu_as_a_single_device_run_does(strategy, single_gpu_run, recipe_file,
                                                                       overrides, tmp_path):
     """The CUDA paths (NCCL, Lightning's own DeepSpeedStrategy): one process on the first GPU."""
