@@ -13,7 +13,7 @@
 #   PARTS="tests strategies bench profile" BENCH_S=200 bash bench/gpu_check.sh
 #
 # The machine has CUDA PyTorch, Lightning and transformers; the rest travels as wheels in .whl/
-# (omegaconf, webdataset, deepspeed, sparsify, SAELens and its imports; see docs/benchmarks.md).
+# (omegaconf, webdataset, deepspeed, sparsify, SAELens and its imports), made by bench/gpu_wheels.sh.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
