@@ -163,7 +163,9 @@ def test_dense_fire_counts_are_exact_in_every_dtype_and_batch_size(dtype, batch)
     g = torch.Generator().manual_seed(batch)
     f = torch.relu(torch.randn(batch, 300, generator=g) + torch.linspace(-3, 3, 300)).to(dtype)
     f[:, 0] = 1.0  # one column fires on every row (the largest count)
-    expected = torch.count_nonzero(f, dim=0)
+    f[:, 1] = -0.0  # zero with the sign bit set: does not fire
+    f[0, 2] = torch.finfo(dtype).smallest_normal / 4  # a subnormal: fires
+    expected = torch.count_nonzero(f > 0, dim=0)
     assert expected[0] == batch and expected.max() == batch and expected.min() < batch // 10 + 1
     for ws in (None, Workspace()):
         counts = dense_fire_counts(f, ws)

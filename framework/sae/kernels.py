@@ -149,6 +149,21 @@ _EXACT_COUNT = {torch.bfloat16: 256, torch.float16: 2048}
 
 
 @torch.no_grad()
+def positive_mask(t: Tensor, out: Tensor) -> Tensor:
+    """out = 1 where t > 0, else 0, in t's dtype (out has t's shape and dtype).
+
+    A compare writes bools, and converting them to a float type is a second pass: 12 ms at
+    4,096 × 4,096 in bfloat16 on 2 CPU cores (25 in float32). On integer keys, clamping to [0, 1]
+    and multiplying by the bits of 1.0 writes the floats' bits directly: 1.9 ms (5.1). Same
+    answers as `order_keys(t) > 0`: every positive value, +inf and sign-clear NaNs count."""
+    keys = order_keys(t)
+    if keys.dtype == t.dtype:  # no integer view (off CPU): the compare alone
+        return torch.gt(t, 0, out=out)
+    one_bits = int(torch.ones((), dtype=t.dtype).view(keys.dtype))
+    torch.clamp(keys, 0, 1, out=out.view(keys.dtype)).mul_(one_bits)
+    return out
+
+
 def dense_fire_counts(f: Tensor, ws: Workspace | None) -> Tensor:
     """(n,) int64: on how many rows each column of f (batch, n) is > 0, as one GEMM.
 
@@ -159,7 +174,7 @@ def dense_fire_counts(f: Tensor, ws: Workspace | None) -> Tensor:
     (4-6 ms).
     """
     batch = f.shape[0]
-    mask = torch.gt(order_keys(f), 0, out=_scratch(ws, "fire_mask", f.shape, f.dtype, f.device))
+    mask = positive_mask(f, _scratch(ws, "fire_mask", f.shape, f.dtype, f.device))
     rows = min(batch, _EXACT_COUNT.get(f.dtype, batch))
     blocks = torch.arange(-(-batch // rows), device=f.device).unsqueeze(1)
     ones = (torch.arange(batch, device=f.device) // rows == blocks).to(f.dtype)  # (blocks, batch)
