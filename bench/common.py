@@ -29,6 +29,12 @@ from pathlib import Path
 
 import torch
 
+from framework.memory import keep_freed_memory
+
+# As `sae` does at start-up: every contender, ours and the peers', runs with malloc reusing freed
+# memory instead of faulting fresh pages in at every step (framework/memory.py).
+KEEPS_FREED_MEMORY = keep_freed_memory()
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -198,6 +204,7 @@ def machine(device: torch.device) -> dict:
         "versions": {p: _version(p) for p in ("torch", "sae-lens", "eai-sparsify", "sae-framework")},
         "python": platform.python_version(),
         "device": str(device),
+        "malloc_keeps_freed_memory": KEEPS_FREED_MEMORY,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -9,6 +9,7 @@ import sys
 
 from framework.config import load_recipe
 from framework.errors import FrameworkError
+from framework.memory import keep_freed_memory
 
 # stage -> (module, function, what it reads and writes)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every stage allocates large CPU tensors step after step
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
