@@ -31,9 +31,17 @@ import torch
 
 from framework.memory import keep_freed_memory
 
-# As `sae` does at start-up: every contender, ours and the peers', runs with malloc reusing freed
-# memory instead of faulting fresh pages in at every step (framework/memory.py).
-KEEPS_FREED_MEMORY = keep_freed_memory()
+KEEPS_FREED_MEMORY = False  # set by --keep-freed-memory
+
+
+class _KeepFreedMemory(argparse.Action):
+    """--keep-freed-memory: malloc reuses freed memory, as `sae` does with
+    SAE_KEEP_FREED_MEMORY=1 (framework/memory.py), for every contender in the process alike."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        global KEEPS_FREED_MEMORY
+        KEEPS_FREED_MEMORY = keep_freed_memory(force=True)
+        setattr(namespace, self.dest, KEEPS_FREED_MEMORY)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +52,9 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smallest sizes, few repeats: a smoke run")
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default bench/results; --quick: bench/results/quick)")
+    parser.add_argument("--keep-freed-memory", action=_KeepFreedMemory, nargs=0, default=False,
+                        help="malloc keeps freed memory for reuse (as `sae` with SAE_KEEP_FREED_MEMORY=1), "
+                             "for every contender (default: glibc's own behaviour)")
     return parser
 
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     args = parser.parse_args(argv)
     common = ["--device", args.device] + (["--quick"] if args.quick else []) + (
-        ["--out", str(args.out)] if args.out else [])
+        ["--out", str(args.out)] if args.out else []) + (["--keep-freed-memory"] if args.keep_freed_memory else [])
     results = {}
     if "train_step" in args.only:
         results["train_step"] = train_step.main(common)

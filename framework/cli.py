@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # every stage allocates large CPU tensors step after step
+    keep_freed_memory()  # if SAE_KEEP_FREED_MEMORY=1: every stage allocates large CPU tensors step after step
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

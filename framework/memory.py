@@ -1,15 +1,18 @@
-"""Host memory: keep freed allocations for the next step, as a GPU's caching allocator does.
+"""Host memory: optionally keep freed allocations for the next step, as a GPU's caching
+allocator does.
 
 torch takes CPU tensors from glibc's malloc, which serves every allocation above its mmap
 threshold (dynamic, at most 32 MiB) with fresh pages from the kernel and unmaps them when freed.
 A training step's new (batch, n_features) codes, (n_features, d) gradients and weight casts
 then fault every page in again, each step: on the 2-core planning machine a 64 MiB tensor took
-16,385 page faults and 16 ms to allocate and fill, 2 ms once its memory is reused. Serving large
-allocations from the heap and never trimming it lets each step reuse the last one's memory
-(steps 5-10% faster on that machine: TopK, paper dense and paper sparse alike). The process then
-keeps its peak heap until it exits, which a training run reaches in its first steps anyway.
+16,385 page faults and 16 ms to allocate and fill, 2 ms once its memory is reused.
 
-`SAE_KEEP_FREED_MEMORY=0` leaves malloc as it is.
+`SAE_KEEP_FREED_MEMORY=1` makes `sae` serve large allocations from malloc's heap and never trim
+it, so each step reuses the last one's memory: steps 4-10% faster on that machine (TopK, paper
+dense and paper sparse). The price is resident memory: freed chunks of other sizes stay resident
+and the heap fragments, so a step's peak RSS rose by up to 2.2× (the paper SAE's sparse path at
+16,384 features in bf16: 1.5 GiB against 0.7), and the process never returns its peak heap.
+Hence opt-in (docs/training.md, "Host memory").
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to serve large allocations from its heap and keep what is freed
-    (process-wide). False where that is not possible (not Linux with glibc) or not wanted."""
-    if os.environ.get("SAE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+def keep_freed_memory(force: bool = False) -> bool:
+    """If SAE_KEEP_FREED_MEMORY=1 (or `force`), ask glibc's malloc to serve large allocations
+    from its heap and keep what is freed (process-wide). True if that is now in effect; False
+    where it is not wanted or not possible (not Linux with glibc)."""
+    if not (force or os.environ.get("SAE_KEEP_FREED_MEMORY") == "1") or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

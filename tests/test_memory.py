@@ -1,4 +1,5 @@
-"""framework.memory: large CPU tensors reuse freed memory instead of faulting fresh pages in."""
+"""framework.memory: with SAE_KEEP_FREED_MEMORY=1 large CPU tensors reuse freed memory instead of
+faulting fresh pages in."""
 
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ def _probe(**env: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_tensors_are_reused_without_page_faults_unless_turned_off():
-    kept, faults = _probe()
+def test_freed_tensors_are_reused_without_page_faults_when_turned_on():
+    kept, faults = _probe(SAE_KEEP_FREED_MEMORY="1")
     assert kept == "True"
     # 64 MiB is 16,384 pages: mostly reused, not faulted in again (glibc's aligned allocations
     # split freed chunks, so now and then a part of one is fresh: 0-4,096 pages measured)
     assert faults < 16384 // 4
-    kept, faults = _probe(SAE_KEEP_FREED_MEMORY="0")
+    kept, faults = _probe(SAE_KEEP_FREED_MEMORY="")  # the default
     assert kept == "False"
     assert faults >= 16384  # glibc's default: unmapped on free, every page faulted in again
