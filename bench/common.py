@@ -43,6 +43,7 @@ class _KeepFreedMemory(argparse.Action):
         KEEPS_FREED_MEMORY = keep_freed_memory(force=True)
         setattr(namespace, self.dest, KEEPS_FREED_MEMORY)
 
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

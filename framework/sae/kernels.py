@@ -164,6 +164,7 @@ def positive_mask(t: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+@torch.no_grad()
 def dense_fire_counts(f: Tensor, ws: Workspace | None) -> Tensor:
     """(n,) int64: on how many rows each column of f (batch, n) is > 0, as one GEMM.
 
@@ -434,8 +435,9 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         )
 
 
-# The workspace buffers each ReLU path keeps between steps, all (batch, n): a ReLU SAE releases
-# the other path's when it switches (Workspace.release).
+# The workspace buffers each ReLU path keeps between steps ((batch, n) but for the dense path's
+# augmented weight copies): a ReLU SAE releases the other path's when it switches
+# (Workspace.release).
 DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug")
 SPARSE_PATH_BUFFERS = ("pre", "mask")
 
