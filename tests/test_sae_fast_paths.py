@@ -155,6 +155,25 @@ def test_batchtopk_selection_is_exact_when_the_sampled_cut_keeps_too_few():
     assert torch.equal(chosen, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchtopk_selection_keeps_every_positive_entry_when_too_few_are_positive(dtype):
+    # The selection compares integer keys: among negative entries it may choose others than the
+    # float top-k, which the ReLU zeroes; every positive entry must be chosen, in any dtype.
+    from framework.sae.kernels import batch_topk_flat
+
+    pre = (torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) - 3).to(dtype)  # ~0.13% > 0
+    pre[0, :5] = -0.0
+    total = 64 * 8
+    positive = (pre.view(-1) > 0).nonzero().squeeze(1)
+    assert 0 < positive.numel() < total
+    chosen = batch_topk_flat(pre, total, None)
+    assert chosen.numel() == total and torch.equal(chosen, chosen.unique())
+    assert torch.isin(positive, chosen).all()
+    float_choice = pre.view(-1).float().topk(total).indices
+    assert torch.equal(pre.view(-1)[chosen].clamp_min(0).sort().values,
+                       pre.view(-1)[float_choice].float().clamp_min(0).to(dtype).sort().values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 255, 1001, 4099])
 def test_dense_fire_counts_are_exact_in_every_dtype_and_batch_size(dtype, batch):
