@@ -9,8 +9,9 @@
 #
 # PARTS picks the sections (default all: "tests strategies paper bench profile"); each has its
 # own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, PROFILE_S), so one call fits a
-# device budget:
-#   PARTS="tests strategies bench profile" BENCH_S=200 bash bench/gpu_check.sh
+# device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
+# of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
+#   PARTS="tests strategies bench profile" bash bench/gpu_check.sh     # one call, ~8 minutes
 #
 # The machine has CUDA PyTorch, Lightning and transformers; the rest travels as wheels in .whl/
 # (omegaconf, webdataset, deepspeed, sparsify, SAELens and its imports), made by bench/gpu_wheels.sh.
