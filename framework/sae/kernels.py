@@ -499,6 +499,27 @@ def topk_pattern(pre: Tensor, k: int, n: int, columns: Tensor | None = None) -> 
     return ActivePattern.from_topk(idx, n), values.reshape(-1)
 
 
+_MASK_ROWS = 64  # rows per block of _at_least's compare on CPU: its mask stays in cache
+
+
+def _at_least(flat: Tensor, cut: Tensor, row: int, ws: Workspace | None) -> Tensor:
+    """Ascending indices of the entries of flat (rows of `row` entries) that are ≥ cut.
+
+    One compare and one nonzero over the whole tensor on a GPU (a nonzero waits for the device,
+    so once). On CPU, blocks of rows whose bool mask stays in cache between the two: a 1 MiB mask
+    instead of 64 MiB at 4,096 × 16,384 (512 MiB at 131,072 features), and the two took 54
+    against 74 ms in bfloat16 on 2 cores (the BatchTopK step ~2% faster)."""
+    if flat.device.type != "cpu":
+        return torch.ge(flat, cut, out=_scratch(ws, "mask", flat.shape, torch.bool, flat.device)).nonzero().squeeze(1)
+    block = min(_MASK_ROWS * row, flat.numel())
+    mask = _scratch(ws, "mask", (block,), torch.bool, flat.device)
+    parts = []
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        parts.append(torch.ge(part, cut, out=mask[: part.numel()]).nonzero().squeeze(1).add_(start))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def batch_topk_flat(pre: Tensor, total: int, ws: Workspace | None) -> Tensor:
     """Ascending flat indices of the `total` largest entries of pre (batch, n), exactly.
@@ -526,8 +547,7 @@ def batch_topk_flat(pre: Tensor, total: int, ws: Workspace | None) -> Tensor:
         if keep == sample.numel():
             break
         cut = sample.topk(keep, sorted=False).values.min()
-        mask = torch.ge(flat, cut, out=_scratch(ws, "mask", pre.shape, torch.bool, pre.device).view(-1))
-        candidates = mask.nonzero().squeeze(1)  # (≥ total,) hopefully
+        candidates = _at_least(flat, cut, pre.shape[1], ws)  # (≥ total,) hopefully
         if candidates.numel() >= total:
             chosen = candidates[flat[candidates].topk(total, sorted=False).indices]
             return chosen.sort().values
