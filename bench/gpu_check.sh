@@ -50,11 +50,9 @@ echo "== paper bank (A/0..A/3) end to end on CUDA"
 start=$(date +%s)
 timeout "${PAPER_S:-200}" python3 -m framework.cli run recipes/paper/bank.yaml workdir=/tmp/paper \
   lm.path=/tmp/paper/lm harvest.output_dir=/tmp/paper/activations train.wandb.mode=disabled \
-  'run.stages=[pretrain,harvest,train,eval,export]' > "$OUT/paper.log" 2>&1
+  'run.stages=[pretrain,harvest,train,eval,export]' > /tmp/paper.log 2>&1
 echo "paper bank exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
-cp /tmp/paper/eval/metrics.json "$OUT/paper_eval.json" 2>/dev/null
-cp /tmp/paper/lm/metrics.json "$OUT/paper_lm.json" 2>/dev/null
-tail -n 15 "$OUT/paper.log"
+{ tail -n 15 /tmp/paper.log; cat /tmp/paper/lm/metrics.json /tmp/paper/eval/metrics.json; } 2>/dev/null | tee -a "$LOG"
 fi
 
 if part bench; then
