@@ -114,6 +114,32 @@ def mask_where_inactive_(grad: Tensor, f: Tensor) -> Tensor:
     return grad
 
 
+def _augmented_width(d: int) -> int:
+    """d + 1 columns (one for a bias or a sum) padded with zeros to a multiple of 16, which
+    GEMM kernels prefer."""
+    return (d + 1 + 15) // 16 * 16
+
+
+def _augmented(t: Tensor, extra: Tensor | float, out: Tensor) -> Tensor:
+    """out = [t | extra | 0…] (rows, _augmented_width(d)), in out's dtype; `extra` a scalar or
+    one value per row."""
+    d = t.shape[1]
+    out[:, :d] = t
+    out[:, d] = extra
+    out[:, d + 1 :] = 0
+    return out
+
+
+def _with_bias_row(W: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = [W; b; 0…] (_augmented_width(d), n), in out's dtype: the other operand of
+    `_augmented(x, 1.0, …)`, so x @ W + b is one GEMM."""
+    d = W.shape[0]
+    out[:d] = W
+    out[d] = b
+    out[d + 1 :] = 0
+    return out
+
+
 @torch.no_grad()
 def dense_pre_activations(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dtype: torch.dtype, ws: Workspace | None
@@ -131,15 +157,9 @@ def dense_pre_activations(
     if dtype == W_enc.dtype:
         return torch.addmm(b_enc.to(dtype), (x - b_dec).to(dtype), W_enc, out=out)
     batch, d = x.shape
-    inner = (d + 1 + 15) // 16 * 16
-    x_aug = torch.empty(batch, inner, dtype=dtype, device=x.device)  # (batch, inner)
-    x_aug[:, :d] = x - b_dec
-    x_aug[:, d] = 1
-    x_aug[:, d + 1:] = 0
-    W_aug = torch.empty(inner, W_enc.shape[1], dtype=dtype, device=x.device)  # (inner, n)
-    W_aug[:d] = W_enc
-    W_aug[d] = b_enc
-    W_aug[d + 1:] = 0
+    inner = _augmented_width(d)
+    x_aug = _augmented(x - b_dec, 1.0, torch.empty(batch, inner, dtype=dtype, device=x.device))  # (batch, inner)
+    W_aug = _with_bias_row(W_enc, b_enc, torch.empty(inner, W_enc.shape[1], dtype=dtype, device=x.device))
     return torch.mm(x_aug, W_aug, out=out)
 
 
@@ -353,22 +373,6 @@ def decode_at(values: Tensor, W_dec: Tensor, pattern: ActivePattern) -> Tensor:
     return _DecodeAt.apply(values, W_dec, pattern)
 
 
-def _augmented_width(d: int) -> int:
-    """d + 1 columns (one for a bias or a sum) padded with zeros to a multiple of 16, which
-    GEMM kernels prefer."""
-    return (d + 1 + 15) // 16 * 16
-
-
-def _augmented(t: Tensor, extra: Tensor | float, out: Tensor) -> Tensor:
-    """out = [t | extra | 0…] (rows, _augmented_width(d)), in out's dtype; `extra` a scalar or
-    one value per row."""
-    d = t.shape[1]
-    out[:, :d] = t
-    out[:, d] = extra
-    out[:, d + 1 :] = 0
-    return out
-
-
 class _DenseReLUAutoencoder(torch.autograd.Function):
     """f = ReLU((x - b_dec) W_enc + b_enc); x̂ = f W_dec + b_dec; s = Σ_batch f · l1_weight.
 
@@ -389,8 +393,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         (batch, d), n = x.shape, W_enc.shape[1]
         inner = _augmented_width(d)
         xa = _augmented(x - b_dec, 1.0, x.new_empty(batch, inner, dtype=dtype))  # (batch, inner)
-        Wea = _scratch(ws, "W_enc_aug", (inner, n), dtype, x.device)
-        Wea[:d], Wea[d], Wea[d + 1 :] = W_enc, b_enc, 0  # (inner, n)
+        Wea = _with_bias_row(W_enc, b_enc, _scratch(ws, "W_enc_aug", (inner, n), dtype, x.device))  # (inner, n)
         Wda = _augmented(W_dec, l1_weight, _scratch(ws, "W_dec_aug", (n, inner), dtype, x.device))  # (n, inner)
         f = relu_(torch.mm(xa, Wea))  # (batch, n)
         out = torch.mm(f, Wda)  # (batch, inner): f W_dec, then each row's Σ_j f_ij l1_weight_j
