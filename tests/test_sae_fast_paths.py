@@ -156,13 +156,14 @@ def test_batchtopk_selection_is_exact_when_the_sampled_cut_keeps_too_few():
 
 
 def test_entries_at_least_a_cut_are_found_block_by_block_including_a_partial_last_block():
-    from framework.sae.kernels import Workspace, _at_least
+    from framework.sae.kernels import Workspace, _positions
 
     flat = torch.randn(1000 * 37, generator=torch.Generator().manual_seed(0))  # 1,000 rows: 15 blocks + 40 rows
     cut = torch.tensor(1.5)
     expected = (flat >= cut).nonzero().squeeze(1)
     for ws in (None, Workspace()):
-        assert torch.equal(_at_least(flat, cut, 37, ws), expected)
+        assert torch.equal(_positions(flat, torch.ge, cut, 37, ws), expected)
+        assert torch.equal(_positions(flat, torch.gt, 0, 37, ws), (flat > 0).nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

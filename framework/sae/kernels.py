@@ -184,6 +184,28 @@ def positive_mask(t: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+_MASK_ROWS = 64  # rows per block of _positions' compare on CPU: its mask stays in cache
+
+
+def _positions(flat: Tensor, compare, bound, row: int, ws: Workspace | None) -> Tensor:
+    """Ascending indices of the entries e of flat (rows of `row` entries) where compare(e, bound)
+    (torch.gt, torch.ge).
+
+    One compare and one nonzero over the whole tensor on a GPU (a nonzero waits for the device,
+    so once). On CPU, blocks of rows whose bool mask stays in cache between the two: a 1 MiB mask
+    instead of 64 MiB at 4,096 × 16,384 (512 MiB at 131,072 features), and the two took 54
+    against 74 ms in bfloat16 on 2 cores (BatchTopK's selection; the step ~2% faster)."""
+    if flat.device.type != "cpu":
+        return compare(flat, bound, out=_scratch(ws, "mask", flat.shape, torch.bool, flat.device)).nonzero().squeeze(1)
+    block = min(_MASK_ROWS * row, flat.numel())
+    mask = _scratch(ws, "mask", (block,), torch.bool, flat.device)
+    parts = []
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block]
+        parts.append(compare(part, bound, out=mask[: part.numel()]).nonzero().squeeze(1).add_(start))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def dense_fire_counts(f: Tensor, ws: Workspace | None) -> Tensor:
     """(n,) int64: on how many rows each column of f (batch, n) is > 0, as one GEMM.
@@ -438,9 +460,9 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         )
 
 
-# The workspace buffers each ReLU path keeps between steps ((batch, n) but for the dense path's
-# augmented weight copies): a ReLU SAE releases the other path's when it switches
-# (Workspace.release).
+# The workspace buffers each ReLU path keeps between steps (the (batch, n) ones, the dense path's
+# augmented weight copies, the sparse path's compare mask): a ReLU SAE releases the other path's
+# when it switches (Workspace.release).
 DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug")
 SPARSE_PATH_BUFFERS = ("pre", "mask")
 
@@ -464,8 +486,7 @@ def relu_autoencoder(
         return x_hat, l1_sum, f, dense_fire_counts(f, ws)
     with torch.no_grad():
         pre = dense_pre_activations(x, W_enc, b_enc, b_dec, dtype, ws)  # (batch, n)
-        mask = torch.gt(order_keys(pre), 0, out=_scratch(ws, "mask", pre.shape, torch.bool, pre.device))
-        flat = mask.view(-1).nonzero().squeeze(1)  # (nnz,) ascending
+        flat = _positions(order_keys(pre).view(-1), torch.gt, 0, pre.shape[1], ws)  # (nnz,) ascending
         pre_values = pre.view(-1)[flat]
     pattern = ActivePattern.from_flat(flat, tuple(pre.shape))
     values = encode_at(x, W_enc, b_enc, b_dec, pre_values, pattern)  # (nnz,), all > 0
@@ -502,25 +523,6 @@ def topk_pattern(pre: Tensor, k: int, n: int, columns: Tensor | None = None) -> 
     return ActivePattern.from_topk(idx, n), values.reshape(-1)
 
 
-_MASK_ROWS = 64  # rows per block of _at_least's compare on CPU: its mask stays in cache
-
-
-def _at_least(flat: Tensor, cut: Tensor, row: int, ws: Workspace | None) -> Tensor:
-    """Ascending indices of the entries of flat (rows of `row` entries) that are ≥ cut.
-
-    One compare and one nonzero over the whole tensor on a GPU (a nonzero waits for the device,
-    so once). On CPU, blocks of rows whose bool mask stays in cache between the two: a 1 MiB mask
-    instead of 64 MiB at 4,096 × 16,384 (512 MiB at 131,072 features), and the two took 54
-    against 74 ms in bfloat16 on 2 cores (the BatchTopK step ~2% faster)."""
-    if flat.device.type != "cpu":
-        return torch.ge(flat, cut, out=_scratch(ws, "mask", flat.shape, torch.bool, flat.device)).nonzero().squeeze(1)
-    block = min(_MASK_ROWS * row, flat.numel())
-    mask = _scratch(ws, "mask", (block,), torch.bool, flat.device)
-    parts = []
-    for start in range(0, flat.numel(), block):
-        part = flat[start : start + block]
-        parts.append(torch.ge(part, cut, out=mask[: part.numel()]).nonzero().squeeze(1).add_(start))
-    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -550,7 +552,7 @@ def batch_topk_flat(pre: Tensor, total: int, ws: Workspace | None) -> Tensor:
         if keep == sample.numel():
             break
         cut = sample.topk(keep, sorted=False).values.min()
-        candidates = _at_least(flat, cut, pre.shape[1], ws)  # (≥ total,) hopefully
+        candidates = _positions(flat, torch.ge, cut, pre.shape[1], ws)  # (≥ total,) hopefully
         if candidates.numel() >= total:
             chosen = candidates[flat[candidates].topk(total, sorted=False).indices]
             return chosen.sort().values
