@@ -155,6 +155,37 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pretrained
     assert not (tmp_path / "sae" / "COMPLETE").exists()
 
 
+class PoisonOneDecoderValue(Callback):
+    """One decoder value becomes -inf as the optimizer step of step 5 begins: the loss of that
+    step was finite, so only the check of the weights after the step can see it."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == 5:
+            with torch.no_grad():
+                next(iter(module.saes.values())).W_dec[3, 7] = float("-inf")
+
+
+def test_a_single_non_finite_weight_stops_training_at_its_step(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
+    inject(monkeypatch, PoisonOneDecoderValue())
+    with pytest.raises(TrainingError, match=r"weights became non-finite \(nan/inf\) at step 5; training stopped"):
+        train_stage.train(recipe)
+    assert not (tmp_path / "sae" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_any_non_finite_finds_one_bad_value_among_many(bad):
+    from framework.training.module import any_non_finite
+
+    tensors = [torch.randn(64, 300), torch.randn(300), torch.empty(0)]  # an empty ZeRO-3 partition too
+    assert any_non_finite(tensors).tolist() == [0.0]
+    tensors[0][17, 123] = bad
+    assert any_non_finite(tensors).tolist() == [1.0]
+    # +inf in one tensor and -inf in another do not cancel out
+    assert any_non_finite([torch.tensor([float("inf")]), torch.tensor([float("-inf")])]).tolist() == [1.0]
+    assert any_non_finite([torch.full((10,), 1e30, dtype=torch.bfloat16)]).tolist() == [0.0]
+
+
 def test_store_whose_width_differs_from_the_sae_is_refused_before_training(pretrained_recipe, store_dir, tmp_path):
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "sae.d_in=576")
     with pytest.raises(DataError, match=r"d_in=576.*d=512"):

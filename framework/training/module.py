@@ -132,8 +132,7 @@ class SAEModule(L.LightningModule):
         # Each rank counts the values it holds (the whole tensor, its DTensor shard or its ZeRO-3
         # partition), never a gathered copy: no collective but the one sum below, which every
         # rank reaches, so all of them stop together (a NaN may sit in one rank's shard only).
-        local = [local_values(p) for p in sae.parameters()]
-        bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum().double().view(1)
+        bad = any_non_finite([local_values(p) for p in sae.parameters()])
         if self.layout.sum_over_features(self.layout.sum_over_data(bad)).item() > 0:
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
             raise TrainingError(
@@ -269,6 +268,19 @@ def local_values(param: torch.Tensor) -> torch.Tensor:
 
         return local_partition(param)
     return param
+
+
+def any_non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(1,) float64: 1 if any value of `tensors` is nan or ±inf, else 0.
+
+    One sum per tensor: nan and ±inf propagate through a sum (inf - inf gives nan), so the total
+    is finite exactly when every value is, unless finite values overflow it, which takes weights
+    of ~1e38 / numel: a divergence all the same. Counting with isfinite instead builds and sums a
+    bool mask per tensor: 56 against 0.7 ms for a 576 × 16,384 float32 weight on 2 CPU cores, a
+    fifth of a training step at that size when run after every optimizer step.
+    """
+    total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
+    return (~torch.isfinite(total)).double().view(1)
 
 
 def total_steps(recipe: Recipe) -> int:
