@@ -2,13 +2,14 @@
 # The GPU checks, as one script for a lent GPU machine (see docs/benchmarks.md, "GPU"):
 # CUDA tests, every train.strategy through Lightning on CUDA (DeepSpeed and FSDP2 included),
 # the paper's A/0..A/3 bank end to end on CUDA, the training-step benchmark in fp32 and bf16
-# up to 131,072 features, and a profile of our steps (bench/step_profile.py). Writes its logs
+# up to 131,072 features, the `sae train` loop against the bare step (bench/train_loop.py; the
+# loop part, not yet run on a GPU), and a profile of our steps (bench/step_profile.py). Writes its logs
 # to $OUT (or bench/results/gpu): log.txt (device, test summaries, profile), pytest.txt (the
 # tests' whole output), bench.md and bench/*.json with the scaling plot; few files, since a lent
 # machine returns at most eight.
 #
-# PARTS picks the sections (default all: "tests strategies paper bench profile"); each has its
-# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, PROFILE_S), so one call fits a
+# PARTS picks the sections (default all: "tests strategies paper bench loop profile"); each has its
+# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, LOOP_S, PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
 #   PARTS="tests strategies bench profile" bash bench/gpu_check.sh     # one call, ~8 minutes
@@ -29,7 +30,7 @@ LOG="$OUT/log.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
-PARTS=${PARTS:-tests strategies paper bench profile}
+PARTS=${PARTS:-tests strategies paper bench loop profile}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if part tests; then
@@ -62,6 +63,14 @@ timeout "${BENCH_S:-240}" python3 bench/run_all.py --device cuda --only train_st
   > "$OUT/bench.md" 2>&1
 echo "bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
 tail -n 40 "$OUT/bench.md"
+fi
+
+if part loop; then
+echo "== the sae train loop against the bare step (Lightning, shard reader, callbacks)" | tee -a "$LOG"
+timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --out "$OUT/bench" 2>&1 \
+  | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" | tail -n 20 | tee -a "$LOG"
+timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --precision bf16 --num-workers 4 \
+  --out "$OUT/bench/workers" 2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" | tail -n 8 | tee -a "$LOG"
 fi
 
 if part profile; then

@@ -1,6 +1,6 @@
 """Every benchmark, then one report: the training-step table against SAELens, sparsify and the
-limits, tokens/s and memory as the dictionary grows, the activation pipeline, and which goals
-are met. `make bench` runs this; results go to bench/results/*.json, the plot to
+limits, tokens/s and memory as the dictionary grows, the activation pipeline, the `sae train`
+loop against the bare step, and which goals are met. `make bench` runs this; results go to bench/results/*.json, the plot to
 docs/img/bench-scaling.png, and the printed markdown is what docs/benchmarks.md records.
 
     python bench/run_all.py                 # full run, CPU: about 40 minutes on 2 cores
@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import activations  # noqa: E402
 import scaling  # noqa: E402
+import train_loop  # noqa: E402
 import train_step  # noqa: E402
 from common import base_parser, markdown_table, write_results  # noqa: E402
 
-BENCHES = ("train_step", "scaling", "activations")
+BENCHES = ("train_step", "scaling", "activations", "train_loop")
 
 
 def _ours(group: dict, name: str) -> dict | None:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["scaling"] = scaling.main(common)
     if "activations" in args.only:
         results["activations"] = activations.main(common)
+    if "train_loop" in args.only:
+        results["train_loop"] = train_loop.main(common)
     rows = goals(results.get("train_step"), results.get("activations"))
     results["goals"] = rows
     summary = {"goals": rows, "machine": next(iter(results.values()))["machine"] if results else None}

@@ -26,7 +26,7 @@ def run_all(monkeypatch):
         yield run_all
     finally:
         torch.set_num_threads(threads)
-        for name in ("run_all", "train_step", "scaling", "activations", "common"):
+        for name in ("run_all", "train_step", "scaling", "activations", "train_loop", "common"):
             sys.modules.pop(name, None)
 
 
@@ -60,6 +60,10 @@ def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp
     assert all(_finite(r["rows_per_s"]) for r in acts["reader"].values())
     assert acts["bytes_per_row"]["float16"] < acts["bytes_per_row"]["float32"]
 
+    loop = results["train_loop"]["rows"]
+    assert {(r["variant"], r["precision"]) for r in loop} == {(v, p) for v in ("topk", "paper") for p in ("fp32", "bf16")}
+    assert all(_finite(r["loop_ms"]) and _finite(r["bare_ms"]) and r["loop_ms"] > 0 for r in loop)
+
     assert results["goals"] and all(len(row) == 3 for row in results["goals"])
-    for name in ("train_step", "scaling", "activations", "goals"):
+    for name in ("train_step", "scaling", "activations", "train_loop", "goals"):
         assert json.loads((tmp_path / f"{name}.json").read_text())

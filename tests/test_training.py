@@ -107,6 +107,23 @@ def test_training_lowers_the_loss(pretrained_recipe, store_dir, tmp_path):
     assert mse[-1] < 0.7 * mse[0]
 
 
+def test_training_logs_its_throughput_and_prints_progress_off_a_terminal(pretrained_recipe, store_dir, tmp_path, caplog):
+    import csv
+    import logging
+
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.log_every=4")
+    with caplog.at_level(logging.INFO, logger="framework.training.callbacks"):
+        out = train_stage.train(recipe)  # pytest's stderr is no terminal: the progress line is logged
+    rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
+    logged = {int(r["step"]): float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")}
+    # every 4 steps of 16; the first window starts at the second batch (a step's time is measured
+    # from one batch's start to the next one's)
+    assert sorted(logged) == [3, 7, 11, 15], logged
+    assert all(value > 0 for value in logged.values())
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert progress and progress[-1].startswith("train: 8,192/8,192 tokens (100%)"), progress
+
+
 def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     extra = ("train.checkpoint_every=6",)
     whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)

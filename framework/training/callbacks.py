@@ -11,12 +11,15 @@ two tenths... of its length with a window long enough to mean something.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 
 import lightning as L
 import torch
 
 from framework.config import Recipe
 from framework.evaluation.metrics import density_summary
+from framework.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +161,43 @@ class HeldoutEval(L.Callback):
                 module.log(f"{name}/eval/{key}", value, on_step=True)
         return self.results
 
+
+
+class Throughput(L.Callback):
+    """Tokens (activation rows of the global batch) per second of the whole training loop: reading
+    the batch, the step, every callback. Logged as `train/tokens_per_s` (the mean over the steps
+    since the last log, so a slow step such as a held-out evaluation shows in the window it fell
+    in) and, off a terminal, where Lightning shows no progress bar (cluster jobs), printed with the
+    ETA every 30 seconds on rank 0.
+
+    `step_seconds` keeps every step's wall time (start of one batch to the start of the next), for
+    bench/train_loop.py. A resumed run counts from where it resumed."""
+
+    def __init__(self, rows_per_step: int, total_steps: int, log_every: int):
+        self.rows_per_step = rows_per_step
+        self.total_steps = total_steps
+        self.log_every = max(1, log_every)
+        self.step_seconds: list[float] = []
+        self._last_start: float | None = None
+        self._window: list[float] = []
+        self._progress: Progress | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero and not sys.stderr.isatty():
+            remaining = max(0, self.total_steps - trainer.global_step) * self.rows_per_step
+            self._progress = Progress("train", remaining, unit="tokens", every_s=30.0, logger=log)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_start is not None:
+            self.step_seconds.append(now - self._last_start)
+            self._window.append(now - self._last_start)
+        self._last_start = now
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self._progress is not None:
+            self._progress.update(self.rows_per_step)
+        if self._window and trainer.global_step % self.log_every == 0:
+            seconds = sum(self._window) / len(self._window)
+            module.log("train/tokens_per_s", self.rows_per_step / seconds, on_step=True, rank_zero_only=True)
+            self._window.clear()

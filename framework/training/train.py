@@ -28,7 +28,7 @@ from framework.artifacts import is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError
 from framework.tracking import finish_tracking, make_loggers
-from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling
+from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling, Throughput
 from framework.training.data import ActivationDataModule
 from framework.training.module import SAEModule, total_steps
 from framework.training.strategies import (
@@ -135,6 +135,7 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
         every_n_train_steps=cfg.checkpoint_every or total,
     )
     callbacks = [
+        Throughput(cfg.batch_size, total, cfg.log_every),
         checkpoint,
         _TrackLastCheckpoint(checkpoint),
         Resampling(recipe, data, total),
