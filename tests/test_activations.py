@@ -183,6 +183,35 @@ def test_resumed_stream_continues_where_it_stopped(harvested):
         assert torch.equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("workers,batch", [(2, 384), (3, 1000)])
+def test_dataloader_workers_yield_the_batches_of_one_process_in_order(harvested, workers, batch):
+    # train.num_workers > 0: each worker process yields every workers-th batch; the DataLoader's
+    # round-robin must give back exactly the one-process sequence (a resume in mid-sample, two
+    # epochs, a batch count that is no multiple of the workers).
+    from torch.utils.data import DataLoader
+
+    store = ActivationStore(str(harvested.path("activations")))
+    options = dict(batch_size=batch, seed=3, epochs=2, start_row=700, max_batches=(2 * 6144 - 700) // batch - 1)
+    expected = list(ActivationStream(store, **options))
+    got = list(DataLoader(ActivationStream(store, **options), batch_size=None, num_workers=workers))
+    assert len(got) == len(expected) == options["max_batches"]
+    for a, b in zip(got, expected):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_worker_decodes_only_the_samples_of_its_own_batches(harvested):
+    from framework.activations.reader import Skipped, rebatch, worker_batches
+
+    store = ActivationStore(str(harvested.path("activations")))
+    stream = ActivationStream(store, batch_size=512, shuffle=False)
+    everything = list(stream)
+    blocks = list(stream._rows(worker_batches(1, 3, 512, None)))  # worker 1 of 3: batches 1, 4, 7, 10
+    decoded = sum(len(b) for b in blocks if not isinstance(b, Skipped))
+    assert sum(len(b) for b in blocks) == 6144 and decoded == 4 * 512
+    mine = list(rebatch(iter(blocks), 512, stride=(1, 3)))
+    assert len(mine) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(mine, everything[1::3]))
+
+
 def test_epochs_visit_every_row_once_each_in_a_new_order(harvested):
     store = ActivationStore(str(harvested.path("activations")))
     first, second = (list(ActivationStream(store, 1024, seed=1, epochs=1 + e))[6 * e:] for e in (0, 1))
@@ -199,6 +228,18 @@ def test_live_mode_yields_the_rows_the_store_holds(harvested):
     for a, b in zip(live, stored):
         for h in range(2):
             torch.testing.assert_close(a[h], b[h], rtol=1e-5, atol=1e-6)
+
+
+def test_live_mode_refuses_dataloader_workers(harvested):
+    import copy
+
+    from framework.errors import RecipeError
+    from framework.training.data import ActivationDataModule
+
+    recipe = copy.deepcopy(harvested)
+    recipe.harvest.mode, recipe.train.num_workers, recipe.train.n_tokens = "live", 2, 4096
+    with pytest.raises(RecipeError, match=r"train.num_workers=2 with harvest.mode=live.*train.num_workers=0"):
+        ActivationDataModule(recipe, model=load_lm(harvested))
 
 
 def test_rerun_of_a_complete_harvest_does_nothing(harvested):

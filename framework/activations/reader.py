@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -112,12 +112,16 @@ class ActivationStore:
                 f"SAE {sae_name!r} expects d={d_in} at {hook!r} but the store holds d={m.width(hook)}"
             )
 
-    def iter_shard(self, index: int) -> Iterator[Rows]:
-        """The rows of one shard, sample by sample, with errors that name the shard."""
+    def iter_shard(self, index: int, keep: Callable[[int, int], bool] | None = None) -> Iterator[Rows | Skipped]:
+        """The rows of one shard, sample by sample, with errors that name the shard.
+
+        `keep(first, end)` (rows first..end-1 of the shard) says whether a sample is wanted; one
+        that is not is read past without decoding and comes out as `Skipped` (its row count)."""
         info = self.manifest.shards[index]
         url = self.shard_url(index)
         if self.verify:
             self.verify_shard(index)
+        per_sample = self.manifest.rows_per_sample
         seen = 0
         try:
             # shard URL -> stream -> tar members -> samples grouped by key (webdataset's own
@@ -125,7 +129,19 @@ class ActivationStore:
             with open_url(url) as stream:
                 samples = group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}])))
                 for sample in samples:
+                    # Every sample of a shard holds rows_per_sample rows, the last one the rest.
+                    expected = min(per_sample, info.rows - seen)
+                    if keep is not None and expected > 0 and not keep(seen, seen + expected):
+                        seen += expected
+                        yield Skipped(expected)
+                        continue
                     rows = decode_sample(sample, self.manifest.dtype, len(self.manifest.hook_points))
+                    if keep is not None and len(rows) != expected:
+                        raise DataError(
+                            f"sample {sample.get('__key__')} of shard {info.name} in {self.location} holds "
+                            f"{len(rows)} rows where the manifest's rows_per_sample={per_sample} says "
+                            f"{expected}: the shard does not match its manifest. Re-run `sae harvest RECIPE`."
+                        )
                     seen += len(rows)
                     yield rows
         except DataError:
@@ -185,8 +201,28 @@ class ActivationStore:
         return sum(sizes[-(len(sizes) // world):]) if world > 1 else sum(sizes)
 
 
+class Skipped:
+    """Rows of a sample read past without decoding (not needed by this reader): only a count."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, index: slice) -> Skipped:
+        return Skipped(len(range(self.n)[index]))
+
+
 class ActivationStream(IterableDataset):
-    """Batches (one tensor per hook point) for one rank, starting after `start_row` rows."""
+    """Batches (one tensor per hook point) for one rank, starting after `start_row` rows.
+
+    In DataLoader worker processes (train.num_workers > 0), worker w of W yields batches w,
+    w + W, w + 2W, ... of the same sequence, which the DataLoader's round-robin puts back in
+    order: the batches are those of one process, whatever the number of workers. Each worker
+    decodes only the samples its batches need and reads past the others."""
 
     def __init__(self, store: ActivationStore, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, epochs: int = 1, shuffle: bool = True, start_row: int = 0,
@@ -196,26 +232,58 @@ class ActivationStream(IterableDataset):
         self.seed, self.epochs, self.shuffle = seed, epochs, shuffle
         self.start_row, self.max_batches = start_row, max_batches
 
-    def _rows(self) -> Iterator[Rows]:
-        to_skip = self.start_row
+    def _rows(self, needed: Callable[[int, int], bool] | None = None) -> Iterator[Rows | Skipped]:
+        """The rows after `start_row`, block by block. `needed(first, end)` (positions in this
+        stream) says which rows the caller uses; blocks of others may come out as `Skipped`. Rows
+        before `start_row` in a shard partly consumed before a resume are never decoded."""
+        to_skip, position = self.start_row, 0
         for epoch in range(self.epochs):
             for index in self.store.rank_shards(epoch, self.seed, self.shuffle, self.rank, self.world):
                 rows_here = self.store.manifest.shards[index].rows
                 if to_skip >= rows_here:  # consumed before a resume: skip without reading
                     to_skip -= rows_here
                     continue
-                yield from skip_rows(self.store.iter_shard(index), to_skip)
+                # shard row r is stream position `origin + r`
+                origin, skip_here = position - to_skip, to_skip
+
+                def keep(first: int, end: int, origin=origin, skip_here=skip_here) -> bool:
+                    if end <= skip_here:
+                        return False
+                    return needed is None or needed(origin + max(first, skip_here), origin + end)
+
+                yield from skip_rows(self.store.iter_shard(index, keep), to_skip)
+                position += rows_here - to_skip
                 to_skip = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        return rebatch(self._rows(), self.batch_size, self.max_batches)
+        worker = get_worker_info()
+        if worker is None or worker.num_workers == 1:
+            return rebatch(self._rows(), self.batch_size, self.max_batches)
+        mine = worker_batches(worker.id, worker.num_workers, self.batch_size, self.max_batches)
+        return rebatch(self._rows(mine), self.batch_size, self.max_batches, (worker.id, worker.num_workers))
 
     def iter_rows(self) -> Iterator[Rows]:
         """Every row this rank reads (with tokens, contexts and positions), unbatched."""
         return self._rows()
 
 
-def skip_rows(blocks: Iterator[Rows], n: int) -> Iterator[Rows]:
+def worker_batches(worker: int, workers: int, batch_size: int, max_batches: int | None
+                   ) -> Callable[[int, int], bool]:
+    """needed(first, end): whether stream rows first..end-1 overlap a batch of this worker's."""
+
+    def needed(first: int, end: int) -> bool:
+        last = (end - 1) // batch_size
+        if max_batches is not None:
+            last = min(last, max_batches - 1)
+        # the first batch at or after first // batch_size that is this worker's
+        start = first // batch_size
+        start += (worker - start) % workers
+        return start <= last
+
+    return needed
+
+
+def skip_rows(blocks: Iterator[Rows | Skipped], n: int) -> Iterator[Rows | Skipped]:
     """Drop the first n rows of a stream of blocks."""
     for rows in blocks:
         if n >= len(rows):
@@ -225,19 +293,30 @@ def skip_rows(blocks: Iterator[Rows], n: int) -> Iterator[Rows]:
         n = 0
 
 
-def rebatch(blocks: Iterator[Rows], batch_size: int, max_batches: int | None = None
-            ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Blocks of any size -> batches of exactly `batch_size` rows (one float tensor per hook)."""
+def rebatch(blocks: Iterator[Rows | Skipped], batch_size: int, max_batches: int | None = None,
+            stride: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Blocks of any size -> batches of exactly `batch_size` rows (one float tensor per hook).
+
+    `stride=(w, W)`: only batches w, w + W, ... of that sequence (a DataLoader worker's share);
+    the rows of the others may arrive as `Skipped` blocks."""
+    worker, workers = stride
+    if max_batches is not None and max_batches <= 0:
+        return
     pending: list[Rows] = []
-    held = emitted = 0
-    for rows in blocks:
-        pending.append(rows)
-        held += len(rows)
-        while held >= batch_size:
-            merged = Rows.cat(pending)
-            batch, rest = merged.take(slice(0, batch_size)), merged.take(slice(batch_size, None))
-            pending, held = ([rest] if len(rest) else []), len(rest)
-            yield tuple(a.float() for a in batch.acts)
-            emitted += 1
-            if max_batches is not None and emitted >= max_batches:
-                return
+    batch = position = 0  # the batch being filled; rows of the stream seen so far
+    for block in blocks:
+        offset, size = 0, len(block)
+        while offset < size:
+            take = min(size - offset, (batch + 1) * batch_size - position)
+            if batch % workers == worker:
+                pending.append(block.take(slice(offset, offset + take)) if (offset, take) != (0, size) else block)
+            offset += take
+            position += take
+            if position == (batch + 1) * batch_size:
+                if pending:
+                    merged = pending[0] if len(pending) == 1 else Rows.cat(pending)
+                    yield tuple(a.float() for a in merged.acts)
+                pending = []
+                batch += 1
+                if max_batches is not None and batch >= max_batches:
+                    return  # before reading on: the next block may open another shard

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.config import Recipe
-from framework.errors import DataError
+from framework.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ class ActivationDataModule(L.LightningDataModule):
         self.rank_batch = cfg.batch_size // self.world_size
         self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
         self.live_model = model if recipe.harvest.mode == "live" else None
+        if self.live_model is not None and cfg.num_workers > 0:
+            raise RecipeError(
+                f"train.num_workers={cfg.num_workers} with harvest.mode=live: live activations come from "
+                f"the LM in the training process, which worker processes cannot share. Set "
+                f"train.num_workers=0, or harvest a store (harvest.mode=store) to read it with workers."
+            )
         self.store = None if self.live_model is not None else ActivationStore(
             recipe.store_location(), verify=recipe.harvest.verify_on_read
         )
