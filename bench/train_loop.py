@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = run(args.device, args.quick, args.sizes, tuple(args.precision), args.steps, args.num_workers)
     write_results("train_loop", results, args.out, args.quick)
-    print(f"\n### The `sae train` loop against the bare step ({args.device}, median of "
-          f"{results['steps'] - SKIP} steps, train.num_workers={args.num_workers})\n")
+    timed = len(results["rows"][0]["loop_samples_s"]) if results["rows"] else 0
+    print(f"\n### The `sae train` loop against the bare step ({args.device}, median of {timed} steps each, "
+          f"train.num_workers={args.num_workers})\n")
     print(table(results))
     return results
 
