@@ -80,6 +80,7 @@ class SAEModule(L.LightningModule):
         self.layout = ParameterLayout()  # replaced by strategies.parallelize
         self.pending_init = None  # a train.PendingInit, until feature sharding consumes it
         self.trained_bank: SAEModule | None = None  # whole(), gathered as training ends (rank 0)
+        self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -103,7 +104,7 @@ class SAEModule(L.LightningModule):
         for name, sae in self.saes.items():
             x = self.scaled_input(batch, name)
             out = sae(x, self.global_step)
-            self._check_finite(name, out.loss)
+            self._step_losses[name] = out.loss.detach()  # checked with the weights after the step
             self._update_stats(name, sae, out.fire_counts(), x.shape[0])
             total = total + out.loss
             if log_now:
@@ -126,29 +127,35 @@ class SAEModule(L.LightningModule):
         """(n_features,) firing fraction over the current window, of the whole dictionary."""
         return self.layout.gather_features(self.stats[name].density())
 
-    def _check_finite_weights(self, name: str, sae, step: int) -> None:
-        # The sparse fast paths mask NaN pre-activations to zero features, so a diverged
-        # encoder can leave the loss finite; the weights themselves are the reliable signal.
-        # Each rank counts the values it holds (the whole tensor, its DTensor shard or its ZeRO-3
-        # partition), never a gathered copy: no collective but the one sum below, which every
-        # rank reaches, so all of them stop together (a NaN may sit in one rank's shard only).
-        bad = any_non_finite([local_values(p) for p in sae.parameters()])
-        if self.layout.sum_over_features(self.layout.sum_over_data(bad)).item() > 0:
-            where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
-            raise TrainingError(
-                f"SAE {name!r}: weights became non-finite (nan/inf) at step {step}; training stopped. "
-                f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
-                f"or check the activations for inf (`sae harvest RECIPE --verify`)."
-            )
+    def _check_finite(self, name: str, sae, step: int) -> None:
+        """Stop every rank at the same step, with the reason, when this step's loss (on any rank)
+        or any weight after the optimizer step is nan or inf.
 
-    def _check_finite(self, name: str, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
-            raise TrainingError(
-                f"SAE {name!r}: loss is {loss.item()} at step {self.global_step}; training stopped. "
-                f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
-                f"or check the activations for inf (`sae harvest RECIPE --verify`)."
-            )
+        One collective and one host sync for both, after the step: a rank that stopped alone in
+        its training_step would leave the others waiting in the gradient all-reduce until the
+        process-group timeout. The weights are checked too because the sparse fast paths mask
+        nan pre-activations to zero features, so a diverged encoder can leave the loss finite.
+        Each rank looks at the values it holds (the whole tensor, its DTensor shard or its ZeRO-3
+        partition), never a gathered copy: a nan may sit in one rank's shard only. Nothing is
+        saved in between (checkpoints are written after this, at the end of the batch)."""
+        loss = self._step_losses.pop(name, None)
+        weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
+        loss_bad = (~torch.isfinite(loss)).double().view(1) if loss is not None else torch.zeros_like(weights_bad)
+        counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat([loss_bad, weights_bad])))
+        ranks_with_bad_loss, bad_weights = counts.tolist()
+        if not (ranks_with_bad_loss or bad_weights):
+            return
+        if ranks_with_bad_loss:
+            value = loss.item() if loss_bad.item() else "not finite on another rank"
+            what = f"loss is {value} at step {step}"
+        else:
+            what = f"weights became non-finite (nan/inf) at step {step}"
+        where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
+        raise TrainingError(
+            f"SAE {name!r}: {what}; training stopped. "
+            f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
+            f"or check the activations for inf (`sae harvest RECIPE --verify`)."
+        )
 
     @torch.no_grad()
     def _log_step(self, name: str, x: torch.Tensor, out) -> None:
@@ -192,7 +199,7 @@ class SAEModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         for name, sae in self.saes.items():
             self.layout.after_optimizer_step(sae)
-            self._check_finite_weights(name, sae, step)
+            self._check_finite(name, sae, step)
 
     # ---- optimisation -----------------------------------------------------------------------
 
