@@ -162,7 +162,6 @@ class HeldoutEval(L.Callback):
         return self.results
 
 
-
 class Throughput(L.Callback):
     """Tokens (activation rows of the global batch) per second of the whole training loop: reading
     the batch, the step, every callback. Logged as `train/tokens_per_s` (the mean over the steps
