@@ -102,7 +102,7 @@ def loop_step_seconds(store: Path, out: Path, variant: str, n: int, precision: s
     finally:
         train_stage.build_trainer = original
     throughput = next(c for c in built[0].callbacks if isinstance(c, Throughput))
-    return throughput.step_seconds
+    return list(throughput.step_seconds)
 
 
 def bare_step_seconds(variant: str, n: int, precision: str, steps: int, device: torch.device) -> list[float]:

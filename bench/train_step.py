@@ -114,7 +114,7 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
 
 def ours(setup: Setup, variant: str, regime: str) -> Timed:
     from framework.training.layout import ParameterLayout
-    from framework.training.module import FeatureStats
+    from framework.training.module import FeatureStats, any_non_finite
 
     sae = our_sae(setup, variant, regime)
     stats, layout = FeatureStats(setup.n).to(setup.device), ParameterLayout()
@@ -130,8 +130,6 @@ def ours(setup: Setup, variant: str, regime: str) -> Timed:
         x = setup.x(i)
         with autocast(setup.device, setup.precision):
             out = sae(x, i)
-        if not torch.isfinite(out.loss):
-            raise RuntimeError(f"non-finite loss at step {i}")
         stats.update(out.fire_counts(), x.shape[0], layout)
         if hasattr(sae, "steps_since_fired"):
             sae.steps_since_fired.copy_(stats.steps_since_fired)
@@ -139,6 +137,9 @@ def ours(setup: Setup, variant: str, regime: str) -> Timed:
         layout.before_optimizer_step(sae)
         optimizer.step()
         layout.after_optimizer_step(sae)
+        # SAEModule._check_finite: the loss and the weights, one host sync
+        if any_non_finite([out.loss.detach(), *sae.parameters()]).item():
+            raise RuntimeError(f"non-finite loss or weights at step {i}")
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         loss, l0 = out.loss.detach(), out.losses["l0"]

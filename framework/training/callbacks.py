@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 
 import lightning as L
 import torch
@@ -169,14 +170,14 @@ class Throughput(L.Callback):
     in) and, off a terminal, where Lightning shows no progress bar (cluster jobs), printed with the
     ETA every 30 seconds on rank 0.
 
-    `step_seconds` keeps every step's wall time (start of one batch to the start of the next), for
-    bench/train_loop.py. A resumed run counts from where it resumed."""
+    `step_seconds` keeps the wall time of the last 10,000 steps (start of one batch to the start
+    of the next), for bench/train_loop.py. A resumed run counts from where it resumed."""
 
     def __init__(self, rows_per_step: int, total_steps: int, log_every: int):
         self.rows_per_step = rows_per_step
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
-        self.step_seconds: list[float] = []
+        self.step_seconds: deque[float] = deque(maxlen=10_000)
         self._last_start: float | None = None
         self._window: list[float] = []
         self._progress: Progress | None = None
