@@ -39,6 +39,7 @@ from framework.lm.base import Tokenizer
 from framework.lm.baselines import bigram_loss, unigram_loss
 from framework.lm.builtin import BuiltinArchitecture, BuiltinLM
 from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from framework.memory import freed_memory_kept
 from framework.progress import Progress
 from framework.text import load_contexts, token_stream
 from framework.tracking import finish_tracking, make_loggers
@@ -184,9 +185,13 @@ def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: t
         callbacks=callbacks, enable_progress_bar=on_tty, enable_model_summary=False,
         log_every_n_steps=min(10, cfg.steps), default_root_dir=out, **_accelerator(recipe.lm.device),
     )
+    # Each step allocates (batch × context × vocab) logits and their gradient afresh (64 MiB each
+    # at the quickstart's shape); reusing freed memory instead of faulting those pages in again
+    # made pretraining 40% faster on 2 cores, for 16% more peak RSS (framework/memory.py).
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None,
-                    weights_only=True)
+        with freed_memory_kept():
+            trainer.fit(module, train_loader, val_loader,
+                        ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None, weights_only=True)
     finally:
         finish_tracking(trainer.loggers)
 
