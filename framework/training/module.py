@@ -51,7 +51,7 @@ class FeatureStats(nn.Module):
         self.window_fires += fires
         self.window_rows += rows
         self.steps_since_fired += 1
-        self.steps_since_fired[fires > 0] = 0
+        self.steps_since_fired.masked_fill_(fires > 0, 0)  # no nonzero: no host sync on a GPU
 
     def density(self) -> torch.Tensor:
         return self.window_fires / self.window_rows.clamp_min(1)
