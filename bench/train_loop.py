@@ -23,7 +23,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -97,8 +99,11 @@ def loop_step_seconds(store: Path, out: Path, variant: str, n: int, precision: s
         return trainer
 
     train_stage.build_trainer = keep
+    # `sae train` takes the GPU whenever there is one; a CPU run on a GPU host must not.
+    on_cpu = mock.patch("torch.cuda.is_available", return_value=False) if device.type == "cpu" else nullcontext()
     try:
-        train_stage.train(recipe)
+        with on_cpu:
+            train_stage.train(recipe)
     finally:
         train_stage.build_trainer = original
     throughput = next(c for c in built[0].callbacks if isinstance(c, Throughput))
@@ -119,6 +124,8 @@ def run(device: str = "cpu", quick: bool = False, sizes: list[int] | None = None
     dev = torch.device(device)
     sizes = sizes or ([1024] if quick else [16384])
     steps = steps or (6 if quick else (200 if dev.type == "cuda" else 16))
+    if steps < SKIP + 2:
+        raise SystemExit(f"--steps {steps}: at least {SKIP + 2} (the first {SKIP} are not timed)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-loop-"))
     results = {"machine": machine(dev), "steps": steps, "num_workers": num_workers, "rows": []}
     try:

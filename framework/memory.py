@@ -36,6 +36,7 @@ _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 # that): restored when a stage that kept freed memory ends.
 _SETTLED_MMAP_THRESHOLD, _SETTLED_TRIM_THRESHOLD = 32 << 20, 64 << 20
 _kept_for_process = False
+_open_scopes = 0  # freed_memory_kept() scopes entered and not yet left
 
 
 def keep_freed_memory(force: bool = False) -> bool:
@@ -58,12 +59,20 @@ def keep_freed_memory(force: bool = False) -> bool:
 @contextlib.contextmanager
 def freed_memory_kept():
     """Within: malloc keeps freed memory for reuse, as keep_freed_memory() does for a process.
-    After: glibc's settled thresholds again, and the heap's free memory returned to the kernel
-    (malloc_trim), so later stages hold no more than they would have. Nothing changes where the
-    whole process keeps freed memory already, where SAE_KEEP_FREED_MEMORY=0 asks for glibc's own
-    behaviour throughout, or off glibc. Yields whether memory is kept inside."""
-    if _kept_for_process or os.environ.get("SAE_KEEP_FREED_MEMORY") == "0" or not sys.platform.startswith("linux"):
-        yield _kept_for_process
+    After: fixed thresholds at the values glibc's dynamic ones settle at once large blocks have
+    been freed (a process that never freed one would have had lower ones), and the heap's free
+    memory returned to the kernel (malloc_trim), so later stages hold about what they would
+    have. SAE_KEEP_FREED_MEMORY=1 makes it keep freed memory for the rest of the process instead
+    (as `sae` does at its start); =0 asks for glibc's own behaviour throughout; off glibc nothing
+    changes. A scope inside another leaves the settings to the outer one. Yields whether memory
+    is kept inside."""
+    global _open_scopes
+    setting = os.environ.get("SAE_KEEP_FREED_MEMORY")
+    if setting == "1":
+        yield keep_freed_memory()
+        return
+    if _kept_for_process or _open_scopes or setting == "0" or not sys.platform.startswith("linux"):
+        yield _kept_for_process or bool(_open_scopes)
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -73,9 +82,11 @@ def freed_memory_kept():
         return
     kept = any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS) and bool(
         mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _open_scopes += 1
     try:
         yield kept
     finally:
+        _open_scopes -= 1
         mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
         mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
         malloc_trim(0)

@@ -183,33 +183,53 @@ def test_resumed_stream_continues_where_it_stopped(harvested):
         assert torch.equal(a[0], b[0])
 
 
-@pytest.mark.parametrize("workers,batch", [(2, 384), (3, 1000)])
-def test_dataloader_workers_yield_the_batches_of_one_process_in_order(harvested, workers, batch):
+@pytest.mark.parametrize("workers,batch,max_batches,world", [
+    (2, 384, 29, 1),  # a batch count that is no multiple of the workers
+    (3, 1000, None, 1),  # the stream's own end
+    (3, 2000, 2, 1),  # fewer batches than workers: one worker yields nothing
+    (2, 300, None, 2),  # rank 1 of 2
+])
+def test_dataloader_workers_yield_the_batches_of_one_process_in_order(harvested, workers, batch, max_batches, world):
     # train.num_workers > 0: each worker process yields every workers-th batch; the DataLoader's
-    # round-robin must give back exactly the one-process sequence (a resume in mid-sample, two
-    # epochs, a batch count that is no multiple of the workers).
+    # round-robin must give back exactly the one-process sequence (here with a resume in
+    # mid-sample, two epochs, and checksums verified on read).
     from torch.utils.data import DataLoader
 
-    store = ActivationStore(str(harvested.path("activations")))
-    options = dict(batch_size=batch, seed=3, epochs=2, start_row=700, max_batches=(2 * 6144 - 700) // batch - 1)
+    store = ActivationStore(str(harvested.path("activations")), verify=True)
+    options = dict(batch_size=batch, seed=3, epochs=2, start_row=700, max_batches=max_batches,
+                   rank=world - 1, world=world)
     expected = list(ActivationStream(store, **options))
     got = list(DataLoader(ActivationStream(store, **options), batch_size=None, num_workers=workers))
-    assert len(got) == len(expected) == options["max_batches"]
+    assert len(got) == len(expected) > 0
+    if max_batches is not None:
+        assert len(expected) == max_batches
     for a, b in zip(got, expected):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_rows_after_a_mid_shard_resume_are_the_rest_of_the_stream(harvested):
+    store = ActivationStore(str(harvested.path("activations")))
+    everything = torch.cat([rows.acts[0] for rows in ActivationStream(store, 1, seed=5).iter_rows()])
+    resumed = torch.cat([rows.acts[0] for rows in ActivationStream(store, 1, seed=5, start_row=1500).iter_rows()])
+    assert torch.equal(resumed, everything[1500:])
+
+
 def test_a_worker_decodes_only_the_samples_of_its_own_batches(harvested):
-    from framework.activations.reader import Skipped, rebatch, worker_batches
+    from framework.activations.reader import Skipped, WorkerShare, rebatch
 
     store = ActivationStore(str(harvested.path("activations")))
     stream = ActivationStream(store, batch_size=512, shuffle=False)
     everything = list(stream)
-    blocks = list(stream._rows(worker_batches(1, 3, 512, None)))  # worker 1 of 3: batches 1, 4, 7, 10
+    share = WorkerShare(1, 3, 512, None)  # worker 1 of 3: batches 1, 4, 7, 10
+    blocks = list(stream._rows(share))
     decoded = sum(len(b) for b in blocks if not isinstance(b, Skipped))
     assert sum(len(b) for b in blocks) == 6144 and decoded == 4 * 512
-    mine = list(rebatch(iter(blocks), 512, stride=(1, 3)))
+    mine = list(rebatch(iter(blocks), 512, share=share))
     assert len(mine) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(mine, everything[1::3]))
+    # A shard without rows of the worker's batches is not even opened.
+    share = WorkerShare(0, 2, 2048, 2)  # batch 0 only (batch 1 is worker 1's; 2 batches in all)
+    blocks = list(ActivationStream(store, batch_size=2048, shuffle=False)._rows(share))
+    assert [len(b) for b in blocks if isinstance(b, Skipped)][-4:] == [1024] * 4  # shards 2-5 never opened
 
 
 def test_epochs_visit_every_row_once_each_in_a_new_order(harvested):
@@ -238,7 +258,8 @@ def test_live_mode_refuses_dataloader_workers(harvested):
 
     recipe = copy.deepcopy(harvested)
     recipe.harvest.mode, recipe.train.num_workers, recipe.train.n_tokens = "live", 2, 4096
-    with pytest.raises(RecipeError, match=r"train.num_workers=2 with harvest.mode=live.*train.num_workers=0"):
+    with pytest.raises(RecipeError, match=r"train.num_workers=2 with harvest.mode=live.*train.num_workers=0.*"
+                                          r"harvest.mode=shards"):
         ActivationDataModule(recipe, model=load_lm(harvested))
 
 

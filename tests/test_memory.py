@@ -80,3 +80,6 @@ def test_a_stage_keeps_freed_memory_inside_its_scope_only():
     kept, inside, after = _scoped_probe(SAE_KEEP_FREED_MEMORY="0")  # asked for glibc's behaviour throughout
     assert kept == "False"
     assert inside >= 16384 and after >= 65536
+    kept, inside, after = _scoped_probe(SAE_KEEP_FREED_MEMORY="1")  # asked for it for the whole process
+    assert kept == "True"
+    assert inside < 16384 // 4 and after < 65536  # still kept after the scope (the default: >= 65,536)

@@ -112,14 +112,16 @@ class ActivationStore:
                 f"SAE {sae_name!r} expects d={d_in} at {hook!r} but the store holds d={m.width(hook)}"
             )
 
-    def iter_shard(self, index: int, keep: Callable[[int, int], bool] | None = None) -> Iterator[Rows | Skipped]:
+    def iter_shard(self, index: int, keep: Callable[[int, int], bool] | None = None,
+                   verify: bool = True) -> Iterator[Rows | Skipped]:
         """The rows of one shard, sample by sample, with errors that name the shard.
 
         `keep(first, end)` (rows first..end-1 of the shard) says whether a sample is wanted; one
-        that is not is read past without decoding and comes out as `Skipped` (its row count)."""
+        that is not is read past without decoding and comes out as `Skipped` (its row count).
+        `verify=False` leaves the checksum (of a store opened with verify) to another reader."""
         info = self.manifest.shards[index]
         url = self.shard_url(index)
-        if self.verify:
+        if self.verify and verify:
             self.verify_shard(index)
         per_sample = self.manifest.rows_per_sample
         seen = 0
@@ -136,11 +138,12 @@ class ActivationStore:
                         yield Skipped(expected)
                         continue
                     rows = decode_sample(sample, self.manifest.dtype, len(self.manifest.hook_points))
-                    if keep is not None and len(rows) != expected:
+                    if len(rows) != expected:
                         raise DataError(
                             f"sample {sample.get('__key__')} of shard {info.name} in {self.location} holds "
                             f"{len(rows)} rows where the manifest's rows_per_sample={per_sample} says "
-                            f"{expected}: the shard does not match its manifest. Re-run `sae harvest RECIPE`."
+                            f"{expected}: the shard does not match its manifest. Delete it and its "
+                            f"window-*.json and re-run `sae harvest RECIPE`."
                         )
                     seen += len(rows)
                     yield rows
@@ -222,7 +225,9 @@ class ActivationStream(IterableDataset):
     In DataLoader worker processes (train.num_workers > 0), worker w of W yields batches w,
     w + W, w + 2W, ... of the same sequence, which the DataLoader's round-robin puts back in
     order: the batches are those of one process, whatever the number of workers. Each worker
-    decodes only the samples its batches need and reads past the others."""
+    reads every shard that holds rows of its batches, decodes only the samples they need, and
+    checks a shard's checksum (harvest.verify_on_read) only if it yields the shard's first batch,
+    which the DataLoader hands out before any later batch of that shard."""
 
     def __init__(self, store: ActivationStore, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, epochs: int = 1, shuffle: bool = True, start_row: int = 0,
@@ -232,10 +237,10 @@ class ActivationStream(IterableDataset):
         self.seed, self.epochs, self.shuffle = seed, epochs, shuffle
         self.start_row, self.max_batches = start_row, max_batches
 
-    def _rows(self, needed: Callable[[int, int], bool] | None = None) -> Iterator[Rows | Skipped]:
-        """The rows after `start_row`, block by block. `needed(first, end)` (positions in this
-        stream) says which rows the caller uses; blocks of others may come out as `Skipped`. Rows
-        before `start_row` in a shard partly consumed before a resume are never decoded."""
+    def _rows(self, share: WorkerShare | None = None) -> Iterator[Rows | Skipped]:
+        """The rows after `start_row`, block by block. With a worker's `share`, the rows of other
+        workers' batches may come out as `Skipped`. Rows before `start_row` in a shard partly
+        consumed before a resume are never decoded."""
         to_skip, position = self.start_row, 0
         for epoch in range(self.epochs):
             for index in self.store.rank_shards(epoch, self.seed, self.shuffle, self.rank, self.world):
@@ -243,44 +248,62 @@ class ActivationStream(IterableDataset):
                 if to_skip >= rows_here:  # consumed before a resume: skip without reading
                     to_skip -= rows_here
                     continue
-                # shard row r is stream position `origin + r`
+                # shard row r is stream position `origin + r`; this shard gives positions first..end-1
                 origin, skip_here = position - to_skip, to_skip
+                first, end = position, origin + rows_here
+                if share is not None and not share.needs(first, end):
+                    yield Skipped(end - first)  # none of this worker's rows: not even opened
+                else:
+                    def keep(lo: int, hi: int, origin=origin, skip_here=skip_here) -> bool:
+                        if hi <= skip_here:
+                            return False
+                        return share is None or share.needs(origin + max(lo, skip_here), origin + hi)
 
-                def keep(first: int, end: int, origin=origin, skip_here=skip_here) -> bool:
-                    if end <= skip_here:
-                        return False
-                    return needed is None or needed(origin + max(first, skip_here), origin + end)
-
-                yield from skip_rows(self.store.iter_shard(index, keep), to_skip)
-                position += rows_here - to_skip
+                    verify = share is None or share.owns(first)
+                    yield from skip_rows(self.store.iter_shard(index, keep, verify), to_skip)
+                position = end
                 to_skip = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         worker = get_worker_info()
         if worker is None or worker.num_workers == 1:
             return rebatch(self._rows(), self.batch_size, self.max_batches)
-        mine = worker_batches(worker.id, worker.num_workers, self.batch_size, self.max_batches)
-        return rebatch(self._rows(mine), self.batch_size, self.max_batches, (worker.id, worker.num_workers))
+        share = WorkerShare(worker.id, worker.num_workers, self.batch_size, self.max_batches)
+        return rebatch(self._rows(share), self.batch_size, self.max_batches, share)
 
     def iter_rows(self) -> Iterator[Rows]:
         """Every row this rank reads (with tokens, contexts and positions), unbatched."""
         return self._rows()
 
 
-def worker_batches(worker: int, workers: int, batch_size: int, max_batches: int | None
-                   ) -> Callable[[int, int], bool]:
-    """needed(first, end): whether stream rows first..end-1 overlap a batch of this worker's."""
+class WorkerShare:
+    """The batches DataLoader worker `worker` of `workers` yields: worker, worker + workers, ...
+    (those below `max_batches`, when it is given)."""
 
-    def needed(first: int, end: int) -> bool:
-        last = (end - 1) // batch_size
-        if max_batches is not None:
-            last = min(last, max_batches - 1)
-        # the first batch at or after first // batch_size that is this worker's
-        start = first // batch_size
-        start += (worker - start) % workers
+    def __init__(self, worker: int, workers: int, batch_size: int, max_batches: int | None):
+        self.worker, self.workers, self.batch_size, self.max_batches = worker, workers, batch_size, max_batches
+
+    def owns(self, position: int) -> bool:
+        """Whether the batch holding stream row `position` is this worker's."""
+        return (position // self.batch_size) % self.workers == self.worker
+
+    def needs(self, first: int, end: int) -> bool:
+        """Whether stream rows first..end-1 overlap one of this worker's batches."""
+        if end <= first:
+            return False
+        last = (end - 1) // self.batch_size
+        if self.max_batches is not None:
+            last = min(last, self.max_batches - 1)
+        start = first // self.batch_size
+        start += (self.worker - start) % self.workers  # its first batch from there on
         return start <= last
 
-    return needed
+    def last_batch(self) -> int | None:
+        """Its last batch (-1: none), or None when the stream's length is not given."""
+        if self.max_batches is None:
+            return None
+        top = self.max_batches - 1
+        return top - (top - self.worker) % self.workers if top >= self.worker else -1
 
 
 def skip_rows(blocks: Iterator[Rows | Skipped], n: int) -> Iterator[Rows | Skipped]:
@@ -294,13 +317,15 @@ def skip_rows(blocks: Iterator[Rows | Skipped], n: int) -> Iterator[Rows | Skipp
 
 
 def rebatch(blocks: Iterator[Rows | Skipped], batch_size: int, max_batches: int | None = None,
-            stride: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, ...]]:
+            share: WorkerShare | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Blocks of any size -> batches of exactly `batch_size` rows (one float tensor per hook).
 
-    `stride=(w, W)`: only batches w, w + W, ... of that sequence (a DataLoader worker's share);
-    the rows of the others may arrive as `Skipped` blocks."""
-    worker, workers = stride
-    if max_batches is not None and max_batches <= 0:
+    With a worker's `share`: only its batches of that sequence, whose rows must all be real (the
+    rows of others may arrive as `Skipped`); it stops after its last one."""
+    last = max_batches - 1 if max_batches is not None else None
+    if share is not None:
+        last = share.last_batch()
+    if last is not None and last < 0:
         return
     pending: list[Rows] = []
     batch = position = 0  # the batch being filled; rows of the stream seen so far
@@ -308,7 +333,9 @@ def rebatch(blocks: Iterator[Rows | Skipped], batch_size: int, max_batches: int 
         offset, size = 0, len(block)
         while offset < size:
             take = min(size - offset, (batch + 1) * batch_size - position)
-            if batch % workers == worker:
+            if share is None or batch % share.workers == share.worker:
+                if isinstance(block, Skipped):
+                    raise RuntimeError(f"batch {batch} needs rows that were skipped without decoding")
                 pending.append(block.take(slice(offset, offset + take)) if (offset, take) != (0, size) else block)
             offset += take
             position += take
@@ -317,6 +344,6 @@ def rebatch(blocks: Iterator[Rows | Skipped], batch_size: int, max_batches: int 
                     merged = pending[0] if len(pending) == 1 else Rows.cat(pending)
                     yield tuple(a.float() for a in merged.acts)
                 pending = []
-                batch += 1
-                if max_batches is not None and batch >= max_batches:
+                if batch == last:
                     return  # before reading on: the next block may open another shard
+                batch += 1

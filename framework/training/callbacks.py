@@ -165,10 +165,11 @@ class HeldoutEval(L.Callback):
 
 class Throughput(L.Callback):
     """Tokens (activation rows of the global batch) per second of the whole training loop: reading
-    the batch, the step, every callback. Logged as `train/tokens_per_s` (the mean over the steps
-    since the last log, so a slow step such as a held-out evaluation shows in the window it fell
-    in) and, off a terminal, where Lightning shows no progress bar (cluster jobs), printed with the
-    ETA every 30 seconds on rank 0.
+    the batch, the step, every callback. Logged as `train/tokens_per_s`, the mean over the steps
+    timed since the last log (a step is timed from its batch's start to the next one's, so the
+    time of a held-out evaluation or a checkpoint at a logging step counts in the next window),
+    and, off a terminal, where Lightning shows no progress bar (cluster jobs), printed with the
+    ETA every 30 seconds on rank 0 (after a resume: of the tokens still to go).
 
     `step_seconds` keeps the wall time of the last 10,000 steps (start of one batch to the start
     of the next), for bench/train_loop.py. A resumed run counts from where it resumed."""

@@ -44,7 +44,7 @@ class ActivationDataModule(L.LightningDataModule):
             raise RecipeError(
                 f"train.num_workers={cfg.num_workers} with harvest.mode=live: live activations come from "
                 f"the LM in the training process, which worker processes cannot share. Set "
-                f"train.num_workers=0, or harvest a store (harvest.mode=store) to read it with workers."
+                f"train.num_workers=0, or harvest a store (harvest.mode=shards) to read it with workers."
             )
         self.store = None if self.live_model is not None else ActivationStore(
             recipe.store_location(), verify=recipe.harvest.verify_on_read

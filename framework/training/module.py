@@ -127,35 +127,42 @@ class SAEModule(L.LightningModule):
         """(n_features,) firing fraction over the current window, of the whole dictionary."""
         return self.layout.gather_features(self.stats[name].density())
 
-    def _check_finite(self, name: str, sae, step: int) -> None:
-        """Stop every rank at the same step, with the reason, when this step's loss (on any rank)
-        or any weight after the optimizer step is nan or inf.
+    def _check_finite(self, step: int) -> None:
+        """Stop every rank at the same step, with the reason, when this step's loss of an SAE (on
+        any rank) or any of its weights after the optimizer step is nan or inf.
 
-        One collective and one host sync for both, after the step: a rank that stopped alone in
-        its training_step would leave the others waiting in the gradient all-reduce until the
-        process-group timeout. The weights are checked too because the sparse fast paths mask
-        nan pre-activations to zero features, so a diverged encoder can leave the loss finite.
-        Each rank looks at the values it holds (the whole tensor, its DTensor shard or its ZeRO-3
-        partition), never a gathered copy: a nan may sit in one rank's shard only. Nothing is
-        saved in between (checkpoints are written after this, at the end of the batch)."""
-        loss = self._step_losses.pop(name, None)
-        weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
-        loss_bad = (~torch.isfinite(loss)).double().view(1) if loss is not None else torch.zeros_like(weights_bad)
-        counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat([loss_bad, weights_bad])))
-        ranks_with_bad_loss, bad_weights = counts.tolist()
-        if not (ranks_with_bad_loss or bad_weights):
-            return
-        if ranks_with_bad_loss:
-            value = loss.item() if loss_bad.item() else "not finite on another rank"
-            what = f"loss is {value} at step {step}"
-        else:
-            what = f"weights became non-finite (nan/inf) at step {step}"
-        where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
-        raise TrainingError(
-            f"SAE {name!r}: {what}; training stopped. "
-            f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
-            f"or check the activations for inf (`sae harvest RECIPE --verify`)."
-        )
+        Checked after the step, for every SAE of the bank at once: one reduction over the ranks
+        and one host sync per step. A rank that stopped alone in its training_step would leave
+        the others waiting in the gradient all-reduce until the process-group timeout. The
+        weights are checked too because the sparse fast paths mask nan pre-activations to zero
+        features, so a diverged encoder can leave the loss finite. Each rank looks at the values
+        it holds (the whole tensor, its DTensor shard or its ZeRO-3 partition), never a gathered
+        copy: a nan may sit in one rank's shard only. Nothing is saved in between (checkpoints are
+        written after this, at the end of the batch)."""
+        flags = []  # per SAE: [its loss is bad on this rank, one of its weights here is bad]
+        losses = {}
+        for name, sae in self.saes.items():
+            weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
+            losses[name] = loss = self._step_losses.pop(name, None)
+            loss_bad = (~torch.isfinite(loss)).double().view(1) if loss is not None else torch.zeros_like(weights_bad)
+            flags += [loss_bad, weights_bad]
+        counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat(flags))).tolist()
+        for i, name in enumerate(self.saes):
+            ranks_with_bad_loss, bad_weights = counts[2 * i], counts[2 * i + 1]
+            if ranks_with_bad_loss:
+                loss = losses[name]
+                value = loss.item() if flags[2 * i].item() else "not finite on another rank"
+                what = f"loss is {value} at step {step}"
+            elif bad_weights:
+                what = f"weights became non-finite (nan/inf) at step {step}"
+            else:
+                continue
+            where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
+            raise TrainingError(
+                f"SAE {name!r}: {what}; training stopped. "
+                f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
+                f"or check the activations for inf (`sae harvest RECIPE --verify`)."
+            )
 
     @torch.no_grad()
     def _log_step(self, name: str, x: torch.Tensor, out) -> None:
@@ -197,9 +204,9 @@ class SAEModule(L.LightningModule):
         # sees the weights: a checkpoint must hold the constrained decoder.
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        for name, sae in self.saes.items():
+        for sae in self.saes.values():
             self.layout.after_optimizer_step(sae)
-            self._check_finite(name, sae, step)
+        self._check_finite(step)
 
     # ---- optimisation -----------------------------------------------------------------------
 
@@ -277,6 +284,7 @@ def local_values(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
+@torch.no_grad()
 def any_non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(1,) float64: 1 if any value of `tensors` is nan or ±inf, else 0.
 
