@@ -14,8 +14,8 @@ and the heap fragments, so a step's peak RSS rose by up to 2.2× (the paper SAE'
 16,384 features in bf16: 1.5 GiB against 0.7), and the process never returns its peak heap.
 Hence opt-in for a whole process (docs/training.md, "Host memory"). `freed_memory_kept()` does the
 same for one stage only and returns the heap afterwards: pretraining the built-in LM uses it by
-default, since its steps allocate 64 MiB logits and their gradients afresh (40% more tokens/s
-on 2 cores for 16% more peak RSS).
+default, since its steps allocate 64 MiB logits and their gradients afresh (46% more tokens/s
+on 2 cores for 10% more peak RSS).
 """
 
 from __future__ import annotations
