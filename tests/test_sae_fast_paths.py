@@ -128,11 +128,16 @@ def test_topk_fast_path_matches_reference(variant, precision):
     assert grads["W_enc"].abs().sum() > 0 and grads["W_dec"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dead", [N_FEATURES // 2, 40])  # AuxK codes 10% dense (sparse path), 50% (dense)
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
-def test_topk_fast_path_matches_reference_with_auxk_loss(variant):
+def test_topk_fast_path_matches_reference_with_auxk_loss(variant, dead, precision):
+    from framework.sae.topk import TopKSAE
+
     sae = _sae(variant, dead_steps_threshold=1, aux_k=20)
-    sae.steps_since_fired[: N_FEATURES // 2] = 1  # half the latents dead
-    fast, ref, _ = _compare(sae, copy.deepcopy(sae), _data(), "fp32")
+    sae.steps_since_fired[:dead] = 1
+    assert TopKSAE._auxk_dense_pays(20, dead) == (dead == 40)  # both paths run
+    fast, ref, _ = _compare(sae, copy.deepcopy(sae), _data(), precision)
     assert ref.losses["auxk"] > 0
 
 
