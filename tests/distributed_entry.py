@@ -5,6 +5,7 @@
 SAE_TEST_FAULT=kill:RANK:STEP   rank RANK SIGKILLs itself when step STEP starts (first attempt
                                 only: a job restarted by torchrun --max-restarts runs clean)
 SAE_TEST_FAULT=hang:RANK:STEP   rank RANK stops answering (sleeps) when step STEP starts
+SAE_TEST_FAULT=nan:RANK:STEP    rank RANK's batch of step STEP gets one nan (its loss is nan)
 
 Nothing is mocked: the fault is a callback added to the Trainer `sae train` builds.
 """
@@ -30,6 +31,9 @@ class Fault(Callback):
         if trainer.global_rank != self.rank or trainer.global_step != self.step:
             return
         print(f"injected fault: rank {self.rank} {self.kind} at step {self.step}", flush=True)
+        if self.kind == "nan":
+            batch[0][0, 0] = float("nan")
+            return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(3600)
