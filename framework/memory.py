@@ -45,15 +45,28 @@ def keep_freed_memory(force: bool = False) -> bool:
     where it is not wanted or not possible (not Linux with glibc)."""
     if not (force or os.environ.get("SAE_KEEP_FREED_MEMORY") == "1") or not sys.platform.startswith("linux"):
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
-        return False
-    if not any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS):
+    libc = _glibc()
+    if libc is None:
         return False
     global _kept_for_process
-    _kept_for_process = bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _kept_for_process = _keep_freed(libc.mallopt)
     return _kept_for_process
+
+
+def _glibc():
+    """glibc through ctypes, or None (musl and other C libraries)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _keep_freed(mallopt) -> bool:
+    """Serve large allocations from the heap and never trim it; True if both settings took."""
+    if not any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @contextlib.contextmanager
@@ -74,19 +87,16 @@ def freed_memory_kept():
     if _kept_for_process or _open_scopes or setting == "0" or not sys.platform.startswith("linux"):
         yield _kept_for_process or bool(_open_scopes)
         return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         yield False
         return
-    kept = any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    kept = _keep_freed(libc.mallopt)
     _open_scopes += 1
     try:
         yield kept
     finally:
         _open_scopes -= 1
-        mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
-        mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
-        malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
