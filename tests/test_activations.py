@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_PRETRAIN
@@ -230,6 +231,72 @@ def test_a_worker_decodes_only_the_samples_of_its_own_batches(harvested):
     share = WorkerShare(0, 2, 2048, 2)  # batch 0 only (batch 1 is worker 1's; 2 batches in all)
     blocks = list(ActivationStream(store, batch_size=2048, shuffle=False)._rows(share))
     assert [len(b) for b in blocks if isinstance(b, Skipped)][-4:] == [1024] * 4  # shards 2-5 never opened
+
+
+def test_a_local_shard_is_read_with_random_access_and_declined_samples_are_never_read(harvested):
+    """tar_members reads a local shard's members in one read each, seeking past the samples it
+    is told to decline; the members it reads are the tar's bytes."""
+    import io
+    import tarfile
+
+    from framework.activations.reader import tar_members
+
+    shard = harvested.path("activations") / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        truth = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+    class Counting(io.FileIO):
+        read_bytes = 0
+
+        def readinto(self, buffer):
+            n = super().readinto(buffer)
+            Counting.read_bytes += n
+            return n
+
+    with Counting(shard) as raw, io.BufferedReader(raw, buffer_size=512) as stream:
+        members = list(tar_members(stream, str(shard), wanted=lambda index: index % 2 == 0))
+    keys = sorted({name.split(".")[0] for name in truth})
+    assert [m["fname"] for m in members] == list(truth)
+    for m in members:
+        taken = keys.index(m["fname"].split(".")[0]) % 2 == 0
+        assert (m["data"] == truth[m["fname"]]) if taken else m["data"] is None
+    taken_bytes = sum(len(v) for k, v in truth.items() if keys.index(k.split(".")[0]) % 2 == 0)
+    skipped_bytes = sum(len(v) for v in truth.values()) - taken_bytes
+    assert skipped_bytes > 0 and Counting.read_bytes < shard.stat().st_size - skipped_bytes // 2
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.uint16).reshape(4, 6),  # a bfloat16 store's acts
+    np.arange(6, dtype=np.int64), np.arange(6, dtype=np.int16), np.float32(3.5).reshape(()),
+    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), np.zeros((0, 576), np.float16),
+])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_npy_members_decode_as_np_load_reads_them(array, version):
+    import io
+
+    from framework.activations.format import npy_array
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=False)
+    data = buffer.getvalue()
+    for raw in (data, bytearray(data)):
+        decoded = npy_array(raw)
+        expected = np.load(io.BytesIO(data), allow_pickle=False)
+        assert decoded.dtype == expected.dtype and decoded.shape == expected.shape
+        assert np.array_equal(decoded, expected) and decoded.flags.writeable
+
+
+def test_npy_members_of_python_objects_are_refused():
+    import io
+
+    from framework.activations.format import npy_array
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="refused"):
+        npy_array(buffer.getvalue())
+    with pytest.raises(ValueError, match="not a .npy"):
+        npy_array(b"PK\x03\x04 not an array")
 
 
 def test_epochs_visit_every_row_once_each_in_a_new_order(harvested):

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -205,6 +206,38 @@ def write_shard(path: Path, shard_index: int, rows: Rows, dtype: str, rows_per_s
     return ShardInfo(name=path.name, rows=len(rows), sha256=out.digest.hexdigest(), bytes=size)
 
 
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def npy_array(data: bytes | bytearray) -> np.ndarray:
+    """The array in .npy bytes, as np.load(allow_pickle=False) reads it, but viewing `data` (writable
+    when it is a bytearray) instead of copying it, and parsing each distinct header once: np.load
+    parses every header with ast.literal_eval and copies the data, 2 of the 7 ms it took to read a
+    4,096-row batch (5 members per sample) on one CPU core."""
+    if bytes(data[:6]) != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy member")
+    start = 10 if data[6] == 1 else 12  # magic, version, then a 2- (v1) or 4-byte header length
+    end = start + int.from_bytes(data[8:start], "little")
+    header = bytes(data[:end])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        stream = io.BytesIO(header)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+        if dtype.hasobject:
+            raise ValueError("a .npy member of Python objects (pickled): refused")
+        if len(_NPY_HEADERS) > 1024:  # a handful of distinct headers per store; bounded anyway
+            _NPY_HEADERS.clear()
+        parsed = _NPY_HEADERS[header] = (dtype, shape, fortran)
+    dtype, shape, fortran = parsed
+    if isinstance(data, bytes):  # immutable (a streamed member): a writable copy, as np.load makes
+        data = bytearray(data)
+    count = math.prod(shape)
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 def decode_sample(sample: dict, dtype: str, n_hooks: int) -> Rows:
     """A WebDataset sample (member extension -> bytes) back into rows."""
 
@@ -214,7 +247,7 @@ def decode_sample(sample: dict, dtype: str, n_hooks: int) -> Rows:
                 f"sample {sample.get('__key__')} of {sample.get('__url__')} has no {ext} member: "
                 f"the shard is truncated or not an activation shard. Run `sae harvest RECIPE --verify`."
             )
-        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        return npy_array(sample[ext])
 
     return Rows(
         acts=[from_storage(load(f"acts{h}.npy"), dtype) for h in range(n_hooks)],

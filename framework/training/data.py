@@ -92,11 +92,11 @@ class ActivationDataModule(L.LightningDataModule):
     # ---- streams ------------------------------------------------------------------------
 
     def _stream(self, start_row: int, rank: int, world: int, seed: int, max_batches: int | None,
-                batch: int, shuffle: bool = True):
+                batch: int, shuffle: bool = True, dtype: torch.dtype | None = torch.float32):
         if self.store is not None:
             return ActivationStream(self.store, batch, rank=rank, world=world, seed=seed,
                                     epochs=self.recipe.train.epochs, shuffle=shuffle,
-                                    start_row=start_row, max_batches=max_batches)
+                                    start_row=start_row, max_batches=max_batches, dtype=dtype)
         from framework.activations.live import LiveStream
 
         return LiveStream(self.live_model, self.recipe, batch, rank=rank, world=world,
@@ -111,9 +111,12 @@ class ActivationDataModule(L.LightningDataModule):
         if step:
             log.info("resuming the activation stream at step %d (row %s of this rank)", step,
                      f"{step * self.rank_batch:,}")
+        # Batches come in the store's dtype (SAEModule.scaled_input widens them on the device) and,
+        # bound for a GPU, in page-locked memory, so that their copy is asynchronous and at full speed.
         stream = self._stream(step * self.rank_batch, rank, world, self.recipe.train.seed,
-                              self.total_steps - step, self.rank_batch)
-        return DataLoader(stream, batch_size=None, num_workers=self.recipe.train.num_workers)
+                              self.total_steps - step, self.rank_batch, dtype=None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(stream, batch_size=None, num_workers=self.recipe.train.num_workers, pin_memory=on_gpu)
 
     def data_rank(self, rank: int, world: int) -> tuple[int, int]:
         """Which slice of the data this process reads: ranks r·k … r·k + k - 1 of a feature-shard

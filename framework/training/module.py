@@ -94,7 +94,7 @@ class SAEModule(L.LightningModule):
 
     def scaled_input(self, batch: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
         hook = self.hook_of[name]
-        x = batch[self.hook_points.index(hook)]
+        x = batch[self.hook_points.index(hook)].float()  # training's loader yields a store's dtype
         scale = self.input_scales.get(hook, 1.0)
         return x * scale if scale != 1.0 else x
 
