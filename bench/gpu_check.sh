@@ -2,15 +2,16 @@
 # The GPU checks, as one script for a lent GPU machine (see docs/benchmarks.md, "GPU"):
 # CUDA tests, every train.strategy through Lightning on CUDA (DeepSpeed and FSDP2 included),
 # the paper's A/0..A/3 bank end to end on CUDA, the training-step benchmark in fp32 and bf16
-# up to 131,072 features, the `sae train` loop against the bare step (bench/train_loop.py; the
-# loop part, not yet run on a GPU), and a profile of our steps (bench/step_profile.py). Writes its logs
+# up to 131,072 features, the `sae train` loop against the bare step (bench/train_loop.py: with 0
+# and 4 DataLoader workers, and TopK with train.cuda_graphs), and a profile of our steps
+# (bench/step_profile.py). Writes its logs
 # to $OUT (or bench/results/gpu): log.txt (device, test summaries, profile), pytest.txt (the
 # tests' whole output), bench.md and bench/*.json with the scaling plot; few files, since a lent
 # machine returns at most eight.
 #
 # PARTS picks the sections (default all: "tests strategies paper bench loop profile"); each has its
-# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, LOOP_S for each of its two runs,
-# PROFILE_S), so one call fits a
+# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, LOOP_S for each of its three runs
+# of LOOP_STEPS steps, PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
 #   PARTS="tests strategies bench profile" bash bench/gpu_check.sh     # one call, ~8 minutes
@@ -70,10 +71,14 @@ if part loop; then
 echo "== the sae train loop against the bare step (Lightning, shard reader, callbacks)" | tee -a "$LOG"
 # (its JSON stays on the machine: the tables in log.txt carry the figures, and a lent machine
 # returns at most eight files)
-timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --out /tmp/loop 2>&1 \
-  | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" | tail -n 20 | tee -a "$LOG"
+timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --steps "${LOOP_STEPS:-200}" --out /tmp/loop \
+  2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" | tail -n 20 | tee -a "$LOG"
 timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --precision bf16 --num-workers 4 \
-  --out /tmp/loop-workers 2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" | tail -n 8 | tee -a "$LOG"
+  --steps "${LOOP_STEPS:-200}" --out /tmp/loop-workers 2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" \
+  | tail -n 8 | tee -a "$LOG"
+timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --cuda-graphs --num-workers 4 \
+  --steps "${LOOP_STEPS:-200}" --out /tmp/loop-graphs 2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" \
+  | tail -n 8 | tee -a "$LOG"
 fi
 
 if part profile; then

@@ -28,6 +28,7 @@ RESULTS_QUICK = RESULTS / "quick"
 CONTENDERS = {
     "ours paper, L0 ~ 32": (False, lambda s, wp, wt: ts.ours(s, "paper", "sparse")),
     "ours topk": (False, lambda s, wp, wt: ts.ours(s, "topk", "")),
+    "ours topk, CUDA graphs": (False, lambda s, wp, wt: ts.ours(s, "topk", "", cuda_graphs=True)),
     "SAELens standard, L0 ~ 32": (True, lambda s, wp, wt: ts.saelens(s, wp, "paper")),
     "SAELens topk": (True, lambda s, wp, wt: ts.saelens(s, wt, "topk")),
     "sparsify topk": (True, lambda s, wp, wt: ts.sparsify(s, wt)),
@@ -43,7 +44,8 @@ def run_size(n: int, precision: str, device: torch.device, batch: int, peer_max:
     topk_weights = ts.weights_of(ts.our_sae(setup, "topk", ""))
     builders = [
         (name, lambda b=build: b(setup, paper_weights, topk_weights))
-        for name, (peer, build) in CONTENDERS.items() if not peer or n <= peer_max
+        for name, (peer, build) in CONTENDERS.items()
+        if (not peer or n <= peer_max) and ("CUDA graphs" not in name or device.type == "cuda")
     ]
     contenders, failed = ts.build_all(builders, device)
     ts.round_robin(contenders, device, warmup=0, repeats=repeats)

@@ -4,7 +4,7 @@ when there is no GPU), and how the step's wall time compares with the time its k
 device busy (on a GPU, a step whose wall time is much larger than its kernels' time is bound by
 launches and host syncs, not by the kernels: the case for CUDA graphs or fewer, fused kernels).
 
-    python bench/step_profile.py --device cuda              # topk and paper (sparse), n 16,384, bf16
+    python bench/step_profile.py --device cuda              # topk, topk with CUDA graphs, paper (sparse); n 16,384, bf16
     python bench/step_profile.py --case topk:16384:fp32 --rows 30
 """
 
@@ -23,13 +23,17 @@ import train_step as ts  # noqa: E402
 from common import base_parser, run_step, synchronize  # noqa: E402
 
 CASES = ("topk:16384:bf16", "paper-sparse:16384:bf16")
+CUDA_CASES = ("topk-graphs:16384:bf16",)  # with the cases above on a GPU
 
 
 def profile_case(case: str, device: torch.device, steps: int, rows: int) -> dict:
     family, n, precision = case.split(":")
     variant, _, regime = family.partition("-")
     setup = ts.make_setup(int(n), ts.BATCH, device, precision)
-    contender = ts.ours(setup, variant, regime)
+    if regime == "graphs":  # topk-graphs: train.cuda_graphs' replayed forward and backward
+        contender = ts.ours(setup, variant, "", cuda_graphs=True)
+    else:
+        contender = ts.ours(setup, variant, regime)
     for _ in range(5):  # warm-up: the ReLU SAE settles on its path, allocator caches fill
         run_step(contender, device)
     synchronize(device)
@@ -59,13 +63,14 @@ def profile_case(case: str, device: torch.device, steps: int, rows: int) -> dict
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = base_parser(__doc__)
-    parser.add_argument("--case", nargs="+", default=list(CASES), help="family:n:precision, family topk or "
-                        "paper-sparse / paper-dense")
+    parser.add_argument("--case", nargs="+", default=None, help="family:n:precision, family topk, "
+                        "topk-graphs (CUDA only), paper-sparse or paper-dense")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    return [profile_case(case, device, args.steps, args.rows) for case in args.case]
+    cases = args.case or list(CASES) + (list(CUDA_CASES) if device.type == "cuda" else [])
+    return [profile_case(case, device, args.steps, args.rows) for case in cases]
 
 
 if __name__ == "__main__":

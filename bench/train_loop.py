@@ -4,6 +4,7 @@ Lightning, the shard reader and the callbacks add to each step, at the issue's s
     python bench/train_loop.py                    # TopK k=32 and the paper SAE (L0 ~ 32), n 16,384, fp32 and bf16
     python bench/train_loop.py --device cuda      # the same on a GPU, more steps
     python bench/train_loop.py --num-workers 2    # the shard reader in DataLoader worker processes
+    python bench/train_loop.py --device cuda --cuda-graphs   # TopK with train.cuda_graphs=true
 
 A store of random rows (d_in 576, batch 4,096, bfloat16 on disk as the SmolLM2 recipes store
 it) is written once into a temporary directory. Each configuration is one call of `train()`,
@@ -76,7 +77,7 @@ def sae_overrides(variant: str, n: int) -> list[str]:
 
 
 def loop_step_seconds(store: Path, out: Path, variant: str, n: int, precision: str, steps: int,
-                      device: torch.device, num_workers: int) -> list[float]:
+                      device: torch.device, num_workers: int, cuda_graphs: bool = False) -> list[float]:
     """Every step's wall time of one `train()` run (the Throughput callback's record)."""
     import framework.training.train as train_stage
     from framework.config import load_recipe
@@ -88,7 +89,7 @@ def loop_step_seconds(store: Path, out: Path, variant: str, n: int, precision: s
         f"train.n_tokens={steps * ts.BATCH}", f"train.batch_size={ts.BATCH}", f"train.lr={ts.LR}",
         f"train.precision={PRECISIONS[precision]}", "train.resample=false", "train.log_every=10",
         f"train.num_workers={num_workers}", "train.eval_batches=1", "train.wandb.mode=disabled",
-        f"train.devices={1 if device.type == 'cuda' else 'auto'}",
+        f"train.devices={1 if device.type == 'cuda' else 'auto'}", f"train.cuda_graphs={str(cuda_graphs).lower()}",
     ])
     built = []
     original = train_stage.build_trainer
@@ -110,32 +111,36 @@ def loop_step_seconds(store: Path, out: Path, variant: str, n: int, precision: s
     return list(throughput.step_seconds)
 
 
-def bare_step_seconds(variant: str, n: int, precision: str, steps: int, device: torch.device) -> list[float]:
+def bare_step_seconds(variant: str, n: int, precision: str, steps: int, device: torch.device,
+                      cuda_graphs: bool = False) -> list[float]:
     regime = "sparse" if variant == "paper" else ""
     setup = ts.make_setup(n, ts.BATCH, device, precision)
-    contender = ts.ours(setup, variant, regime)
+    contender = ts.ours(setup, variant, regime, cuda_graphs=cuda_graphs)
     for _ in range(SKIP):
         run_step(contender, device)
     return [run_step(contender, device) for _ in range(steps)]
 
 
 def run(device: str = "cpu", quick: bool = False, sizes: list[int] | None = None,
-        precisions: tuple[str, ...] = ("fp32", "bf16"), steps: int | None = None, num_workers: int = 0) -> dict:
+        precisions: tuple[str, ...] = ("fp32", "bf16"), steps: int | None = None, num_workers: int = 0,
+        cuda_graphs: bool = False) -> dict:
+    """`cuda_graphs`: TopK only (what train.cuda_graphs records), loop and bare step both graphed."""
     dev = torch.device(device)
     sizes = sizes or ([1024] if quick else [16384])
     steps = steps or (6 if quick else (200 if dev.type == "cuda" else 16))
     if steps < SKIP + 2:
         raise SystemExit(f"--steps {steps}: at least {SKIP + 2} (the first {SKIP} are not timed)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-loop-"))
-    results = {"machine": machine(dev), "steps": steps, "num_workers": num_workers, "rows": []}
+    results = {"machine": machine(dev), "steps": steps, "num_workers": num_workers, "cuda_graphs": cuda_graphs,
+               "rows": []}
     try:
         store = write_store(workdir / "store", (steps + 1) * ts.BATCH, ts.D_IN)
         for n in sizes:
             for precision in precisions:
-                for variant in CONFIGS:
+                for variant in ("topk",) if cuda_graphs else CONFIGS:
                     loop = loop_step_seconds(store, workdir / f"{variant}-{n}-{precision}", variant, n, precision,
-                                             steps, dev, num_workers)[SKIP:]
-                    bare = bare_step_seconds(variant, n, precision, len(loop), dev)
+                                             steps, dev, num_workers, cuda_graphs)[SKIP:]
+                    bare = bare_step_seconds(variant, n, precision, len(loop), dev, cuda_graphs)
                     row = {"variant": variant, "n": n, "precision": precision,
                            "loop_ms": 1e3 * statistics.median(loop), "bare_ms": 1e3 * statistics.median(bare),
                            "loop_samples_s": loop, "bare_samples_s": bare}
@@ -152,6 +157,7 @@ def table(results: dict) -> str:
     rows = []
     for r in results["rows"]:
         name = "TopK k=32" if r["variant"] == "topk" else "paper, L0 ≈ 32"
+        name += ", CUDA graphs" if results.get("cuda_graphs") else ""
         rows.append([f"{name}, n={r['n']:,}", r["precision"], fmt(ts.BATCH / (r["loop_ms"] / 1e3)),
                      fmt(ts.BATCH / (r["bare_ms"] / 1e3)), f"{100 * r['overhead']:+.1f}%"])
     header = ["SAE", "precision", "`sae train` loop tokens/s", "bare step tokens/s", "loop over bare step"]
@@ -165,12 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="loop steps per configuration "
                         "(default 16 on CPU, 200 on a GPU)")
     parser.add_argument("--num-workers", type=int, default=0, help="train.num_workers (DataLoader processes)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="TopK with train.cuda_graphs=true (CUDA only)")
     args = parser.parse_args(argv)
-    results = run(args.device, args.quick, args.sizes, tuple(args.precision), args.steps, args.num_workers)
+    results = run(args.device, args.quick, args.sizes, tuple(args.precision), args.steps, args.num_workers,
+                  args.cuda_graphs)
     write_results("train_loop", results, args.out, args.quick)
     timed = len(results["rows"][0]["loop_samples_s"]) if results["rows"] else 0
     print(f"\n### The `sae train` loop against the bare step ({args.device}, median of {timed} steps each, "
-          f"train.num_workers={args.num_workers})\n")
+          f"train.num_workers={args.num_workers}{', train.cuda_graphs=true' if args.cuda_graphs else ''})\n")
     print(table(results))
     return results
 

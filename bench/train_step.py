@@ -112,11 +112,20 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
     return {k: getattr(sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def ours(setup: Setup, variant: str, regime: str) -> Timed:
+def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False) -> Timed:
+    """`cuda_graphs`: the forward and backward replayed as CUDA graphs, as train.cuda_graphs runs
+    them (framework/training/cuda_graphs.py); the rest of the step is the same."""
     from framework.training.layout import ParameterLayout
     from framework.training.module import FeatureStats, any_non_finite
 
     sae = our_sae(setup, variant, regime)
+    if cuda_graphs:
+        from framework.training.cuda_graphs import GraphedSAE
+
+        graphed = GraphedSAE(sae)
+        forward = lambda x, i: graphed(x)  # noqa: E731
+    else:
+        forward = sae
     stats, layout = FeatureStats(setup.n).to(setup.device), ParameterLayout()
     # As SAEModule.configure_optimizers builds it for one process or DDP: torch's fused Adam.
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999), fused=True)
@@ -129,7 +138,7 @@ def ours(setup: Setup, variant: str, regime: str) -> Timed:
         i = next(counter)
         x = setup.x(i)
         with autocast(setup.device, setup.precision):
-            out = sae(x, i)
+            out = forward(x, i)
         stats.update(out.fire_counts(), x.shape[0], layout)
         if hasattr(sae, "steps_since_fired"):
             sae.steps_since_fired.copy_(stats.steps_since_fired)
@@ -334,8 +343,10 @@ def paper_contenders(setup: Setup) -> list[Builder]:
 
 def topk_contenders(setup: Setup) -> list[Builder]:
     weights = weights_of(our_sae(setup, "topk", ""))
+    graphed = [("ours topk, CUDA graphs", lambda: ours(setup, "topk", "", cuda_graphs=True))]
     return [
         ("ours topk", lambda: ours(setup, "topk", "")),
+        *(graphed if setup.device.type == "cuda" else []),
         ("SAELens topk", lambda: saelens(setup, weights, "topk")),
         # SAELens: "only worthwhile if using float32 and not using autocast"
         ("SAELens topk, sparse activations", lambda: saelens(setup, weights, "topk", sparse_activations=True)),
@@ -452,7 +463,7 @@ def comparisons(group: dict) -> list[dict]:
         ours_names = [f"ours paper, {r} codes" for r in ("dense", "sparse")]
         limit = _find(group, "limit: 5 GEMMs")
     else:
-        ours_names = ["ours topk"]
+        ours_names = ["ours topk", "ours topk, CUDA graphs"]
         limit = _find(group, "limit:")
     for name in ours_names:
         mine = next((c for c in group["contenders"] if c["name"] == name), None)

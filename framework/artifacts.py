@@ -31,7 +31,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # another directory, or trained on more GPUs, is still the same experiment.
 VOLATILE = {
     "train": ("wandb", "log_every", "num_workers", "devices", "num_nodes", "strategy", "feature_shards", "deepspeed_stage",
-              "checkpoint_every", "output_dir"),
+              "checkpoint_every", "output_dir", "cuda_graphs"),
     "harvest": ("batch_size", "verify_on_read", "output_dir"),
     "lm": ("device", "path"),
     "eval": ("output_dir",),

@@ -172,6 +172,9 @@ class TrainConfig:
     epochs: int = 1
     shuffle_buffer: int = 16
     num_workers: int = 0
+    # TopK SAEs on one GPU: record the forward and backward as CUDA graphs and replay them
+    # (framework/training/cuda_graphs.py; docs/training.md, "CUDA graphs")
+    cuda_graphs: bool = False
     seed: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -299,3 +299,36 @@ def test_the_first_forward_looks_at_the_codes_before_choosing_its_path():
     assert set(sparse._workspace._buffers) == {"pre", "mask"}  # the sparse path ran
     dense(_data())
     assert "fire_mask" in dense._workspace._buffers and "pre" not in dense._workspace._buffers
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dead", [0, 5, 40, N_FEATURES // 2])  # 5 < aux_k: live latents fill the picks
+def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
+    """forward_static (what train.cuda_graphs records) gives the reference's losses and gradients,
+    and the eager fast path's firing counts and silent-step counts, with and without dead latents."""
+    from framework.sae.base import SAEOutput
+
+    sae = _sae("topk", dead_steps_threshold=1, aux_k=20)
+    sae.steps_since_fired[:dead] = 1
+    eager = copy.deepcopy(sae)
+
+    def static(x):
+        x_hat, loss, mse, auxk, l0, fire_counts = sae.forward_static(x, with_auxk=dead > 0)
+        return SAEOutput(x_hat, losses={"loss": loss, "mse": mse, "auxk": auxk, "l0": l0}, fire_counts=fire_counts)
+
+    ref_sae = copy.deepcopy(sae)
+    out, grads = _step(sae, static, _data(), precision)
+    ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
+    fast, _ = _step(eager, eager.forward, _data(), precision)
+    assert (ref.losses["auxk"] > 0) == (dead > 0)
+    assert torch.equal(out.fire_counts(), fast.fire_counts())
+    assert torch.equal(sae.steps_since_fired, eager.steps_since_fired)
+    tight = precision == "fp32"
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key].float(), ref.losses[key].float(),
+                                   rtol=1e-5 if tight else 3e-2, atol=1e-6 if tight else 1e-3)
+    for name, grad in ref_grads.items():
+        error = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-8)
+        assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
+    with pytest.raises(RuntimeError, match="kept no features"):
+        out.features

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import framework.training.train as train_stage
 from framework.activations.harvest import harvest
 from framework.config import load_recipe
-from framework.errors import CheckpointError, DataError, TrainingError
+from framework.errors import CheckpointError, DataError, RecipeError, TrainingError
 
 STORE = [
     "harvest.n_tokens=16384",
@@ -220,6 +220,21 @@ def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recip
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.n_tokens=1000000")
     with pytest.raises(DataError, match=r"train.n_tokens=1,000,000.*train.epochs"):
         train_stage.train(recipe)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["sae.variant=topk"], "needs a CUDA device; this run trains on cpu"),
+    (["sae.variant=batchtopk"], r"TopK SAEs only .* \(batchtopk\)"),
+])
+def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
+        pretrained_recipe, store_dir, tmp_path, extra, reason, monkeypatch):
+    """train.cuda_graphs on CPU, or for a variant whose selection size depends on the data, stops
+    at the start of training with what to change (the graphs themselves: tests/test_gpu_training.py)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.cuda_graphs=true", *extra)
+    with pytest.raises(RecipeError, match=reason) as error:
+        train_stage.train(recipe)
+    assert "train.cuda_graphs=false" in str(error.value)
 
 
 def test_bank_trains_several_saes_on_the_same_batches(pretrained_recipe, store_dir, tmp_path):

@@ -57,8 +57,10 @@ class SAEOutput:
         sparse_features: SparseFeatures | None = None,
         fire_counts: torch.Tensor | None = None,  # (n_features,), when the forward had them
     ):
-        if (features is None) == (sparse_features is None):
-            raise ValueError("give exactly one of features and sparse_features")
+        if features is not None and sparse_features is not None:
+            raise ValueError("give at most one of features and sparse_features")
+        if features is None and sparse_features is None and fire_counts is None:
+            raise ValueError("an output without features needs fire_counts")
         self.reconstruction = reconstruction
         self.losses = losses if losses is not None else {}
         self.sparse_features = sparse_features
@@ -68,6 +70,9 @@ class SAEOutput:
     @property
     def features(self) -> torch.Tensor:
         if self._features is None:
+            if self.sparse_features is None:
+                raise RuntimeError("this output kept no features (a CUDA-graphed training step keeps "
+                                   "only the losses and firing counts); run the SAE eagerly to see them")
             self._features = self.sparse_features.to_dense()
         return self._features
 
@@ -87,6 +92,7 @@ class SAEOutput:
 
 class SAE(nn.Module):
     variant: str = "base"
+    graph_safe: bool = False  # has forward_static, for CUDA graphs (train.cuda_graphs)
     decoder_init_norm: float = 1.0  # norm of each W_dec row at initialisation
 
     def __init__(self, d_in: int, cfg: SAEConfig):

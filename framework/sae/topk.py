@@ -168,6 +168,49 @@ class TopKSAE(SAE):
         e_hat = z @ self.W_dec  # (batch, d)
         return normalized_mse(e_hat, (x.float() - x_hat.float()).detach())
 
+    # -- the same forward with static shapes, for CUDA graphs (train.cuda_graphs) --------------
+
+    graph_safe = True  # forward_static exists (BatchTopK's selection size depends on the data)
+
+    def forward_static(self, x: Tensor, with_auxk: bool) -> tuple[Tensor, ...]:
+        """`forward` in training, with no host synchronisation and no tensor whose shape depends
+        on the data, so that it can be recorded as a CUDA graph and replayed: (x_hat, loss, mse,
+        auxk, l0, fire_counts). `with_auxk`: whether any latent is dead, which the caller reads
+        before the step (one graph per answer). The same codes, losses and gradients as `forward`
+        (tests/test_sae_fast_paths.py); what differs is how: the AuxK latents are picked among all
+        columns with the live ones masked, and firing is counted with index_add, not a boolean
+        index."""
+        pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc),
+                                    self._workspace)
+        pattern, pre_values = topk_pattern(pre, self.cfg.k, self.n_features)
+        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)
+        x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
+        auxk = self._auxk_static(x, x_hat, pre) if with_auxk else x_hat.new_zeros((), dtype=torch.float32)
+        active = values.detach() > 0
+        fire_counts = torch.zeros(self.n_features, dtype=torch.long, device=x.device)
+        fire_counts.index_add_(0, pattern.cols, active.long())  # (n,)
+        if self._counting():
+            self.steps_since_fired.add_(1).masked_fill_(fire_counts > 0, 0)
+        losses = self._losses(x, x_hat, auxk, active.sum() / x.shape[0])
+        return x_hat, losses["loss"], losses["mse"], losses["auxk"], losses["l0"], fire_counts
+
+    def _auxk_static(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        """AuxK with shapes that do not depend on how many latents are dead: each row's aux_k
+        largest pre-activations with the live latents' set to -inf. Where fewer than aux_k are
+        dead the surplus picks are live latents, whose codes are multiplied by 0 (no value, no
+        gradient): the selection of _auxk_reference."""
+        dead = self.dead_mask()  # (n,) bool
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead, float("-inf"))  # floats, not order_keys: see there
+            idx = masked.topk(min(self.cfg.aux_k, self.n_features), dim=1, sorted=False).indices
+            idx = idx.sort(dim=1).values  # (batch, aux_k), rows ascending as CSR wants
+            pre_values = pre.gather(1, idx).reshape(-1)
+            is_dead = dead[idx].reshape(-1).float()  # (batch·aux_k,)
+            pattern = ActivePattern.from_topk(idx.int(), self.n_features)
+        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern)) * is_dead
+        e_hat = decode_at(values, self.W_dec, pattern)  # (batch, d)
+        return normalized_mse(e_hat, (x.float() - x_hat.float()).detach())
+
     # -- decoder constraint (as the paper) -----------------------------------------------------
 
     def before_optimizer_step(self) -> None:
@@ -180,6 +223,7 @@ class TopKSAE(SAE):
 
 class BatchTopKSAE(TopKSAE):
     variant = "batchtopk"
+    graph_safe = False
     threshold_warmup = 100  # batches averaged plainly before the moving average takes over
 
     def __init__(self, d_in: int, cfg: SAEConfig):

@@ -81,6 +81,7 @@ class SAEModule(L.LightningModule):
         self.pending_init = None  # a train.PendingInit, until feature sharding consumes it
         self.trained_bank: SAEModule | None = None  # whole(), gathered as training ends (rank 0)
         self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
+        self._graphed: dict = {}  # SAE name -> cuda_graphs.GraphedSAE, with train.cuda_graphs
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -103,7 +104,7 @@ class SAEModule(L.LightningModule):
         log_now = self.global_step % self.recipe.train.log_every == 0
         for name, sae in self.saes.items():
             x = self.scaled_input(batch, name)
-            out = sae(x, self.global_step)
+            out = self._graphed[name](x) if self._graphed else sae(x, self.global_step)
             self._step_losses[name] = out.loss.detach()  # checked with the weights after the step
             self._update_stats(name, sae, out.fire_counts(), x.shape[0])
             total = total + out.loss
@@ -113,6 +114,11 @@ class SAEModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.layout.on_fit_start(self)
+        if self.recipe.train.cuda_graphs:
+            from framework.training.cuda_graphs import GraphedSAE, check_supported
+
+            check_supported(self.recipe, self.device, self.trainer.world_size)
+            self._graphed = {name: GraphedSAE(sae) for name, sae in self.saes.items()}
 
     def _update_stats(self, name: str, sae, fire_counts: torch.Tensor, rows: int) -> None:
         stats = self.stats[name]
