@@ -173,11 +173,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pretrained
 
 
 class PoisonOneDecoderValue(Callback):
-    """One decoder value becomes -inf as the optimizer step of step 5 begins: the loss of that
-    step was finite, so only the check of the weights after the step can see it."""
+    """One decoder value becomes -inf as the optimizer step of step `step` begins: the loss of
+    that step was finite, so only the check of the weights after the step can see it."""
+
+    def __init__(self, step: int = 5):
+        self.step = step
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        if trainer.global_step == 5:
+        if trainer.global_step == self.step:
             with torch.no_grad():
                 next(iter(module.saes.values())).W_dec[3, 7] = float("-inf")
 
@@ -188,6 +191,18 @@ def test_a_single_non_finite_weight_stops_training_at_its_step(pretrained_recipe
     with pytest.raises(TrainingError, match=r"weights became non-finite \(nan/inf\) at step 5; training stopped"):
         train_stage.train(recipe)
     assert not (tmp_path / "sae" / "COMPLETE").exists()
+
+
+def test_a_step_whose_check_fails_writes_no_checkpoint(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    """The optimizer step of step 3 makes a weight -inf and the checkpoint of step 4 is due right
+    after it: the check of step 3 is read before that checkpoint is written (on a GPU it is read a
+    step later otherwise), so nothing is written and the error names step 3."""
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
+    inject(monkeypatch, PoisonOneDecoderValue(step=3))
+    with pytest.raises(TrainingError, match=r"weights became non-finite \(nan/inf\) at step 3; training stopped.*"
+                                            r"none was written yet"):
+        train_stage.train(recipe)
+    assert not list((tmp_path / "sae").glob("checkpoints/*.ckpt"))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -64,6 +64,7 @@ class Resampling(L.Callback):
         step = trainer.global_step
         if step not in self.steps:
             return
+        module.resolve_finite_check()  # never resample from nan weights: the step's check first
         optimizer = trainer.optimizers[0]
         for name, sae in module.saes.items():
             if sae.variant not in RESAMPLED_VARIANTS or not self.recipe.train.resample:
@@ -147,6 +148,7 @@ class HeldoutEval(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps or (self.every and step % self.every == 0):
+            module.resolve_finite_check()  # no metrics of nan weights: the step's check first
             self.evaluate(trainer, module)
 
     @torch.no_grad()

@@ -82,6 +82,7 @@ class SAEModule(L.LightningModule):
         self.trained_bank: SAEModule | None = None  # whole(), gathered as training ends (rank 0)
         self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
         self._graphed: dict = {}  # SAE name -> cuda_graphs.GraphedSAE, with train.cuda_graphs
+        self._pending_check: PendingCheck | None = None  # the last step's finiteness flags (_check_finite)
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -134,33 +135,56 @@ class SAEModule(L.LightningModule):
         return self.layout.gather_features(self.stats[name].density())
 
     def _check_finite(self, step: int) -> None:
-        """Stop every rank at the same step, with the reason, when this step's loss of an SAE (on
-        any rank) or any of its weights after the optimizer step is nan or inf.
+        """Stop every rank at the same point, naming the step, when this step's loss of an SAE
+        (on any rank) or any of its weights after the optimizer step is nan or inf.
 
-        Checked after the step, for every SAE of the bank at once: one reduction over the ranks
-        and one host sync per step. A rank that stopped alone in its training_step would leave
-        the others waiting in the gradient all-reduce until the process-group timeout. The
-        weights are checked too because the sparse fast paths mask nan pre-activations to zero
-        features, so a diverged encoder can leave the loss finite. Each rank looks at the values
-        it holds (the whole tensor, its DTensor shard or its ZeRO-3 partition), never a gathered
-        copy: a nan may sit in one rank's shard only. Nothing is saved in between (checkpoints are
-        written after this, at the end of the batch)."""
-        flags = []  # per SAE: [its loss is bad on this rank, one of its weights here is bad]
-        losses = {}
+        Checked after the step, for every SAE of the bank at once: one reduction over the ranks.
+        A rank that stopped alone in its training_step would leave the others waiting in the
+        gradient all-reduce until the process-group timeout. The weights are checked too because
+        the sparse fast paths mask nan pre-activations to zero features, so a diverged encoder can
+        leave the loss finite. Each rank looks at the values it holds (the whole tensor, its
+        DTensor shard or its ZeRO-3 partition), never a gathered copy: a nan may sit in one rank's
+        shard only.
+
+        The flags are read at the next step's check, so the host never waits for the GPU here:
+        they travel to the host without blocking, and the host prepares the next step while this
+        one's kernels run (reading them at once left the GPU idle for Lightning's work between
+        steps). On every device alike, so the CPU tests exercise the same order of events.
+        Whatever uses the weights beyond the step reads the check first: a checkpoint
+        (`on_save_checkpoint`), resampling, the held-out evaluation, the outputs at the end
+        (`on_train_end`)."""
+        flags, local_bad, losses = [], [], []  # flags per SAE: [loss bad on some rank, a weight bad]
         for name, sae in self.saes.items():
             weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
-            losses[name] = loss = self._step_losses.pop(name, None)
-            loss_bad = (~torch.isfinite(loss)).double().view(1) if loss is not None else torch.zeros_like(weights_bad)
+            loss = self._step_losses.pop(name, None)
+            # a copy: a CUDA-graphed step's loss is overwritten by the next replay
+            loss = loss.detach().reshape(1).to(torch.float64, copy=True) if loss is not None else torch.zeros_like(weights_bad)
+            loss_bad = (~torch.isfinite(loss)).double()
             flags += [loss_bad, weights_bad]
-        counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat(flags))).tolist()
+            local_bad.append(loss_bad)
+            losses.append(loss)
+        counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat(flags)))
+        earlier, self._pending_check = self._pending_check, PendingCheck(step, torch.cat([counts, *local_bad, *losses]))
+        if earlier is not None:
+            self._stop_if_not_finite(earlier)
+
+    def resolve_finite_check(self) -> None:
+        """Wait for the last step's check and raise its TrainingError, if any."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            self._stop_if_not_finite(pending)
+
+    def _stop_if_not_finite(self, pending: PendingCheck) -> None:
+        n = len(self.saes)
+        values = pending.values()
+        counts, local_bad, losses = values[: 2 * n], values[2 * n : 3 * n], values[3 * n :]
         for i, name in enumerate(self.saes):
             ranks_with_bad_loss, bad_weights = counts[2 * i], counts[2 * i + 1]
             if ranks_with_bad_loss:
-                loss = losses[name]
-                value = loss.item() if flags[2 * i].item() else "not finite on another rank"
-                what = f"loss is {value} at step {step}"
+                value = losses[i] if local_bad[i] else "not finite on another rank"
+                what = f"loss is {value} at step {pending.step}"
             elif bad_weights:
-                what = f"weights became non-finite (nan/inf) at step {step}"
+                what = f"weights became non-finite (nan/inf) at step {pending.step}"
             else:
                 continue
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
@@ -236,6 +260,7 @@ class SAEModule(L.LightningModule):
         return True if plain else None
 
     def on_train_end(self) -> None:
+        self.resolve_finite_check()
         # Gathered here, while the strategy still holds its devices: Lightning's teardown then
         # moves a DDP or DeepSpeed module to the host, where NCCL cannot gather its partitions.
         # (Not registered as a submodule: whole() is the module itself when tensors are whole.)
@@ -265,12 +290,35 @@ class SAEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from framework.artifacts import stage_fingerprint
 
+        self.resolve_finite_check()  # raising here writes nothing: the last good checkpoint stays
+
         checkpoint["sae_framework"] = {
             "fingerprint": stage_fingerprint(self.recipe, "train"),
             "layout": self.layout.name,
             "hook_points": self.hook_points,
             "input_scales": self.input_scales,
         }
+
+
+class PendingCheck:
+    """A step's finiteness flags (SAEModule._check_finite) on their way to the host: from a GPU
+    copied into page-locked memory without blocking, with an event to wait on when they are read."""
+
+    def __init__(self, step: int, values: torch.Tensor):
+        self.step = step
+        self.on_the_way = values.device.type == "cuda"
+        if self.on_the_way:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = values
+
+    def values(self) -> list[float]:
+        if self.on_the_way:
+            self._copied.synchronize()
+        return self._host.tolist()
 
 
 def local_values(param: torch.Tensor) -> torch.Tensor:
