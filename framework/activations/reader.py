@@ -127,7 +127,6 @@ class ActivationStore:
         per_sample = self.manifest.rows_per_sample
         seen = 0
 
-
         def wanted(sample_index: int) -> bool:
             # Every sample of a shard holds rows_per_sample rows, the last one the rest.
             first = sample_index * per_sample

@@ -158,7 +158,10 @@ class SAEModule(L.LightningModule):
             weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
             loss = self._step_losses.pop(name, None)
             # a copy: a CUDA-graphed step's loss is overwritten by the next replay
-            loss = loss.detach().reshape(1).to(torch.float64, copy=True) if loss is not None else torch.zeros_like(weights_bad)
+            if loss is None:
+                loss = torch.zeros_like(weights_bad)
+            else:
+                loss = loss.detach().reshape(1).to(torch.float64, copy=True)
             loss_bad = (~torch.isfinite(loss)).double()
             flags += [loss_bad, weights_bad]
             local_bad.append(loss_bad)
