@@ -107,11 +107,12 @@ def test_training_lowers_the_loss(pretrained_recipe, store_dir, tmp_path):
     assert mse[-1] < 0.7 * mse[0]
 
 
-def test_training_logs_its_throughput_and_prints_progress_off_a_terminal(pretrained_recipe, store_dir, tmp_path, caplog):
+def test_training_logs_its_metrics_at_their_own_steps_and_prints_progress_off_a_terminal(pretrained_recipe, store_dir, tmp_path, caplog):
     import csv
     import logging
 
-    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.log_every=4")
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.log_every=4",
+                         "train.lr_warmup_steps=16")
     with caplog.at_level(logging.INFO, logger="framework.training.callbacks"):
         out = train_stage.train(recipe)  # pytest's stderr is no terminal: the progress line is logged
     rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
@@ -120,6 +121,12 @@ def test_training_logs_its_throughput_and_prints_progress_off_a_terminal(pretrai
     # from one batch's start to the next one's)
     assert sorted(logged) == [3, 7, 11, 15], logged
     assert all(value > 0 for value in logged.values())
+    # The SAE's metrics are written at the same steps, each with its own step's values: with the
+    # learning rate warming up over all 16 steps, step s trained at lr 3e-3 * (s + 1) / 16.
+    name = recipe.sae_configs()[0].name
+    lrs = {int(r["step"]): float(r[f"{name}/lr"]) for r in rows if r.get(f"{name}/lr")}
+    assert sorted(lrs) == [3, 7, 11, 15], lrs
+    assert all(abs(lr - 3e-3 * (step + 1) / 16) < 1e-9 for step, lr in lrs.items()), lrs
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert progress and progress[-1].startswith("train: 8,192/8,192 tokens (100%)"), progress
 

@@ -102,7 +102,10 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         total = 0.0
-        log_now = self.global_step % self.recipe.train.log_every == 0
+        # Lightning writes a step's logged values when (step + 1) is a multiple of log_every
+        # (its log_every_n_steps), labelled with that step: log then, or the values written would
+        # be those of an earlier step under a later step's label.
+        log_now = (self.global_step + 1) % self.recipe.train.log_every == 0
         for name, sae in self.saes.items():
             x = self.scaled_input(batch, name)
             out = self._graphed[name](x) if self._graphed else sae(x, self.global_step)
