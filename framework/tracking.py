@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from framework.config import Recipe, WandbConfig, recipe_to_dict
@@ -60,3 +61,22 @@ def finish_tracking(loggers: list[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def log_metrics(trainer, metrics: dict[str, float | torch.Tensor], step: int) -> None:
+    """Write `metrics` to the trainer's loggers now, labelled `step`: the training step (0-based
+    batch index) whose values they are.
+
+    Instead of LightningModule.log, which cost about 1 ms of Python per metric on a CPU core (a
+    bank of seven SAEs logs 60-odd per logging step) and writes only at its log_every_n_steps, so
+    a value logged at another step came out later under that step's label. Tensor values cross
+    to the host in one transfer. Every rank may call this; the loggers write on rank 0 only."""
+    tensors = [value for value in metrics.values() if isinstance(value, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        host = iter(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors]).tolist())
+        metrics = {key: next(host) if isinstance(value, torch.Tensor) else float(value)
+                   for key, value in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+

@@ -21,6 +21,7 @@ import torch
 from framework.config import Recipe
 from framework.evaluation.metrics import density_summary
 from framework.progress import Progress
+from framework.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Resampling(L.Callback):
             if n_dead:
                 self._resample(module, name, sae, dead, optimizer, step)
             self.history.append({"step": step, "sae": name, "resampled": n_dead})
-            module.log(f"{name}/resampled", float(n_dead), on_step=True)
+            log_metrics(trainer, {f"{name}/resampled": float(n_dead)}, step=step - 1)
             log.info("step %d: %s resampled %d dead features", step, name, n_dead)
 
     @torch.no_grad()
@@ -111,8 +112,8 @@ class FeatureDensity(L.Callback):
                 continue
             density = module.feature_density(name).float().cpu()
             self.last[name] = density
-            for key, value in density_summary(density).items():
-                module.log(f"{name}/density/{key}", value, on_step=True)
+            summary = {f"{name}/density/{key}": value for key, value in density_summary(density).items()}
+            log_metrics(trainer, summary, step=trainer.global_step - 1)
             self._log_histogram(trainer, name, density)
             stats.reset_window()
 
@@ -126,7 +127,7 @@ class FeatureDensity(L.Callback):
 
                 values = torch.log10(density.clamp_min(1e-10)).numpy()
                 logger.experiment.log({f"{name}/log10_density": wandb.Histogram(values),
-                                       "trainer/global_step": trainer.global_step})
+                                       "trainer/global_step": trainer.global_step - 1})
 
     def state_dict(self) -> dict:
         return {"last": self.last}
@@ -160,8 +161,8 @@ class HeldoutEval(L.Callback):
             metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
                                                    for b in self.batches])
             self.results[name] = metrics
-            for key, value in metrics.items():
-                module.log(f"{name}/eval/{key}", value, on_step=True)
+            log_metrics(trainer, {f"{name}/eval/{key}": value for key, value in metrics.items()},
+                        step=trainer.global_step - 1)
         return self.results
 
 
@@ -202,5 +203,5 @@ class Throughput(L.Callback):
             self._progress.update(self.rows_per_step)
         if self._window and trainer.global_step % self.log_every == 0:
             seconds = sum(self._window) / len(self._window)
-            module.log("train/tokens_per_s", self.rows_per_step / seconds, on_step=True, rank_zero_only=True)
+            log_metrics(trainer, {"train/tokens_per_s": self.rows_per_step / seconds}, step=trainer.global_step - 1)
             self._window.clear()

@@ -28,6 +28,7 @@ from torch import nn
 from framework.config import Recipe, SAEConfig
 from framework.errors import TrainingError
 from framework.sae import build_sae
+from framework.tracking import log_metrics
 from framework.training.layout import ParameterLayout
 
 
@@ -102,9 +103,8 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         total = 0.0
-        # Lightning writes a step's logged values when (step + 1) is a multiple of log_every
-        # (its log_every_n_steps), labelled with that step: log then, or the values written would
-        # be those of an earlier step under a later step's label.
+        # The steps Lightning itself would log at (its log_every_n_steps), as the Throughput
+        # callback does: a row of the CSV log then holds every metric of its step.
         log_now = (self.global_step + 1) % self.recipe.train.log_every == 0
         for name, sae in self.saes.items():
             x = self.scaled_input(batch, name)
@@ -224,8 +224,8 @@ class SAEModule(L.LightningModule):
         n_features = self.configs[name].n_features
         metrics[f"{name}/dead_fraction"] = (layout.sum_over_features(dead)[0] / n_features).float()
         group = list(self.saes).index(name)
-        metrics[f"{name}/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[group]["lr"])
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
+        metrics[f"{name}/lr"] = float(self.trainer.optimizers[0].param_groups[group]["lr"])
+        log_metrics(self.trainer, metrics, step=self.global_step)
 
     # ---- the paper's decoder constraint, around Lightning's optimizer step -------------------
 
