@@ -127,6 +127,9 @@ def test_training_logs_its_metrics_at_their_own_steps_and_prints_progress_off_a_
     lrs = {int(r["step"]): float(r[f"{name}/lr"]) for r in rows if r.get(f"{name}/lr")}
     assert sorted(lrs) == [3, 7, 11, 15], lrs
     assert all(abs(lr - 3e-3 * (step + 1) / 16) < 1e-9 for step, lr in lrs.items()), lrs
+    # one row per logged step, holding the module's metrics and the callbacks' together
+    assert len([r for r in rows if r.get("train/tokens_per_s")]) == 4
+    assert all(r.get(f"{name}/lr") for r in rows if r.get("train/tokens_per_s"))
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert progress and progress[-1].startswith("train: 8,192/8,192 tokens (100%)"), progress
 

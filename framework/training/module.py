@@ -84,6 +84,7 @@ class SAEModule(L.LightningModule):
         self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
         self._graphed: dict = {}  # SAE name -> cuda_graphs.GraphedSAE, with train.cuda_graphs
         self._pending_check: PendingCheck | None = None  # the last step's finiteness flags (_check_finite)
+        self._step_metrics: dict = {}  # this step's metrics, written at its end (record_metrics)
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -225,7 +226,18 @@ class SAEModule(L.LightningModule):
         metrics[f"{name}/dead_fraction"] = (layout.sum_over_features(dead)[0] / n_features).float()
         group = list(self.saes).index(name)
         metrics[f"{name}/lr"] = float(self.trainer.optimizers[0].param_groups[group]["lr"])
-        log_metrics(self.trainer, metrics, step=self.global_step)
+        self.record_metrics(metrics)
+
+    def record_metrics(self, metrics: dict) -> None:
+        """Metrics of the current step (the module's and the callbacks'), written together when
+        the step ends: one row per step in the CSV log, one transfer from the device."""
+        self._step_metrics.update(metrics)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # after every callback's on_train_batch_end; labelled with the step that just ended
+        if self._step_metrics:
+            metrics, self._step_metrics = self._step_metrics, {}
+            log_metrics(self.trainer, metrics, step=self.global_step - 1)
 
     # ---- the paper's decoder constraint, around Lightning's optimizer step -------------------
 
