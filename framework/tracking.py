@@ -79,4 +79,5 @@ def log_metrics(trainer, metrics: dict[str, float | torch.Tensor], step: int) ->
                    for key, value in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+        logger.save()  # as Lightning does after each write: the CSV log on disk stays current
 

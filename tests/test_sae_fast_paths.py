@@ -318,6 +318,7 @@ def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
 
     ref_sae = copy.deepcopy(sae)
     out, grads = _step(sae, static, _data(), precision)
+    assert not sae._workspace._buffers  # a recorded graph must own all its memory
     ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
     fast, _ = _step(eager, eager.forward, _data(), precision)
     assert (ref.losses["auxk"] > 0) == (dead > 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -205,14 +206,50 @@ def test_a_single_non_finite_weight_stops_training_at_its_step(pretrained_recipe
 
 def test_a_step_whose_check_fails_writes_no_checkpoint(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     """The optimizer step of step 3 makes a weight -inf and the checkpoint of step 4 is due right
-    after it: the check of step 3 is read before that checkpoint is written (on a GPU it is read a
-    step later otherwise), so nothing is written and the error names step 3."""
+    after it: the check of step 3 is read before that checkpoint is written (it is read a step
+    later otherwise), so nothing is written and the error names step 3; that step's metrics
+    still reach the log."""
+    import csv
+
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
     inject(monkeypatch, PoisonOneDecoderValue(step=3))
     with pytest.raises(TrainingError, match=r"weights became non-finite \(nan/inf\) at step 3; training stopped.*"
                                             r"none was written yet"):
         train_stage.train(recipe)
     assert not list((tmp_path / "sae").glob("checkpoints/*.ckpt"))
+    name = recipe.sae_configs()[0].name
+    rows = list(csv.DictReader(open(tmp_path / "sae" / "logs" / "csv" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get(f"{name}/loss")] == [1, 3]  # log_every=2
+
+
+class PeekAtTheLog(Callback):
+    """What metrics.csv holds on disk as step 12 begins."""
+
+    def __init__(self, path: Path):
+        self.path, self.steps = path, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 12:
+            rows = list(csv.DictReader(open(self.path))) if self.path.is_file() else []
+            self.steps = sorted({int(r["step"]) for r in rows})
+
+
+def test_the_csv_log_on_disk_is_current_while_training_runs(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    peek = PeekAtTheLog(tmp_path / "sae" / "logs" / "csv" / "metrics.csv")
+    inject(monkeypatch, peek)
+    train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae"))  # log_every=2
+    # every logged step so far (odd ones: log_every=2; others: resampling), none to come
+    assert {1, 3, 5, 7, 9, 11} <= set(peek.steps) and max(peek.steps) == 11, peek.steps
+
+
+def test_bf16_true_precision_trains_and_evaluates_on_bf16_inputs(pretrained_recipe, store_dir, tmp_path):
+    """Under bf16-true the SAE has bf16 weights: the module gives it bf16 rows, both the training
+    batches (which Lightning converts) and the held-out ones (which it does not)."""
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.precision=bf16-true",
+                         "sae.variant=gated", "train.n_tokens=2048")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    assert json.loads((out / name / "metrics.json").read_text())["steps"] == 4
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -364,6 +364,12 @@ class WorkerShare:
         return top - (top - self.worker) % self.workers if top >= self.worker else -1
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it where it views a larger block (a batch smaller than a tar sample): a
+    worker would otherwise send, and pinning copy, the whole sample."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def skip_rows(blocks: Iterator[Rows | Skipped], n: int) -> Iterator[Rows | Skipped]:
     """Drop the first n rows of a stream of blocks."""
     for rows in blocks:
@@ -402,7 +408,7 @@ def rebatch(blocks: Iterator[Rows | Skipped], batch_size: int, max_batches: int 
             if position == (batch + 1) * batch_size:
                 if pending:
                     merged = pending[0] if len(pending) == 1 else Rows.cat(pending)
-                    yield tuple(a if dtype is None else a.to(dtype) for a in merged.acts)
+                    yield tuple(_compact(a) if dtype is None else a.to(dtype) for a in merged.acts)
                 pending = []
                 if batch == last:
                     return  # before reading on: the next block may open another shard

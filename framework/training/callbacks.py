@@ -74,7 +74,7 @@ class Resampling(L.Callback):
             if n_dead:
                 self._resample(module, name, sae, dead, optimizer, step)
             self.history.append({"step": step, "sae": name, "resampled": n_dead})
-            module.record_metrics({f"{name}/resampled": float(n_dead)})
+            module.record_metrics({f"{name}/resampled": float(n_dead)}, step=step - 1)
             log.info("step %d: %s resampled %d dead features", step, name, n_dead)
 
     @torch.no_grad()
@@ -112,7 +112,7 @@ class FeatureDensity(L.Callback):
             density = module.feature_density(name).float().cpu()
             self.last[name] = density
             summary = {f"{name}/density/{key}": value for key, value in density_summary(density).items()}
-            module.record_metrics(summary)
+            module.record_metrics(summary, step=trainer.global_step - 1)
             self._log_histogram(trainer, name, density)
             stats.reset_window()
 
@@ -160,7 +160,8 @@ class HeldoutEval(L.Callback):
             metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
                                                    for b in self.batches])
             self.results[name] = metrics
-            module.record_metrics({f"{name}/eval/{key}": value for key, value in metrics.items()})
+            module.record_metrics({f"{name}/eval/{key}": value for key, value in metrics.items()},
+                                  step=trainer.global_step - 1)
         return self.results
 
 
@@ -201,5 +202,5 @@ class Throughput(L.Callback):
             self._progress.update(self.rows_per_step)
         if self._window and trainer.global_step % self.log_every == 0:
             seconds = sum(self._window) / len(self._window)
-            module.record_metrics({"train/tokens_per_s": self.rows_per_step / seconds})
+            module.record_metrics({"train/tokens_per_s": self.rows_per_step / seconds}, step=trainer.global_step - 1)
             self._window.clear()

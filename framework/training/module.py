@@ -84,7 +84,7 @@ class SAEModule(L.LightningModule):
         self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
         self._graphed: dict = {}  # SAE name -> cuda_graphs.GraphedSAE, with train.cuda_graphs
         self._pending_check: PendingCheck | None = None  # the last step's finiteness flags (_check_finite)
-        self._step_metrics: dict = {}  # this step's metrics, written at its end (record_metrics)
+        self._step_metrics: dict[int, dict] = {}  # step -> its metrics, written at its end (record_metrics)
         self._parallelized = False
 
     def configure_model(self) -> None:
@@ -98,7 +98,11 @@ class SAEModule(L.LightningModule):
 
     def scaled_input(self, batch: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
         hook = self.hook_of[name]
-        x = batch[self.hook_points.index(hook)].float()  # training's loader yields a store's dtype
+        x = batch[self.hook_points.index(hook)]
+        # In the SAE's dtype: float32 under 32-true and the mixed precisions (training's loader
+        # yields a bfloat16 store's rows as they are, half the bytes to the device, widened here,
+        # exactly), bf16/fp16 where the weights are (bf16-true, DeepSpeed), held-out batches too.
+        x = x.to(next(self.saes[name].parameters()).dtype)
         scale = self.input_scales.get(hook, 1.0)
         return x * scale if scale != 1.0 else x
 
@@ -195,6 +199,7 @@ class SAEModule(L.LightningModule):
             else:
                 continue
             where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
+            self._write_step_metrics()  # the failing step's row (its nan loss) reaches the log
             raise TrainingError(
                 f"SAE {name!r}: {what}; training stopped. "
                 f"The last good checkpoint is kept: {where}. Lower train.lr, set train.grad_clip, "
@@ -226,18 +231,21 @@ class SAEModule(L.LightningModule):
         metrics[f"{name}/dead_fraction"] = (layout.sum_over_features(dead)[0] / n_features).float()
         group = list(self.saes).index(name)
         metrics[f"{name}/lr"] = float(self.trainer.optimizers[0].param_groups[group]["lr"])
-        self.record_metrics(metrics)
+        self.record_metrics(metrics, step=self.global_step)
 
-    def record_metrics(self, metrics: dict) -> None:
-        """Metrics of the current step (the module's and the callbacks'), written together when
-        the step ends: one row per step in the CSV log, one transfer from the device."""
-        self._step_metrics.update(metrics)
+    def record_metrics(self, metrics: dict, step: int) -> None:
+        """Metrics of step `step` (0-based batch index; the module's and the callbacks'), written
+        together when the step ends: one row per step in the CSV log, one transfer from the device."""
+        self._step_metrics.setdefault(step, {}).update(metrics)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # after every callback's on_train_batch_end; labelled with the step that just ended
-        if self._step_metrics:
-            metrics, self._step_metrics = self._step_metrics, {}
-            log_metrics(self.trainer, metrics, step=self.global_step - 1)
+        # after every callback's on_train_batch_end
+        self._write_step_metrics()
+
+    def _write_step_metrics(self) -> None:
+        pending, self._step_metrics = self._step_metrics, {}
+        for step, metrics in sorted(pending.items()):
+            log_metrics(self.trainer, metrics, step=step)
 
     # ---- the paper's decoder constraint, around Lightning's optimizer step -------------------
 
