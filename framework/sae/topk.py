@@ -83,13 +83,11 @@ class TopKSAE(SAE):
         values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)
         x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
         auxk = self._auxk_fast(x, x_hat, pre)
-        active = values.detach() > 0
         self.record_selection(values.detach())
-        self._track_firing(pattern.cols[active])
+        fire_counts, active = self._count_fires(pattern, values)
         l0 = active.sum() / x.shape[0]
-        return SAEOutput(
-            x_hat, losses=self._losses(x, x_hat, auxk, l0), sparse_features=pattern.features(values)
-        )
+        return SAEOutput(x_hat, losses=self._losses(x, x_hat, auxk, l0), sparse_features=pattern.features(values),
+                         fire_counts=fire_counts)
 
     def forward_reference(self, x: Tensor, step: int = 0) -> SAEOutput:
         pre = self.pre_activations(x)  # (batch, n)
@@ -113,6 +111,17 @@ class TopKSAE(SAE):
 
     def dead_mask(self) -> Tensor:
         return self.steps_since_fired >= self.cfg.dead_steps_threshold  # (n,) bool
+
+    def _count_fires(self, pattern: ActivePattern, values: Tensor) -> tuple[Tensor, Tensor]:
+        """(n,) int64: on how many rows each feature fired, and the (nnz,) mask of the codes that
+        did; the silent-step counts advance. With index_add, no boolean index: a host sync less
+        on a GPU (two with the bincount SAEOutput.fire_counts would do), none at all when recorded."""
+        active = values.detach() > 0
+        counts = torch.zeros(self.n_features, dtype=torch.long, device=values.device)
+        counts.index_add_(0, pattern.cols, active.long())
+        if self._counting():
+            self.steps_since_fired.add_(1).masked_fill_(counts > 0, 0)
+        return counts, active
 
     def _track_firing(self, fired: Tensor) -> None:
         """Advance the silent-step counts; `fired` lists the features that fired (repeats allowed)."""
@@ -177,20 +186,15 @@ class TopKSAE(SAE):
         on the data, so that it can be recorded as a CUDA graph and replayed: (x_hat, loss, mse,
         auxk, l0, fire_counts). `with_auxk`: whether any latent is dead, which the caller reads
         before the step (one graph per answer). The same codes, losses and gradients as `forward`
-        (tests/test_sae_fast_paths.py); what differs is how: the AuxK latents are picked among all
-        columns with the live ones masked, and firing is counted with index_add, not a boolean
-        index. No workspace buffer: a recorded graph must own all its memory (an eager forward of
+        (tests/test_sae_fast_paths.py); what differs is how the AuxK latents are picked: among all
+        columns with the live ones masked. No workspace buffer: a recorded graph must own all its memory (an eager forward of
         another shape or dtype would replace a shared buffer under it)."""
         pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc), None)
         pattern, pre_values = topk_pattern(pre, self.cfg.k, self.n_features)
         values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)
         x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
         auxk = self._auxk_static(x, x_hat, pre) if with_auxk else x_hat.new_zeros((), dtype=torch.float32)
-        active = values.detach() > 0
-        fire_counts = torch.zeros(self.n_features, dtype=torch.long, device=x.device)
-        fire_counts.index_add_(0, pattern.cols, active.long())  # (n,)
-        if self._counting():
-            self.steps_since_fired.add_(1).masked_fill_(fire_counts > 0, 0)
+        fire_counts, active = self._count_fires(pattern, values)
         losses = self._losses(x, x_hat, auxk, active.sum() / x.shape[0])
         return x_hat, losses["loss"], losses["mse"], losses["auxk"], losses["l0"], fire_counts
 
