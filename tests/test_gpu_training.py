@@ -120,3 +120,26 @@ def test_sae_train_with_cuda_graphs_matches_the_eager_run(pretrained_recipe, tmp
     for key in ("mse", "fvu", "l0"):
         a, b = results[False][key], results[True][key]
         assert abs(a - b) <= 0.02 * abs(a) + 1e-6, (key, a, b)
+
+
+def test_a_recorded_step_owns_its_memory_whatever_runs_eagerly_in_between():
+    """An eager forward of another dtype between replays (the held-out evaluation in float32
+    while training runs in bf16) leaves the recorded graphs' results and others' memory alone:
+    the graphs own their pre-activation buffer instead of sharing the eager path's."""
+    from framework.training.cuda_graphs import GraphedSAE
+
+    torch.manual_seed(0)
+    sae = build_sae(576, SAEConfig(variant="topk", n_features=4096, k=32, init="transpose")).cuda()
+    x = torch.randn(1024, 576, device="cuda")
+    sae.initialize_from_data(x)
+    graphed = GraphedSAE(sae)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first = graphed(x).loss.item()
+    with torch.no_grad():  # eager, training mode, float32: the workspace's buffers change dtype
+        sae(torch.randn(2048, 576, device="cuda"))
+    torch.cuda.empty_cache()
+    sentinels = [torch.full((1024, 4096), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        again = graphed(x).loss.item()
+    assert again == first
+    assert all(bool((s == 7.0).all()) for s in sentinels)
