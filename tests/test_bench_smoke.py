@@ -62,7 +62,8 @@ def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp
 
     loop = results["train_loop"]["rows"]
     assert {(r["variant"], r["precision"]) for r in loop} == {(v, p) for v in ("topk", "paper") for p in ("fp32", "bf16")}
-    assert all(_finite(r["loop_ms"]) and _finite(r["bare_ms"]) and r["loop_ms"] > 0 for r in loop)
+    assert all(_finite(r["loop_ms"]) and _finite(r["loop_mean_ms"]) and _finite(r["bare_ms"]) and r["loop_ms"] > 0
+               for r in loop)
 
     assert results["goals"] and all(len(row) == 3 for row in results["goals"])
     for name in ("train_step", "scaling", "activations", "train_loop", "goals"):
