@@ -80,4 +80,3 @@ def log_metrics(trainer, metrics: dict[str, float | torch.Tensor], step: int) ->
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
         logger.save()  # as Lightning does after each write: the CSV log on disk stays current
-

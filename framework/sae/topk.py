@@ -187,8 +187,8 @@ class TopKSAE(SAE):
         auxk, l0, fire_counts). `with_auxk`: whether any latent is dead, which the caller reads
         before the step (one graph per answer). The same codes, losses and gradients as `forward`
         (tests/test_sae_fast_paths.py); what differs is how the AuxK latents are picked: among all
-        columns with the live ones masked. No workspace buffer: a recorded graph must own all its memory (an eager forward of
-        another shape or dtype would replace a shared buffer under it)."""
+        columns with the live ones masked. No workspace buffer: a recorded graph must own all its
+        memory (an eager forward of another shape or dtype would replace a shared buffer under it)."""
         pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc), None)
         pattern, pre_values = topk_pattern(pre, self.cfg.k, self.n_features)
         values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)

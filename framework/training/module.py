@@ -161,7 +161,7 @@ class SAEModule(L.LightningModule):
         Whatever uses the weights beyond the step reads the check first: a checkpoint
         (`on_save_checkpoint`), resampling, the held-out evaluation, the outputs at the end
         (`on_train_end`)."""
-        flags, local_bad, losses = [], [], []  # flags per SAE: [loss bad on some rank, a weight bad]
+        flags, losses = [], []  # flags per SAE: [loss bad on some rank, a weight bad]
         for name, sae in self.saes.items():
             weights_bad = any_non_finite([local_values(p) for p in sae.parameters()])
             loss = self._step_losses.pop(name, None)
@@ -170,12 +170,10 @@ class SAEModule(L.LightningModule):
                 loss = torch.zeros_like(weights_bad)
             else:
                 loss = loss.detach().reshape(1).to(torch.float64, copy=True)
-            loss_bad = (~torch.isfinite(loss)).double()
-            flags += [loss_bad, weights_bad]
-            local_bad.append(loss_bad)
+            flags += [(~torch.isfinite(loss)).double(), weights_bad]
             losses.append(loss)
         counts = self.layout.sum_over_features(self.layout.sum_over_data(torch.cat(flags)))
-        earlier, self._pending_check = self._pending_check, PendingCheck(step, torch.cat([counts, *local_bad, *losses]))
+        earlier, self._pending_check = self._pending_check, PendingCheck(step, torch.cat([counts, *losses]))
         if earlier is not None:
             self._stop_if_not_finite(earlier)
 
@@ -188,11 +186,11 @@ class SAEModule(L.LightningModule):
     def _stop_if_not_finite(self, pending: PendingCheck) -> None:
         n = len(self.saes)
         values = pending.values()
-        counts, local_bad, losses = values[: 2 * n], values[2 * n : 3 * n], values[3 * n :]
+        counts, losses = values[: 2 * n], values[2 * n :]  # reduced flags; this rank's losses
         for i, name in enumerate(self.saes):
             ranks_with_bad_loss, bad_weights = counts[2 * i], counts[2 * i + 1]
             if ranks_with_bad_loss:
-                value = losses[i] if local_bad[i] else "not finite on another rank"
+                value = losses[i] if not math.isfinite(losses[i]) else "not finite on another rank"
                 what = f"loss is {value} at step {pending.step}"
             elif bad_weights:
                 what = f"weights became non-finite (nan/inf) at step {pending.step}"
@@ -332,8 +330,8 @@ class PendingCheck:
 
     def __init__(self, step: int, values: torch.Tensor):
         self.step = step
-        self.on_the_way = values.device.type == "cuda"
-        if self.on_the_way:
+        self._on_the_way = values.device.type == "cuda"
+        if self._on_the_way:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._copied = torch.cuda.Event()
@@ -342,7 +340,7 @@ class PendingCheck:
             self._host = values
 
     def values(self) -> list[float]:
-        if self.on_the_way:
+        if self._on_the_way:
             self._copied.synchronize()
         return self._host.tolist()
 
