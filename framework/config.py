@@ -135,6 +135,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
+RETIRED_SHUFFLE_BUFFER = 16  # train.shuffle_buffer's only accepted value (see TrainConfig)
+
+
 @dataclass
 class TrainConfig:
     """SAE training: optimisation, callbacks, strategy, tracking."""
@@ -170,7 +173,10 @@ class TrainConfig:
     devices: str = "auto"
     num_nodes: int = 1
     epochs: int = 1
-    shuffle_buffer: int = 16
+    # Retired: it never did anything (rows are shuffled at harvest time and the reader permutes
+    # shards per epoch; docs/activations.md, "Reading"). Kept so that the recipes saved beside
+    # earlier runs still load and their fingerprints still match; any other value is refused.
+    shuffle_buffer: int = RETIRED_SHUFFLE_BUFFER
     num_workers: int = 0
     # TopK SAEs on one GPU: record the forward and backward as CUDA graphs and replay them
     # (framework/training/cuda_graphs.py; docs/training.md, "CUDA graphs")
@@ -373,6 +379,13 @@ def _check_choices(recipe: Recipe) -> None:
         raise RecipeError(f"train.deepspeed_stage={recipe.train.deepspeed_stage} is not one of 1, 2, 3")
     if recipe.train.feature_shards < 0:
         raise RecipeError(f"train.feature_shards={recipe.train.feature_shards} must be 0 (all ranks) or positive")
+    if recipe.train.shuffle_buffer != RETIRED_SHUFFLE_BUFFER:
+        raise RecipeError(
+            f"train.shuffle_buffer={recipe.train.shuffle_buffer} has no effect and is refused: rows are "
+            f"shuffled when harvested (across harvest.shuffle_window rows) and training reads whole shards "
+            f"in a new random order each epoch (train.seed). Remove the key; for more mixing, raise "
+            f"harvest.shuffle_window and re-harvest"
+        )
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
 

@@ -87,3 +87,13 @@ def test_resolved_recipe_round_trips_through_a_dict():
 def test_harvest_positions_must_fit_in_a_context():
     with pytest.raises(RecipeError, match="tokens_per_context"):
         load_recipe(None, ["text.context_length=16", "harvest.tokens_per_context=64"])
+
+
+def test_retired_shuffle_buffer_is_refused_unless_at_its_old_default():
+    """train.shuffle_buffer never did anything: setting it must not look like it does, while the
+    recipes saved beside earlier runs (which carry the default) still load."""
+    with pytest.raises(RecipeError, match=r"train.shuffle_buffer=4096 has no effect.*harvest.shuffle_window"):
+        load_recipe(None, ["train.shuffle_buffer=4096"])
+    saved = recipe_to_dict(load_recipe(None))
+    assert saved["train"]["shuffle_buffer"] == 16
+    assert recipe_from_dict(saved).train.shuffle_buffer == 16
