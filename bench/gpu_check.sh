@@ -9,8 +9,9 @@
 # tests' whole output), bench.md and bench/*.json with the scaling plot; few files, since a lent
 # machine returns at most eight.
 #
-# PARTS picks the sections (default all: "tests strategies paper bench loop profile"); each has its
-# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, LOOP_S for each of its three runs
+# PARTS picks the sections (default: "tests strategies paper bench loop profile"; "compile", the
+# torch.compile contenders of bench/train_step.py, only when named); each has its own timeout in
+# seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, COMPILE_S, LOOP_S for each of its three runs
 # of LOOP_STEPS steps, PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
@@ -65,6 +66,13 @@ timeout "${BENCH_S:-240}" python3 bench/run_all.py --device cuda --only train_st
   > "$OUT/bench.md" 2>&1
 echo "bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
 tail -n 40 "$OUT/bench.md"
+fi
+
+if part compile; then
+echo "== torch.compile: our fast path and the plain SAE compiled, beside ours (bf16, n 16,384)" | tee -a "$LOG"
+# Not in the default PARTS: compiling for the GPU takes a while per contender (Triton from .whl).
+timeout "${COMPILE_S:-240}" python3 bench/train_step.py --device cuda --compile --precision bf16 --sizes 16384 \
+  --out /tmp/compile 2>&1 | grep -v "^USDT\|^STAGE\|Warning\|warn" | tail -n 40 | tee -a "$LOG"
 fi
 
 if part loop; then

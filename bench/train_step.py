@@ -2,7 +2,7 @@
 SAELens's and sparsify's, in one process on the same random activations, beside the hardware
 limit for the same shapes.
 
-    python bench/train_step.py [--quick] [--device cuda] [--precision fp32 bf16]
+    python bench/train_step.py [--quick] [--device cuda] [--precision fp32 bf16] [--compile]
 
 Every peer runs its own training code, not a reimplementation:
 - SAELens: `SAETrainer.step(batch)` of a real `SAETrainer` (its loss, firing statistics,
@@ -112,9 +112,12 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
     return {k: getattr(sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False) -> Timed:
+def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, compiled: str | None = None) -> Timed:
     """`cuda_graphs`: the forward and backward replayed as CUDA graphs, as train.cuda_graphs runs
-    them (framework/training/cuda_graphs.py); the rest of the step is the same."""
+    them (framework/training/cuda_graphs.py); the rest of the step is the same.
+    `compiled`: the forward (and so its backward) through torch.compile: "fast", our fast path;
+    "plain", the SAE's reference math (`forward_reference`: dense codes, dense products), which
+    is what compiling a straightforward SAE gives. Compilation happens in the untimed steps."""
     from framework.training.layout import ParameterLayout
     from framework.training.module import FeatureStats, any_non_finite
 
@@ -124,6 +127,8 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False) -> 
 
         graphed = GraphedSAE(sae)
         forward = lambda x, i: graphed(x)  # noqa: E731
+    elif compiled:
+        forward = compile_forward(sae.forward if compiled == "fast" else sae.forward_reference)
     else:
         forward = sae
     stats, layout = FeatureStats(setup.n).to(setup.device), ParameterLayout()
@@ -155,6 +160,19 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False) -> 
         return lambda: {"loss": loss.item(), "l0": l0.item()}
 
     return Timed("ours", step)
+
+
+WITH_COMPILE = False  # --compile: the torch.compile contenders too (compiling takes ~10 s each on CPU)
+
+
+def compile_forward(forward: Callable) -> Callable:
+    import torch._dynamo
+
+    # Every contender recompiles (new weights, shapes, dtypes): past the limit dynamo would run
+    # the forward eagerly without a word, and the row would not measure what it says.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(forward)
 
 
 # ---- SAELens -----------------------------------------------------------------------------------
@@ -329,12 +347,22 @@ def limit_topk(setup: Setup) -> Timed:
 Builder = tuple[str, Callable[[], Timed]]
 
 
+def compiled_contenders(variant: str, label: str, setup: Setup, regime: str = "") -> list[Builder]:
+    """With --compile: our fast path through torch.compile, and our reference math through it
+    ("plain": a straightforward dense SAE, compiled)."""
+    if not WITH_COMPILE:
+        return []
+    return [(f"ours {label}, torch.compile", lambda: ours(setup, variant, regime, compiled="fast")),
+            (f"plain {label}, torch.compile", lambda: ours(setup, variant, regime, compiled="plain"))]
+
+
 def paper_contenders(setup: Setup) -> list[Builder]:
     out: list[Builder] = []
     for regime in ("dense", "sparse"):
         weights = weights_of(our_sae(setup, "paper", regime))
         out += [
             (f"ours paper, {regime} codes", lambda r=regime: ours(setup, "paper", r)),
+            *compiled_contenders("paper", f"paper, {regime} codes", setup, regime),
             (f"SAELens standard, {regime} codes", lambda r=regime, w=weights: saelens(setup, w, "paper")),
         ]
     return out + [("limit: 5 GEMMs", lambda: limit_paper(setup)),
@@ -347,6 +375,7 @@ def topk_contenders(setup: Setup) -> list[Builder]:
     return [
         ("ours topk", lambda: ours(setup, "topk", "")),
         *(graphed if setup.device.type == "cuda" else []),
+        *compiled_contenders("topk", "topk", setup),
         ("SAELens topk", lambda: saelens(setup, weights, "topk")),
         # SAELens: "only worthwhile if using float32 and not using autocast"
         ("SAELens topk, sparse activations", lambda: saelens(setup, weights, "topk", sparse_activations=True)),
@@ -460,10 +489,10 @@ def comparisons(group: dict) -> list[dict]:
 
     rows = []
     if group["family"] == "paper":
-        ours_names = [f"ours paper, {r} codes" for r in ("dense", "sparse")]
+        ours_names = [f"ours paper, {r} codes{c}" for r in ("dense", "sparse") for c in ("", ", torch.compile")]
         limit = _find(group, "limit: 5 GEMMs")
     else:
-        ours_names = ["ours topk", "ours topk, CUDA graphs"]
+        ours_names = ["ours topk", "ours topk, CUDA graphs", "ours topk, torch.compile"]
         limit = _find(group, "limit:")
     for name in ours_names:
         mine = next((c for c in group["contenders"] if c["name"] == name), None)
@@ -473,9 +502,13 @@ def comparisons(group: dict) -> list[dict]:
         if group["family"] == "paper":
             regime = "dense" if "dense" in name else "sparse"
             row["vs_saelens"] = ratio(mine, _find(group, f"SAELens standard, {regime}"))
+            plain = _find(group, f"plain paper, {regime} codes, torch.compile")
         else:
             row["vs_saelens"] = ratio(mine, _best(group, "SAELens"))
             row["vs_sparsify"] = ratio(mine, _find(group, "sparsify"))
+            plain = _find(group, "plain topk, torch.compile")
+        if plain is not None:  # --compile
+            row["vs_compiled_plain"] = ratio(mine, plain)
         rows.append(row)
     return rows
 
@@ -527,16 +560,20 @@ def tables(results: dict) -> str:
                 markdown_table(["step", "fp32 tokens/s (min–max step)", "bf16 tokens/s (min–max step)", "L0",
                                 "peak MiB fp32 / bf16"], rows), ""]
         ratios = [{r["ours"]: r for r in comparisons(g)} if g else {} for g in groups]
+        compiled = any("torch.compile" in name for name in names)
         ratio_rows = []
         for name in dict.fromkeys(k for r in ratios for k in r):
             cells = []
-            for key, percent in (("vs_saelens", False), ("vs_sparsify", False), ("vs_limit", True)):
+            keys = [("vs_saelens", False), ("vs_sparsify", False), ("vs_limit", True)]
+            keys += [("vs_compiled_plain", False)] if compiled else []
+            for key, percent in keys:
                 for r in ratios:
                     v = r.get(name, {}).get(key)
                     cells.append("–" if v is None else (f"{100 * v:.0f}%" if percent else f"{v:.2f}×"))
             ratio_rows.append([name] + cells)
-        out += [markdown_table(["ours", "vs SAELens fp32", "bf16", "vs sparsify fp32", "bf16",
-                                "of the limit fp32", "bf16"], ratio_rows), ""]
+        header = ["ours", "vs SAELens fp32", "bf16", "vs sparsify fp32", "bf16", "of the limit fp32", "bf16"]
+        header += ["vs plain + torch.compile fp32", "bf16"] if compiled else []
+        out += [markdown_table(header, ratio_rows), ""]
         for g in groups:
             for c in (g or {}).get("contenders", []):
                 if "parts_s" in c:
@@ -554,7 +591,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="n_features (default 4096 16384)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--compile", action="store_true",
+                        help="also our fast path and the plain (reference) SAE through torch.compile")
     args = parser.parse_args(argv)
+    global WITH_COMPILE
+    WITH_COMPILE = args.compile
     results = run(args.device, args.quick, tuple(args.precision), tuple(args.sizes) if args.sizes else None,
                   tuple(args.families))
     path = write_results("train_step", results, args.out, args.quick)

@@ -68,3 +68,25 @@ def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp
     assert results["goals"] and all(len(row) == 3 for row in results["goals"])
     for name in ("train_step", "scaling", "activations", "train_loop", "goals"):
         assert json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_path):
+    """`train_step.py --compile`: our fast path and the plain SAE through torch.compile; neither
+    may fall back to eager silently (dynamo's recompile limit is an error there)."""
+    import torch._dynamo
+
+    train_step = run_all.train_step
+    torch._dynamo.reset()
+    frames_before = torch._dynamo.utils.counters["frames"]["ok"]
+    try:
+        results = train_step.main(["--quick", "--compile", "--families", "topk", "--precision", "fp32",
+                                   "--out", str(tmp_path)])
+    finally:
+        train_step.WITH_COMPILE = False
+    (group,) = results["groups"]
+    names = {c["name"] for c in group["contenders"]}
+    assert {"ours topk, torch.compile", "plain topk, torch.compile"} <= names
+    assert all(c["sanity"] == "ok" for c in group["contenders"] if "torch.compile" in c["name"])
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames_before  # dynamo did compile frames
+    rows = {r["ours"]: r for r in train_step.comparisons(group)}
+    assert _finite(rows["ours topk"]["vs_compiled_plain"]) and _finite(rows["ours topk, torch.compile"]["vs_sparsify"])
