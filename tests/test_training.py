@@ -380,3 +380,42 @@ def test_training_from_a_store_served_over_http_equals_training_from_the_directo
     name = recipe.sae_configs()[0].name
     for key, value in weights(local, name).items():
         assert torch.equal(value, weights(remote, name)[key]), key
+
+
+class _Terminal:
+    """stderr as a terminal: Lightning's progress bar is on only there."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def test_on_a_terminal_the_progress_bar_redraws_by_time_not_every_step(pretrained_recipe, store_dir, tmp_path,
+                                                                       monkeypatch):
+    """A redraw after every step cost 0.3-0.6 ms of host time per step; the bar redraws at most
+    every interval_s, and at the last step."""
+    import sys
+
+    from framework.training.callbacks import ProgressBar
+
+    answers: list[tuple[int, bool]] = []
+
+    class HourlyBar(ProgressBar):
+        def __init__(self):
+            super().__init__(interval_s=3600.0)  # within this run: the first step and the last
+
+        def _should_update(self, current, total):
+            answer = super()._should_update(current, total)
+            if self.train_progress_bar is not None and total == self.train_progress_bar.total:
+                answers.append((current, answer))
+            return answer
+
+    monkeypatch.setattr(train_stage, "ProgressBar", HourlyBar)
+    monkeypatch.setattr(sys, "stderr", _Terminal(sys.stderr))
+    train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae"))
+    assert len(answers) == 16 and [step for step, drawn in answers if drawn] == [1, 16]

@@ -165,6 +165,26 @@ class HeldoutEval(L.Callback):
         return self.results
 
 
+class ProgressBar(L.pytorch.callbacks.TQDMProgressBar):
+    """Lightning's terminal progress bar, redrawn at most every `interval_s` seconds (and at the
+    last step) instead of after every step: a redraw formats the bar and the metrics, 0.3-0.6 ms
+    of host time per step on 2 CPU cores (bench: 300 steps of a 64-feature SAE, with and without
+    a terminal), which on a GPU, where a step takes a few milliseconds, is time the device waits.
+    (`_should_update` is the bar's own hook for its refresh_rate, which counts steps, not time.)"""
+
+    def __init__(self, interval_s: float = 0.25):
+        super().__init__()
+        self.interval_s = interval_s
+        self._drawn_at = -float("inf")
+
+    def _should_update(self, current: int, total: int) -> bool:
+        now = time.monotonic()
+        if not self.is_enabled or (now - self._drawn_at < self.interval_s and current != total):
+            return False
+        self._drawn_at = now
+        return True
+
+
 class Throughput(L.Callback):
     """Tokens (activation rows of the global batch) per second of the whole training loop: reading
     the batch, the step, every callback. Logged as `train/tokens_per_s`, the mean over the steps

@@ -28,7 +28,7 @@ from framework.artifacts import is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError
 from framework.tracking import finish_tracking, make_loggers
-from framework.training.callbacks import FeatureDensity, HeldoutEval, Resampling, Throughput
+from framework.training.callbacks import FeatureDensity, HeldoutEval, ProgressBar, Resampling, Throughput
 from framework.training.data import ActivationDataModule
 from framework.training.module import SAEModule, total_steps
 from framework.training.strategies import (
@@ -134,7 +134,9 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
         dirpath=out / "checkpoints", filename="step-{step}", save_last=True, save_top_k=1,
         every_n_train_steps=cfg.checkpoint_every or total,
     )
+    on_terminal = sys.stderr.isatty()
     callbacks = [
+        *([ProgressBar()] if on_terminal else []),
         Throughput(cfg.batch_size, total, cfg.log_every),
         checkpoint,
         _TrackLastCheckpoint(checkpoint),
@@ -147,7 +149,7 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
         logger=make_loggers(recipe, out / "logs", run_name=f"{recipe.name}-train", job_type="train"),
         callbacks=callbacks,
         log_every_n_steps=cfg.log_every,
-        enable_progress_bar=sys.stderr.isatty(),
+        enable_progress_bar=on_terminal,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
