@@ -91,3 +91,40 @@ def test_an_interrupted_pretrain_resumes_from_its_checkpoint(tmp_path, monkeypat
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 20
     assert torch.equal(load_lm(recipe).embed.weight, checkpoint["state_dict"]["model.embed.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_is_cross_entropy_with_its_gradient(dtype):
+    """The in-place loss gives F.cross_entropy's value and gradient, ignored targets included,
+    for logits that come out of a model and reach it through a view, as in PretrainModule.loss."""
+    from torch.nn import functional as F
+
+    from framework.lm.pretrain import IGNORED, next_token_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 24, 16, generator=g)
+    unembed = (torch.randn(300, 16, generator=g) * 3).requires_grad_()  # peaked: large logits
+    targets = torch.randint(0, 300, (4, 24), generator=g)
+    targets[:, -1] = IGNORED
+    targets[2] = IGNORED  # a whole context without targets
+
+    def loss_and_grad(loss_fn):
+        logits = (hidden @ unembed.T).to(dtype)  # (batch, seq, vocab)
+        loss = loss_fn(logits.flatten(0, 1), targets.flatten())
+        (grad,) = torch.autograd.grad(loss, unembed)
+        return loss, grad
+
+    expected, expected_grad = loss_and_grad(lambda x, t: F.cross_entropy(x.float(), t, ignore_index=IGNORED))
+    loss, grad = loss_and_grad(next_token_loss)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert loss.dtype == torch.float32
+
+
+def test_next_token_loss_of_only_ignored_targets_is_zero_with_zero_gradient():
+    from framework.lm.pretrain import IGNORED, next_token_loss
+
+    logits = torch.randn(5, 7, requires_grad=True)
+    loss = next_token_loss(logits * 1, torch.full((5,), IGNORED))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros(5, 7))

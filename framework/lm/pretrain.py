@@ -49,6 +49,48 @@ log = logging.getLogger(__name__)
 STARTED = ".pretrain-started.json"  # the fingerprint of the recipe an unfinished run belongs to
 
 
+IGNORED = -100  # a target that does not count (F.cross_entropy's ignore_index)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits, targets, ignore_index=IGNORED) in float32, the same loss and
+    gradient, for (rows, vocab) logits nothing else reads afterwards: it overwrites float32
+    logits with their softmax's numerator and turns that into the gradient in place."""
+    return _NextTokenLoss.apply(logits, targets)
+
+
+class _NextTokenLoss(torch.autograd.Function):
+    """The (rows, vocab) logits are the largest tensor of a pretraining step (4,096 x 4,096 for
+    the quickstart's batch), and F.cross_entropy made about seven passes over them with three
+    fresh tensors of their size (log-softmax, its gradient, a zero-filled one-hot gradient): 73
+    of a 175 ms step on 2 CPU cores. Here: the row max, exp(x - max) in place, its row sums, and
+    in backward one in-place scaling plus a scatter at the targets. The quickstart's step: 175
+    -> 121 ms."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = logits if logits.dtype == torch.float32 else logits.float()  # overwritten below
+        counted = targets != IGNORED
+        safe_targets = torch.where(counted, targets, 0)
+        picked = x.gather(1, safe_targets[:, None]).squeeze(1)  # the targets' logits
+        row_max = x.amax(dim=1)
+        numerator = x.sub_(row_max[:, None]).exp_()  # exp(x - max): the softmax times its row sum
+        row_sum = numerator.sum(dim=1)
+        rows = counted.sum().clamp_min(1)
+        losses = row_max + row_sum.log() - picked  # logsumexp(x) - x[target]
+        ctx.save_for_backward(numerator, row_sum, safe_targets, counted, rows)
+        ctx.logits_dtype = logits.dtype
+        return torch.where(counted, losses, 0).sum() / rows
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        numerator, row_sum, safe_targets, counted, rows = ctx.saved_tensors
+        scale = counted * (grad / rows)  # (rows,): d loss / d (a row's loss)
+        gradient = numerator.mul_((scale / row_sum)[:, None])  # softmax · scale
+        gradient.scatter_add_(1, safe_targets[:, None], -scale[:, None])  # minus the one-hot target
+        return gradient.to(ctx.logits_dtype), None
+
+
 class PretrainModule(L.LightningModule):
     """Next-token cross-entropy; AdamW with linear warm-up then cosine decay to zero."""
 
@@ -61,8 +103,8 @@ class PretrainModule(L.LightningModule):
         logits = self.model(tokens)  # (batch, seq, vocab)
         # The last position has no target: ignoring it beats slicing the logits, which would
         # copy the largest tensor of the step (and zero-fill its gradient) on every step.
-        targets = F.pad(tokens[:, 1:], (0, 1), value=-100)  # (batch, seq)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        targets = F.pad(tokens[:, 1:], (0, 1), value=IGNORED)  # (batch, seq)
+        return next_token_loss(logits.flatten(0, 1), targets.flatten())
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch[0])
