@@ -128,3 +128,33 @@ def test_next_token_loss_of_only_ignored_targets_is_zero_with_zero_gradient():
     loss = next_token_loss(logits * 1, torch.full((5,), IGNORED))
     loss.backward()
     assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros(5, 7))
+
+
+def test_on_a_terminal_pretraining_shows_the_time_throttled_progress_bar(tmp_path, monkeypatch):
+    """Lightning's own bar redraws after every step; `sae pretrain` uses the throttled one."""
+    import sys
+
+    from framework.training.callbacks import ProgressBar
+
+    class Terminal:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def isatty(self):
+            return True
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    bars = []
+    ends = ProgressBar.on_train_end
+    monkeypatch.setattr(ProgressBar, "on_train_end", lambda self, *a: (bars.append(self), ends(self, *a)))
+    monkeypatch.setattr(sys, "stderr", Terminal(sys.stderr))
+    recipe = load_recipe(None, [
+        f"workdir={tmp_path}", "text.max_documents=40", "text.heldout_fraction=0.2", "text.context_length=32",
+        "harvest.tokens_per_context=16", "lm.builtin.vocab_size=300", "lm.device=cpu", "pretrain.steps=6",
+        "pretrain.batch_size=8", "pretrain.warmup_steps=2", "pretrain.val_every=3", "pretrain.val_batches=1",
+        "train.wandb.mode=disabled",
+    ])
+    pretrain(recipe)
+    assert len(bars) == 1 and bars[0].trainer.global_step == 6

@@ -333,3 +333,34 @@ def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
         assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
     with pytest.raises(RuntimeError, match="kept no features"):
         _ = out.features
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_topk_reads_whether_latents_are_dead_only_when_one_may_be(variant):
+    """AuxK's on/off decision (a host sync on a GPU) reads the silent-step counts only when a
+    latent may have reached dead_steps_threshold, and is never wrong: latents killed mid-run
+    switch AuxK on exactly when the first of them crosses the threshold, and a loaded state
+    (a resumed run) is read afresh."""
+    threshold = 6
+    sae = _sae(variant, dead_steps_threshold=threshold, aux_k=20)
+    reads, read = [], sae._largest_silent_count
+    killed = torch.arange(0, N_FEATURES, 7)
+    for step in range(24):
+        sae._largest_silent_count = lambda step=step: reads.append(step) or read()
+        if step == 4:
+            with torch.no_grad():
+                sae.b_enc[killed] = -1e4  # these never fire again
+        dead_now = bool(sae.dead_mask().any())
+        out = sae(_data(step), step)
+        assert (out.losses["auxk"] > 0).item() == dead_now, step
+    assert sae.dead_mask()[killed].all()
+    # Step 0 reads (nothing known); its largest count is 0, so steps 1-5 cannot see a dead latent
+    # and read nothing; from step 10 the killed latents are dead and every step reads.
+    assert reads[:2] == [0, threshold] and set(range(4 + threshold, 24)) <= set(reads)
+    assert len(reads) < 24 - (threshold - 1)
+
+    state = copy.deepcopy(sae.state_dict())
+    fresh = _sae(variant, dead_steps_threshold=threshold, aux_k=20)
+    fresh(_data(0), 0)  # its bound now says: nothing dead for a while
+    fresh.load_state_dict(state)  # the counts of a run with dead latents
+    assert fresh(_data(30), 30).losses["auxk"] > 0

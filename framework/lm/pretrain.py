@@ -43,6 +43,7 @@ from framework.memory import freed_memory_kept
 from framework.progress import Progress
 from framework.text import load_contexts, token_stream
 from framework.tracking import finish_tracking, make_loggers
+from framework.training.callbacks import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,8 @@ def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: t
     on_tty = sys.stderr.isatty()
     checkpoint = ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.val_every, enable_version_counter=False)
-    callbacks: list[Callback] = [checkpoint] + ([] if on_tty else [LogProgress(cfg, recipe.text.context_length)])
+    progress = ProgressBar() if on_tty else LogProgress(cfg, recipe.text.context_length)
+    callbacks: list[Callback] = [checkpoint, progress]
     trainer = L.Trainer(
         max_steps=cfg.steps, max_epochs=-1, val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0, precision=cfg.precision,

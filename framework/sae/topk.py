@@ -56,6 +56,9 @@ class TopKSAE(SAE):
         self.register_buffer("steps_since_fired", torch.zeros(cfg.n_features, dtype=torch.long))
         initialize_weights(self)
         self._workspace = Workspace()
+        # A host-side upper bound on steps_since_fired.max() (any_dead); None: unknown. Code that
+        # raises the counts other than by training steps must reset it (load_state_dict does).
+        self._silent_bound: int | None = None
 
     # -- selection: which pre-activations are kept (overridden by BatchTopK) -------------------
 
@@ -112,6 +115,30 @@ class TopKSAE(SAE):
     def dead_mask(self) -> Tensor:
         return self.steps_since_fired >= self.cfg.dead_steps_threshold  # (n,) bool
 
+    def any_dead(self) -> bool:
+        """Whether any latent is dead, reading the device only when one may be. Called once
+        before each training forward (AuxK's work depends on the answer).
+
+        On a GPU a read is a host sync: the host waits for the queued kernels instead of queueing
+        the next step's. But a silent-step count grows by at most 1 per training step (this SAE's
+        own count and the data-parallel one SAEModule copies over it alike; both restart at 0 on
+        firing), so one read of the largest count M rules out a dead latent for the next
+        dead_steps_threshold - M - 1 steps without reading: with latents firing every few steps,
+        one read per ~dead_steps_threshold steps instead of one per step."""
+        if self._silent_bound is not None:
+            self._silent_bound += 1  # the training forward since the last call
+            if self._silent_bound < self.cfg.dead_steps_threshold:
+                return False
+        self._silent_bound = self._largest_silent_count()
+        return self._silent_bound >= self.cfg.dead_steps_threshold
+
+    def _largest_silent_count(self) -> int:
+        return int(self.steps_since_fired.max())  # the read: a host sync on a GPU
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._silent_bound = None  # loaded counts (a resumed run) may be anything
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _count_fires(self, pattern: ActivePattern, values: Tensor) -> tuple[Tensor, Tensor]:
         """(n,) int64: on how many rows each feature fired, and the (nnz,) mask of the codes that
         did; the silent-step counts advance. With index_add, no boolean index: a host sync less
@@ -127,11 +154,12 @@ class TopKSAE(SAE):
         """Advance the silent-step counts; `fired` lists the features that fired (repeats allowed)."""
         if self._counting():
             self.steps_since_fired.add_(1).index_fill_(0, fired.long(), 0)
+            self._silent_bound = None  # a step any_dead did not see: read next time
 
     def _auxk_fast(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
-        dead = self.dead_mask().nonzero().squeeze(1) if self._counting() else None
-        if dead is None or dead.numel() == 0:
+        if not (self._counting() and self.any_dead()):
             return x_hat.new_zeros((), dtype=torch.float32)
+        dead = self.dead_mask().nonzero().squeeze(1)
         k_aux = min(self.cfg.aux_k, dead.numel())
         residual = (x.float() - x_hat.float()).detach()
         if self._auxk_dense_pays(k_aux, dead.numel()):

@@ -166,10 +166,11 @@ class HeldoutEval(L.Callback):
 
 
 class ProgressBar(L.pytorch.callbacks.TQDMProgressBar):
-    """Lightning's terminal progress bar, redrawn at most every `interval_s` seconds (and at the
-    last step) instead of after every step: a redraw formats the bar and the metrics, 0.3-0.6 ms
-    of host time per step on 2 CPU cores (bench: 300 steps of a 64-feature SAE, with and without
-    a terminal), which on a GPU, where a step takes a few milliseconds, is time the device waits.
+    """Lightning's terminal progress bar (`sae train`, `sae pretrain`), redrawn at most every
+    `interval_s` seconds (and at the last step) instead of after every step: a redraw formats the
+    bar and the metrics, 0.3-0.6 ms of host time per step on 2 CPU cores (300 steps of a
+    64-feature SAE, with and without a terminal), which on a GPU, where a step takes a few
+    milliseconds, is time the device waits.
     (`_should_update` is the bar's own hook for its refresh_rate, which counts steps, not time.)"""
 
     def __init__(self, interval_s: float = 0.25):

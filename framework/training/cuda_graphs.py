@@ -10,8 +10,9 @@ with shapes fixed by the batch and k alone, through `torch.cuda.make_graphed_cal
 forward and its backward become one graph each, the gradients land in `.grad` as usual, and
 everything after (the decoder constraint, gradient clipping, Adam, the firing statistics, the nan
 check, logging, every callback) stays as it is. Whether any latent is dead changes the work (AuxK),
-so each answer gets its own pair of graphs, recorded the first time it is needed; the answer is read
-before each step's forward: the one host sync a recorded step keeps.
+so each answer gets its own pair of graphs, recorded the first time it is needed; the answer comes
+from `TopKSAE.any_dead` before each step's forward, which reads the device (a host sync) only when
+a latent may be dead.
 
 Requirements, checked at the start of training: a CUDA device, one process (`train.strategy=auto`,
 one device), every SAE of the bank a `topk` SAE (BatchTopK's selection size depends on the data).
@@ -74,7 +75,7 @@ class GraphedSAE:
         self._recorded: dict[tuple, nn.Module] = {}
 
     def __call__(self, x: Tensor) -> SAEOutput:
-        with_auxk = bool(self.sae.dead_mask().any())
+        with_auxk = self.sae.any_dead()  # reads the device only when a latent may be dead
         amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         key = (with_auxk, tuple(x.shape), x.dtype, amp)
         graphed = self._recorded.get(key)
