@@ -71,8 +71,11 @@ fi
 if part compile; then
 echo "== torch.compile: our fast path and the plain SAE compiled, beside ours (bf16, n 16,384)" | tee -a "$LOG"
 # Not in the default PARTS: compiling for the GPU takes a while per contender (Triton from .whl).
-timeout "${COMPILE_S:-240}" python3 bench/train_step.py --device cuda --compile --precision bf16 --sizes 16384 \
-  --out /tmp/compile 2>&1 | grep -v "^USDT\|^STAGE\|Warning\|warn" | tail -n 40 | tee -a "$LOG"
+start=$(date +%s)
+timeout "${COMPILE_S:-360}" python3 bench/train_step.py --device cuda --compile --precision bf16 --sizes 16384 \
+  --out "$OUT/compile" > /tmp/compile.log 2>&1
+echo "compile bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+grep -v "^USDT\|^STAGE\|^W[0-9]\|Warning\|warn" /tmp/compile.log | tail -n 120 | tee -a "$LOG"
 fi
 
 if part loop; then

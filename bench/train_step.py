@@ -422,11 +422,17 @@ def build_all(builders: list[Builder], device: torch.device, quiet: bool = False
 
 def warm_up_libraries(device: torch.device) -> None:
     """One tiny step of every contender, untimed: imports and torch's lazy one-time setup
-    (thread pools, oneDNN kernels) would otherwise land in the first contender's memory/time."""
-    for family in FAMILIES:
-        for precision in ("fp32", "bf16"):
-            setup = make_setup(256, 64, device, precision)
-            build_all(FAMILIES[family](setup), device, quiet=True)
+    (thread pools, oneDNN kernels) would otherwise land in the first contender's memory/time.
+    Not the torch.compile ones: compiling is slow, and they compile in their own untimed steps."""
+    global WITH_COMPILE
+    with_compile, WITH_COMPILE = WITH_COMPILE, False
+    try:
+        for family in FAMILIES:
+            for precision in ("fp32", "bf16"):
+                setup = make_setup(256, 64, device, precision)
+                build_all(FAMILIES[family](setup), device, quiet=True)
+    finally:
+        WITH_COMPILE = with_compile
 
 
 def run_group(family: str, n: int, precision: str, device: torch.device, batch: int,

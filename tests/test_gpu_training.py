@@ -79,6 +79,7 @@ def test_cuda_graphed_topk_steps_match_eager_steps(dtype):
         for step in range(8):
             if step == 4:  # a quarter of the latents silent for long enough: AuxK from here on
                 sae.steps_since_fired[:1024] = 10
+                sae.silent_counts_changed()
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 out = call(data[step % 3])
             out.loss.backward()

@@ -343,10 +343,10 @@ def test_topk_reads_whether_latents_are_dead_only_when_one_may_be(variant):
     (a resumed run) is read afresh."""
     threshold = 6
     sae = _sae(variant, dead_steps_threshold=threshold, aux_k=20)
-    reads, read = [], sae._largest_silent_count
+    reads, read = [], sae._read_silent_counts
     killed = torch.arange(0, N_FEATURES, 7)
     for step in range(24):
-        sae._largest_silent_count = lambda step=step: reads.append(step) or read()
+        sae._read_silent_counts = lambda step=step: reads.append(step) or read()
         if step == 4:
             with torch.no_grad():
                 sae.b_enc[killed] = -1e4  # these never fire again

@@ -55,8 +55,9 @@ IGNORED = -100  # a target that does not count (F.cross_entropy's ignore_index)
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """F.cross_entropy(logits, targets, ignore_index=IGNORED) in float32, the same loss and
-    gradient, for (rows, vocab) logits nothing else reads afterwards: it overwrites float32
-    logits with their softmax's numerator and turns that into the gradient in place."""
+    gradient (0, not nan, when no target counts), for (rows, vocab) logits nothing else reads
+    afterwards: it overwrites float32 logits with their softmax's numerator and turns that into
+    the gradient in place."""
     return _NextTokenLoss.apply(logits, targets)
 
 

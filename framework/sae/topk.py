@@ -56,8 +56,8 @@ class TopKSAE(SAE):
         self.register_buffer("steps_since_fired", torch.zeros(cfg.n_features, dtype=torch.long))
         initialize_weights(self)
         self._workspace = Workspace()
-        # A host-side upper bound on steps_since_fired.max() (any_dead); None: unknown. Code that
-        # raises the counts other than by training steps must reset it (load_state_dict does).
+        # A host-side upper bound on steps_since_fired.max() (dead_latents); None: unknown. Code
+        # that writes the counts other than by training forwards calls silent_counts_changed().
         self._silent_bound: int | None = None
 
     # -- selection: which pre-activations are kept (overridden by BatchTopK) -------------------
@@ -115,28 +115,40 @@ class TopKSAE(SAE):
     def dead_mask(self) -> Tensor:
         return self.steps_since_fired >= self.cfg.dead_steps_threshold  # (n,) bool
 
-    def any_dead(self) -> bool:
-        """Whether any latent is dead, reading the device only when one may be. Called once
-        before each training forward (AuxK's work depends on the answer).
+    def dead_latents(self) -> Tensor | None:
+        """The dead latents' indices (ascending), or None when there are none, reading the device
+        only when a latent may be dead. Called once before each training forward (AuxK's work
+        depends on the answer).
 
         On a GPU a read is a host sync: the host waits for the queued kernels instead of queueing
         the next step's. But a silent-step count grows by at most 1 per training step (this SAE's
         own count and the data-parallel one SAEModule copies over it alike; both restart at 0 on
         firing), so one read of the largest count M rules out a dead latent for the next
         dead_steps_threshold - M - 1 steps without reading: with latents firing every few steps,
-        one read per ~dead_steps_threshold steps instead of one per step."""
+        one read per ~dead_steps_threshold steps instead of one per step. While latents are dead,
+        one read per step, as the indices need anyway."""
         if self._silent_bound is not None:
             self._silent_bound += 1  # the training forward since the last call
             if self._silent_bound < self.cfg.dead_steps_threshold:
-                return False
-        self._silent_bound = self._largest_silent_count()
-        return self._silent_bound >= self.cfg.dead_steps_threshold
+                return None
+        self._silent_bound, dead = self._read_silent_counts()
+        return dead if dead.numel() else None
 
-    def _largest_silent_count(self) -> int:
-        return int(self.steps_since_fired.max())  # the read: a host sync on a GPU
+    def _read_silent_counts(self) -> tuple[int, Tensor]:
+        """The largest silent-step count and the dead latents' indices: one host sync on a GPU
+        (the max is queued before the nonzero, so reading it after the nonzero's sync waits for
+        nothing more)."""
+        largest = self.steps_since_fired.max()
+        dead = self.dead_mask().nonzero().squeeze(1)
+        return int(largest), dead
+
+    def silent_counts_changed(self) -> None:
+        """Say that steps_since_fired was written other than by training forwards (a resumed
+        state, a test): dead_latents reads it afresh next time."""
+        self._silent_bound = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._silent_bound = None  # loaded counts (a resumed run) may be anything
+        self.silent_counts_changed()  # loaded counts (a resumed run) may be anything
         super()._load_from_state_dict(*args, **kwargs)
 
     def _count_fires(self, pattern: ActivePattern, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,12 +166,12 @@ class TopKSAE(SAE):
         """Advance the silent-step counts; `fired` lists the features that fired (repeats allowed)."""
         if self._counting():
             self.steps_since_fired.add_(1).index_fill_(0, fired.long(), 0)
-            self._silent_bound = None  # a step any_dead did not see: read next time
+            self.silent_counts_changed()  # a step dead_latents did not see
 
     def _auxk_fast(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
-        if not (self._counting() and self.any_dead()):
+        dead = self.dead_latents() if self._counting() else None
+        if dead is None:
             return x_hat.new_zeros((), dtype=torch.float32)
-        dead = self.dead_mask().nonzero().squeeze(1)
         k_aux = min(self.cfg.aux_k, dead.numel())
         residual = (x.float() - x_hat.float()).detach()
         if self._auxk_dense_pays(k_aux, dead.numel()):

@@ -11,8 +11,8 @@ forward and its backward become one graph each, the gradients land in `.grad` as
 everything after (the decoder constraint, gradient clipping, Adam, the firing statistics, the nan
 check, logging, every callback) stays as it is. Whether any latent is dead changes the work (AuxK),
 so each answer gets its own pair of graphs, recorded the first time it is needed; the answer comes
-from `TopKSAE.any_dead` before each step's forward, which reads the device (a host sync) only when
-a latent may be dead.
+from `TopKSAE.dead_latents` before each step's forward, which reads the device (a host sync) only
+when a latent may be dead.
 
 Requirements, checked at the start of training: a CUDA device, one process (`train.strategy=auto`,
 one device), every SAE of the bank a `topk` SAE (BatchTopK's selection size depends on the data).
@@ -75,7 +75,7 @@ class GraphedSAE:
         self._recorded: dict[tuple, nn.Module] = {}
 
     def __call__(self, x: Tensor) -> SAEOutput:
-        with_auxk = self.sae.any_dead()  # reads the device only when a latent may be dead
+        with_auxk = self.sae.dead_latents() is not None  # reads the device only when one may be dead
         amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         key = (with_auxk, tuple(x.shape), x.dtype, amp)
         graphed = self._recorded.get(key)
