@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from framework.config import load_recipe
@@ -130,6 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as stop:
+        # Lightning turns SIGTERM (a cluster's preemption) into SystemExit(None), which Python
+        # reports as success: a job script would go on to the next stage as if this one finished.
+        if not _is_sigterm(stop):
+            raise
+        print(f"sae {args.command}: stopped by SIGTERM before finishing; what was checkpointed is kept, "
+              f"and the same command resumes from it", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _is_sigterm(stop: SystemExit) -> bool:
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:
+        return False
+    return isinstance(stop, SIGTERMException)
 
 
 if __name__ == "__main__":

@@ -301,6 +301,7 @@ class Recipe:
                 cfg.name = default_sae_name(cfg)
             if any(c in cfg.name for c in "./ "):
                 raise RecipeError(f"{where}: SAE name {cfg.name!r} may not contain '.', '/' or spaces")
+            _check_sae_choices(cfg, where if self.train.bank else "sae")
             configs.append(cfg)
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
@@ -351,7 +352,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
 STAGES = ("pretrain", "harvest", "train", "eval", "analyze", "export")
 
 
+# Numbers a run cannot use: (dotted key, smallest allowed value, what it means).
+MINIMUMS: tuple[tuple[str, float, str], ...] = (
+    ("train.batch_size", 1, "rows per step"),
+    ("train.n_tokens", 1, "rows to train on"),
+    ("train.num_workers", 0, "DataLoader processes"),
+    ("train.eval_batches", 1, "held-out batches per evaluation"),
+    ("harvest.n_tokens", 1, "rows to harvest"),
+    ("harvest.batch_size", 1, "contexts per forward pass"),
+    ("pretrain.steps", 1, "optimizer steps"),
+    ("pretrain.batch_size", 1, "contexts per step"),
+)
+POSITIVE = ("train.lr", "pretrain.lr")
+
+
+def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
+    """An SAE's fields drawn from a set, and its size (the `sae` section and each bank entry)."""
+    for dotted, allowed in CHOICES.items():
+        section, _, key = dotted.partition(".")
+        if section != "sae":
+            continue
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise RecipeError(f"{where}.{key}={value!r} is not one of {', '.join(allowed)}" + _suggest(str(value), allowed))
+    if cfg.n_features < 1:
+        raise RecipeError(f"{where}.n_features={cfg.n_features}: an SAE needs at least one feature")
+
+
 def _check_choices(recipe: Recipe) -> None:
+    for dotted, minimum, meaning in MINIMUMS:
+        value = _lookup(recipe, dotted)
+        if value < minimum:
+            raise RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning})")
+    for dotted in POSITIVE:
+        if not _lookup(recipe, dotted) > 0:
+            raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be positive")
     for dotted, allowed in CHOICES.items():
         value: Any = recipe
         for part in dotted.split("."):
@@ -388,6 +423,13 @@ def _check_choices(recipe: Recipe) -> None:
         )
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
+
+
+def _lookup(recipe: Recipe, dotted: str) -> Any:
+    value: Any = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _suggest(word: str, candidates) -> str:

@@ -97,3 +97,26 @@ def test_retired_shuffle_buffer_is_refused_unless_at_its_old_default():
     saved = recipe_to_dict(load_recipe(None))
     assert saved["train"]["shuffle_buffer"] == 16
     assert recipe_from_dict(saved).train.shuffle_buffer == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sae.n_features=0", r"sae.n_features=0: an SAE needs at least one feature"),
+    ("train.batch_size=0", r"train.batch_size=0 must be at least 1"),
+    ("train.n_tokens=-5", r"train.n_tokens=-5 must be at least 1"),
+    ("train.num_workers=-1", r"train.num_workers=-1 must be at least 0"),
+    ("train.lr=-1", r"train.lr=-1.0 must be positive"),
+    ("pretrain.steps=0", r"pretrain.steps=0 must be at least 1"),
+])
+def test_numbers_a_run_cannot_use_are_refused_when_the_recipe_loads(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{variant: topkk}", r"train.bank\[1\].variant='topkk' is not one of .*did you mean 'topk'"),
+    ("{init: dat}", r"train.bank\[1\].init='dat' is not one of"),
+    ("{n_features: 0}", r"train.bank\[1\].n_features=0"),
+])
+def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [f"train.bank=[{{}}, {entry}]"])

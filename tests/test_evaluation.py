@@ -334,3 +334,20 @@ def test_eval_of_a_directory_that_is_no_saelens_sae_is_refused(pretrained_recipe
     recipe = make_recipe(pretrained_recipe, tmp_path, f"eval.sae_path={trained_recipe.path('sae')}")
     with pytest.raises(CheckpointError, match=r"not an SAELens SAE directory: cfg\.json is missing"):
         eval_stage.evaluate(recipe)
+
+
+def test_a_stage_stopped_by_sigterm_exits_non_zero_saying_so(monkeypatch, capsys):
+    """Lightning turns SIGTERM into SystemExit(None): a preempted job must not look finished."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import framework.cli as cli
+
+    def preempted(*args, **kwargs):
+        raise SIGTERMException
+
+    monkeypatch.setattr(cli, "_call_stage", preempted)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert main(["train", str(recipe)]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err

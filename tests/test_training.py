@@ -419,3 +419,35 @@ def test_on_a_terminal_the_progress_bar_redraws_by_time_not_every_step(pretraine
     monkeypatch.setattr(sys, "stderr", _Terminal(sys.stderr))
     train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae"))
     assert len(answers) == 16 and [step for step, drawn in answers if drawn] == [1, 16]
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "unreadable manifest"])
+def test_a_broken_heldout_split_stops_training_before_its_first_step(pretrained_recipe, store_dir, tmp_path,
+                                                                      monkeypatch, damage):
+    """The held-out rows are read when training starts: found broken at the last step's
+    evaluation, they cost the whole run (no checkpoint yet); and a split that is there but
+    unreadable is an error, not a silent fallback to training rows."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    heldout = store / "heldout"
+    if damage == "truncated shard":
+        shard = sorted(heldout.glob("shard-*.tar"))[0]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        (heldout / "manifest.json").write_text("xx{")
+    recipe = make_recipe(pretrained_recipe, store, tmp_path / "sae")
+
+    class Steps(Callback):
+        def __init__(self):
+            self.taken: list[int] = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.taken.append(trainer.global_step)
+
+    steps = Steps()
+    inject(monkeypatch, steps)
+    with pytest.raises(DataError, match="heldout"):
+        train_stage.train(recipe)
+    assert steps.taken == []

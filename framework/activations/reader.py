@@ -24,6 +24,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -51,6 +52,14 @@ def sub_store(location: str, name: str) -> str:
     if "{name}" in location:
         return location.replace("{name}", f"{name}/{{name}}")
     return f"{location.rstrip('/')}/{name}"
+
+
+def heldout_split_present(location: str) -> bool:
+    """Whether a local held-out split directory exists (readable or not). Remote stores cannot
+    tell a missing split from a broken one: False."""
+    from framework.config import is_url
+
+    return not is_url(location) and Path(location).is_dir()
 
 
 def open_url(url: str):

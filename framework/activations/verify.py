@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from framework.activations.reader import ActivationStore, open_manifest, sub_store
+from framework.activations.reader import ActivationStore, heldout_split_present, open_manifest, sub_store
 from framework.config import Recipe
 from framework.errors import DataError
 
@@ -18,8 +18,10 @@ def verify_store(recipe: Recipe) -> str:
     try:
         open_manifest(sub_store(root, "heldout"))
         locations.append(sub_store(root, "heldout"))
-    except DataError:  # a store without a held-out split
-        pass
+    except DataError:
+        if heldout_split_present(sub_store(root, "heldout")):
+            raise  # there, but its manifest is missing or unreadable
+        # else: a store without a held-out split
     checked = 0
     for location in locations:
         store = ActivationStore(location, verify=True)

@@ -145,6 +145,17 @@ class HeldoutEval(L.Callback):
         self.batches = None
         self.results: dict[str, dict[str, float]] = {}
 
+    def on_fit_start(self, trainer, module) -> None:
+        # Read now, not at the first evaluation (often the last step): a broken held-out split
+        # must stop the run before it trains, not after, when the final checkpoint was not yet
+        # written and the whole run would be lost.
+        self._load_batches()
+
+    def _load_batches(self) -> None:
+        if self.batches is None:
+            batch = min(self.datamodule.recipe.train.batch_size, 4096)  # the same rows under any strategy
+            self.batches = self.datamodule.heldout_batches(self.n_batches, batch)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps or (self.every and step % self.every == 0):
@@ -153,9 +164,7 @@ class HeldoutEval(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, module) -> dict[str, dict[str, float]]:
-        if self.batches is None:
-            batch = min(self.datamodule.recipe.train.batch_size, 4096)  # the same rows under any strategy
-            self.batches = self.datamodule.heldout_batches(self.n_batches, batch)
+        self._load_batches()
         for name, sae in module.saes.items():
             metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
                                                    for b in self.batches])

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.activations.reader import ActivationStore, ActivationStream, sub_store
+from framework.activations.reader import ActivationStore, ActivationStream, heldout_split_present, sub_store
 from framework.config import Recipe
 from framework.errors import DataError, RecipeError
 
@@ -144,6 +144,8 @@ class ActivationDataModule(L.LightningDataModule):
             try:
                 stream = ActivationStream(ActivationStore(location), batch, shuffle=False, max_batches=n_batches)
             except DataError:
+                if heldout_split_present(location):
+                    raise  # there, but unreadable: its metrics must not quietly come from training rows
                 log.warning("no held-out store at %s; periodic evaluation uses training rows", location)
                 stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
         return list(stream)
