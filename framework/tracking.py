@@ -7,11 +7,14 @@ read by wandb from the environment and is never passed through, logged or saved 
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from framework.config import Recipe, WandbConfig, recipe_to_dict
 
@@ -33,10 +36,43 @@ def _public_config(recipe: Recipe) -> dict:
     return config
 
 
+class _ResumableCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes metrics.csv when its directory holds files, so a resumed
+    run lost every row logged before the interruption (its curves and report showed only the
+    resumed part). This one keeps them: at its first save it keeps the earlier rows of the steps
+    before the first one it writes (the resumed run logs the later ones again) and goes on."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._earlier: list[dict[str, str]] = []
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self._earlier = list(csv.DictReader(file))
+            self._fs.rm_file(self.metrics_file_path)
+
+    def save(self) -> None:
+        if self._earlier and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics)
+            kept = [{k: v for k, v in row.items() if v != ""} for row in self._earlier
+                    if row.get("step") and int(float(row["step"])) < first]
+            self.metrics = kept + self.metrics
+            self._earlier = []
+        super().save()
+
+
+class _ResumableCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job_type: str) -> list[Logger]:
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    loggers: list[Logger] = [CSVLogger(save_dir, name="csv", version="")]
+    loggers: list[Logger] = [_ResumableCSVLogger(save_dir, name="csv", version="")]
     cfg = recipe.train.wandb
     mode = wandb_mode(cfg)
     if mode != "disabled":

@@ -153,6 +153,11 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
     a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # The CSV log keeps the rows logged before the crash (Lightning's logger deleted them), and
+    # the rows the resumed run logged again are there once.
+    logged = [[r["step"] for r in csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")) if r.get(f"{name}/mse")]
+              for out in (tmp_path / "whole", tmp_path / "broken")]
+    assert logged[1] == logged[0] and len(logged[0]) == 8  # log_every 2 over 16 steps
 
 
 def test_checkpoint_of_another_recipe_is_refused(pretrained_recipe, store_dir, tmp_path, monkeypatch):
@@ -451,3 +456,19 @@ def test_a_broken_heldout_split_stops_training_before_its_first_step(pretrained_
     with pytest.raises(DataError, match="heldout"):
         train_stage.train(recipe)
     assert steps.taken == []
+
+
+def test_a_run_stopped_while_writing_its_outputs_resumes_from_its_last_step_checkpoint(pretrained_recipe, store_dir,
+                                                                                        tmp_path):
+    """Killed after the last checkpoint but before COMPLETE: Lightning restores the final-step
+    checkpoint and skips the fit loop; the outputs are written from the restored weights."""
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    trained = weights(out, name)
+    for path in (out / "COMPLETE", out / "report.md", out / name / "sae.safetensors"):
+        path.unlink()
+    assert train_stage.train(recipe) == out
+    assert (out / "COMPLETE").is_file() and (out / "report.md").is_file()
+    for key, value in weights(out, name).items():
+        assert torch.equal(value, trained[key]), key
