@@ -388,9 +388,7 @@ def _check_choices(recipe: Recipe) -> None:
         if not _lookup(recipe, dotted) > 0:
             raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be positive")
     for dotted, allowed in CHOICES.items():
-        value: Any = recipe
-        for part in dotted.split("."):
-            value = getattr(value, part)
+        value = _lookup(recipe, dotted)
         if value not in allowed:
             raise RecipeError(
                 f"{dotted}={value!r} is not one of {', '.join(allowed)}"

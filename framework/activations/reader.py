@@ -34,6 +34,7 @@ from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from framework.activations.format import MANIFEST, Manifest, Rows, decode_sample
+from framework.config import is_url
 from framework.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ def sub_store(location: str, name: str) -> str:
 def heldout_split_present(location: str) -> bool:
     """Whether a local held-out split directory exists (readable or not). Remote stores cannot
     tell a missing split from a broken one: False."""
-    from framework.config import is_url
-
     return not is_url(location) and Path(location).is_dir()
 
 
