@@ -466,9 +466,12 @@ def test_a_run_stopped_while_writing_its_outputs_resumes_from_its_last_step_chec
     out = train_stage.train(recipe)
     name = recipe.sae_configs()[0].name
     trained = weights(out, name)
-    for path in (out / "COMPLETE", out / "report.md", out / name / "sae.safetensors"):
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    for path in (out / "COMPLETE", out / "report.md", out / name / "sae.safetensors", out / name / "metrics.json"):
         path.unlink()
     assert train_stage.train(recipe) == out
     assert (out / "COMPLETE").is_file() and (out / "report.md").is_file()
     for key, value in weights(out, name).items():
         assert torch.equal(value, trained[key]), key
+    # the held-out metrics too, which the skipped last step's evaluation would have produced
+    assert json.loads((out / name / "metrics.json").read_text()) == pytest.approx(metrics)

@@ -208,26 +208,29 @@ def train(recipe: Recipe) -> Path:
     if trainer.is_global_zero:
         from framework.training.report import write_training_outputs
 
-        write_training_outputs(recipe, _trained_bank(module, last), trainer, out)
+        write_training_outputs(recipe, _trained_bank(module, trainer, last), trainer, out)
         save_recipe(recipe, out)
         mark_complete(out, recipe, "train", saes=list(module.saes))
     trainer.strategy.barrier()
     return out
 
 
-def _trained_bank(module: SAEModule, last: Path) -> SAEModule:
+def _trained_bank(module: SAEModule, trainer: L.Trainer, last: Path) -> SAEModule:
     """The bank to write out (global rank 0). A checkpoint already at the last step (a run
     stopped while writing its outputs) makes Lightning restore the weights and skip the fit
-    loop, on_train_end included: the restored module is the result where its tensors are whole."""
+    loop, on_train_end and the last step's held-out evaluation included: where its tensors are
+    whole, the restored module is the result, evaluated here as that step would have."""
     if module.trained_bank is not None:
         return module.trained_bank
     if module.layout.whole_tensors:
+        evaluation = next(c for c in trainer.callbacks if isinstance(c, HeldoutEval))
+        if not evaluation.results:
+            evaluation.evaluate(trainer, module)
         return module
     raise CheckpointError(
         f"{last} is at the last step but the SAEs were never written, and under "
         f"train.strategy={module.recipe.train.strategy} their shards cannot be gathered once "
-        f"training is over: delete {last.parent} to train again, or resume with the strategy and "
-        f"devices that wrote it after setting a larger train.n_tokens"
+        f"training is over: delete {last.parent} to train again"
     )
 
 
