@@ -10,9 +10,10 @@
 # machine returns at most eight.
 #
 # PARTS picks the sections (default: "tests strategies paper bench loop profile"; "compile", the
-# torch.compile contenders of bench/train_step.py, only when named); each has its own timeout in
-# seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, COMPILE_S, LOOP_S for each of its three runs
-# of LOOP_STEPS steps, PROFILE_S), so one call fits a
+# torch.compile contenders of bench/train_step.py, and "graphs", a short check of train.cuda_graphs'
+# step alone, only when named); each has its own timeout in seconds (TEST_S, STRATEGY_S,
+# PAPER_S, BENCH_S, COMPILE_S, GRAPHS_S, LOOP_S for each of its runs of LOOP_STEPS steps,
+# PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
 #   PARTS="tests strategies bench profile" bash bench/gpu_check.sh     # one call, ~8 minutes
@@ -76,6 +77,21 @@ timeout "${COMPILE_S:-360}" python3 bench/train_step.py --device cuda --compile 
   --out "$OUT/compile" > /tmp/compile.log 2>&1
 echo "compile bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
 grep -v "^USDT\|^STAGE\|^W[0-9]\|Warning\|warn" /tmp/compile.log | tail -n 120 | tee -a "$LOG"
+fi
+
+if part graphs; then
+echo "== train.cuda_graphs: TopK n 16,384 against the peers, the loop with 4 workers, the profile" | tee -a "$LOG"
+# A short check of the recorded step alone (not in the default PARTS; "bench loop profile" cover it too)
+start=$(date +%s)
+timeout "${GRAPHS_S:-150}" python3 bench/train_step.py --device cuda --families topk --sizes 16384 \
+  --out "$OUT/graphs" > "$OUT/graphs.md" 2>&1
+echo "topk bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+grep -A12 "^### topk SAE, n = 16,384" "$OUT/graphs.md" | tee -a "$LOG"
+timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --cuda-graphs --num-workers 4 --precision bf16 \
+  --steps "${LOOP_STEPS:-200}" --out /tmp/loop-graphs 2>&1 | grep -v "^USDT\|^STAGE\|INFO\|Warning\|warn" \
+  | tail -n 6 | tee -a "$LOG"
+timeout "${PROFILE_S:-60}" python3 bench/step_profile.py --device cuda --case topk-graphs:16384:bf16 --rows 25 2>&1 \
+  | grep -v "^USDT\|^STAGE" >> "$LOG"
 fi
 
 if part loop; then

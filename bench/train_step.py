@@ -113,8 +113,8 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
 
 
 def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, compiled: str | None = None) -> Timed:
-    """`cuda_graphs`: the forward and backward replayed as CUDA graphs, as train.cuda_graphs runs
-    them (framework/training/cuda_graphs.py); the rest of the step is the same.
+    """`cuda_graphs`: the whole step (forward, backward, decoder constraint, Adam, statistics)
+    replayed as a CUDA graph, as train.cuda_graphs runs it (framework/training/cuda_graphs.py).
     `compiled`: the forward (and so its backward) through torch.compile: "fast", our fast path;
     "plain", the SAE's reference math (`forward_reference`: dense codes, dense products), which
     is what compiling a straightforward SAE gives. Compilation happens in the untimed steps."""
@@ -122,41 +122,50 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
     from framework.training.module import FeatureStats, any_non_finite
 
     sae = our_sae(setup, variant, regime)
-    if cuda_graphs:
-        from framework.training.cuda_graphs import GraphedSAE
-
-        graphed = GraphedSAE(sae)
-        forward = lambda x, i: graphed(x)  # noqa: E731
-    elif compiled:
+    forward = sae
+    if compiled:
         forward = compile_forward(sae.forward if compiled == "fast" else sae.forward_reference)
-    else:
-        forward = sae
     stats, layout = FeatureStats(setup.n).to(setup.device), ParameterLayout()
     # As SAEModule.configure_optimizers builds it for one process or DDP: torch's fused Adam.
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     counter = itertools.count()
 
-    def step():
-        # SAEModule.training_step (without logging), then Lightning's optimizer step with the
-        # module's hooks around it.
-        i = next(counter)
-        x = setup.x(i)
-        with autocast(setup.device, setup.precision):
-            out = forward(x, i)
-        stats.update(out.fire_counts(), x.shape[0], layout)
+    def update_stats(name, sae, fire_counts, rows):  # SAEModule._update_stats
+        stats.update(fire_counts, rows, layout)
         if hasattr(sae, "steps_since_fired"):
             sae.steps_since_fired.copy_(stats.steps_since_fired)
-        out.loss.backward()
-        layout.before_optimizer_step(sae)
-        optimizer.step()
-        layout.after_optimizer_step(sae)
+
+    if cuda_graphs:
+        from framework.training.cuda_graphs import RecordedSteps, StepParts
+
+        parts = StepParts(lambda batch, name: batch[0], update_stats, lambda: layout.before_optimizer_step(sae),
+                          lambda: layout.after_optimizer_step(sae), statistics=(stats,))
+        recorded = RecordedSteps({"sae": sae}, optimizer, parts)
+
+    def step():
+        # SAEModule.training_step (without logging), then Lightning's optimizer step with the
+        # module's hooks around it; with graphs, SAEModule._replay_step.
+        i = next(counter)
+        x = setup.x(i)
+        if cuda_graphs:
+            with autocast(setup.device, setup.precision):
+                out = recorded((x,))["sae"][1]
+        else:
+            with autocast(setup.device, setup.precision):
+                out = forward(x, i)
+            update_stats("sae", sae, out.fire_counts(), x.shape[0])
+            out.loss.backward()
+            layout.before_optimizer_step(sae)
+            optimizer.step()
+            layout.after_optimizer_step(sae)
         # SAEModule._check_finite: the loss and the weights, one host sync
         if any_non_finite([out.loss.detach(), *sae.parameters()]).item():
             raise RuntimeError(f"non-finite loss or weights at step {i}")
-        optimizer.zero_grad(set_to_none=True)
+        if not cuda_graphs:
+            optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        loss, l0 = out.loss.detach(), out.losses["l0"]
+        loss, l0 = out.loss.detach(), out.losses["l0"]  # read before the next step (bench/common.py run_step)
         return lambda: {"loss": loss.item(), "l0": l0.item()}
 
     return Timed("ours", step)

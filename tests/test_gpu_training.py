@@ -59,48 +59,48 @@ def test_sae_train_runs_on_cuda_in_bf16_and_lowers_the_loss(pretrained_recipe, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphed_topk_steps_match_eager_steps(dtype):
-    """train.cuda_graphs' replayed forward and backward give the eager step's losses, firing
-    counts and, after Adam, weights; latents go dead mid-run, so both AuxK graphs are recorded."""
-    from framework.sae.kernels import normalize_rows_, remove_parallel_component_
-    from framework.training.cuda_graphs import GraphedSAE
+def test_recorded_whole_steps_match_the_modules_eager_steps(dtype):
+    """train.cuda_graphs replays the whole step (forward, statistics, backward, gradient projection
+    and clipping, Adam at the scheduled rate, renormalisation): the eager step's losses, weights
+    and Adam state over 8 steps; latents go dead mid-run, so both AuxK graphs are recorded."""
+    from test_recorded_step import _eager_step, _kill_latents, _module, _optimizer
 
-    torch.manual_seed(0)
-    cfg = SAEConfig(variant="topk", n_features=4096, k=32, init="transpose", dead_steps_threshold=3)
-    eager = build_sae(576, cfg).cuda()
-    data = [torch.randn(1024, 576, device="cuda") for _ in range(3)]
-    eager.initialize_from_data(torch.cat(data))
-    graphed_sae = copy.deepcopy(eager)
-    graphed = GraphedSAE(graphed_sae)
-    runs = []
-    for sae, call in ((eager, lambda x: eager(x)), (graphed_sae, graphed)):
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
-        losses, counts = [], []
-        for step in range(8):
-            if step == 4:  # a quarter of the latents silent for long enough: AuxK from here on
-                sae.steps_since_fired[:1024] = 10
-                sae.silent_counts_changed()
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                out = call(data[step % 3])
-            out.loss.backward()
-            remove_parallel_component_(sae.W_dec.grad, sae.W_dec)
-            optimizer.step()
-            normalize_rows_(sae.W_dec)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(torch.stack([out.losses[k].float() for k in ("loss", "mse", "auxk")]).cpu())
-            counts.append(out.fire_counts().cpu())
-        runs.append((losses, counts))
-    assert len(graphed._recorded) == 2 and runs[0][0][4][2] > 0  # with and without AuxK
-    # Until step 4 both run the same kernels (float atomics may order sums differently). From
-    # there eager AuxK takes dense products over the dead columns (in bf16 under autocast) where
-    # the recorded one reuses the encoder GEMM's values: same math, other rounding.
-    for step, ((a, ca), (b, cb)) in enumerate(zip(zip(*runs[0]), zip(*runs[1]))):
+    from framework.training.cuda_graphs import RecordedSteps
+
+    eager = _module(d_in=576, n_features=4096, grad_clip=0.05).cuda()
+    recorded = copy.deepcopy(eager)
+    (eager_opt, eager_schedule), (opt, schedule) = _optimizer(eager, fused=True), _optimizer(recorded, fused=True)
+    steps = RecordedSteps(recorded.saes, opt, recorded.step_parts())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [torch.randn(1024, 576, device="cuda", generator=g) for _ in range(3)]
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+
+    for step in range(8):
+        if step == 4:  # a quarter of the latents silent for long enough: AuxK from here on
+            _kill_latents(eager)
+            _kill_latents(recorded)
+        batch = (data[step % 3],)
+        a = _eager_step(eager, eager_opt, eager_schedule, batch, autocast)
+        with autocast():
+            (_, out), = steps(batch).values()
+        schedule.step()
+        assert (out.losses["auxk"] > 0).item() == (step >= 4)
+        # Until step 4 both run the same kernels (float atomics may order sums differently). From
+        # there eager AuxK takes dense products over the dead columns (in bf16 under autocast)
+        # where the recorded one reuses the encoder GEMM's values: same math, other rounding.
         rtol = 1e-5 if step < 4 else (1e-4 if dtype == torch.float32 else 2e-2)
-        torch.testing.assert_close(b, a, rtol=rtol, atol=1e-6, msg=f"step {step}")
-        assert (ca - cb).abs().sum() <= 0.01 * ca.sum(), f"step {step}"  # a near tie may break apart
-    for (name, a), b in zip(eager.named_parameters(), graphed_sae.parameters()):
-        error = ((b - a).norm() / a.norm()).item()
+        torch.testing.assert_close(out.loss, a, rtol=rtol, atol=1e-6, msg=f"step {step}")
+    assert len(steps._recorded) == 2  # with and without AuxK
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(eager_opt.param_groups[0]["lr"])
+    for (name, a), b in zip(eager.state_dict().items(), recorded.state_dict().values()):
+        error = ((b.double() - a.double()).norm() / a.double().norm().clamp_min(1e-12)).item()
         assert error < (1e-4 if dtype == torch.float32 else 5e-3), f"{name}: relative difference {error:.3g}"
+    for p, q in zip(eager.saes.parameters(), recorded.saes.parameters()):
+        for key in ("exp_avg_sq", "step"):
+            error = ((opt.state[q][key] - eager_opt.state[p][key]).norm() / eager_opt.state[p][key].norm()).item()
+            assert error < (1e-3 if dtype == torch.float32 else 2e-2), f"Adam {key}: relative difference {error:.3g}"
 
 
 def test_sae_train_with_cuda_graphs_matches_the_eager_run(pretrained_recipe, tmp_path):
@@ -125,22 +125,54 @@ def test_sae_train_with_cuda_graphs_matches_the_eager_run(pretrained_recipe, tmp
 
 def test_a_recorded_step_owns_its_memory_whatever_runs_eagerly_in_between():
     """An eager forward of another dtype between replays (the held-out evaluation in float32
-    while training runs in bf16) leaves the recorded graphs' results and others' memory alone:
-    the graphs own their pre-activation buffer instead of sharing the eager path's."""
-    from framework.training.cuda_graphs import GraphedSAE
+    while training runs in bf16) leaves the recorded graph's results and others' memory alone:
+    the graph owns its buffers. Against a twin run that replays without anything in between."""
+    from test_recorded_step import _module, _optimizer
 
-    torch.manual_seed(0)
-    sae = build_sae(576, SAEConfig(variant="topk", n_features=4096, k=32, init="transpose")).cuda()
+    from framework.training.cuda_graphs import RecordedSteps
+
     x = torch.randn(1024, 576, device="cuda")
-    sae.initialize_from_data(x)
-    graphed = GraphedSAE(sae)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        first = graphed(x).loss.item()
-    with torch.no_grad():  # eager, training mode, float32: the workspace's buffers change dtype
-        sae(torch.randn(2048, 576, device="cuda"))
-    torch.cuda.empty_cache()
-    sentinels = [torch.full((1024, 4096), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        again = graphed(x).loss.item()
-    assert again == first
+    losses, sentinels = [], []
+    for disturbed in (False, True):
+        module = _module(d_in=576, n_features=4096).cuda()
+        optimizer, _ = _optimizer(module, fused=True)
+        steps = RecordedSteps(module.saes, optimizer, module.step_parts())
+        sae = next(iter(module.saes.values()))
+        run = []
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                run.append(next(iter(steps((x,)).values()))[1].loss.item())
+            if disturbed:
+                with torch.no_grad():  # eager, training mode, float32: the workspace's buffers change dtype
+                    sae(torch.randn(2048, 576, device="cuda"))
+                torch.cuda.empty_cache()
+                sentinels += [torch.full((1024, 4096), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        losses.append(run)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     assert all(bool((s == 7.0).all()) for s in sentinels)
+
+
+def test_a_recorded_run_resumes_with_or_without_graphs(pretrained_recipe, tmp_path, monkeypatch):
+    """Interrupted after a checkpoint, a run with train.cuda_graphs resumes to the uninterrupted
+    run's weights, with graphs or without (the checkpoint holds what an eager run's holds)."""
+    from test_training import CrashAt, inject, weights
+
+    common = [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", f"workdir={tmp_path}",
+              "lm.device=auto", "harvest.n_tokens=32768", "harvest.tokens_per_context=32",
+              "harvest.shuffle_window=8192", "harvest.rows_per_shard=4096", "harvest.heldout_tokens=4096",
+              "sae.variant=topk", "sae.n_features=4096", "sae.k=16", "train.n_tokens=32768",
+              "train.batch_size=2048", "train.checkpoint_every=6", "train.precision=bf16-mixed"]
+    harvest(load_recipe(None, common))
+    name = load_recipe(None, common).sae_configs()[0].name
+    whole = load_recipe(None, [*common, f"train.output_dir={tmp_path}/whole", "train.cuda_graphs=true"])
+    expected = weights(train(whole), name)
+    for resumed_with in ("true", "false"):
+        out = f"train.output_dir={tmp_path}/broken-{resumed_with}"
+        with monkeypatch.context() as patch:
+            inject(patch, CrashAt(8))
+            with pytest.raises(RuntimeError, match="injected crash"):
+                train(load_recipe(None, [*common, out, "train.cuda_graphs=true"]))
+        got = weights(train(load_recipe(None, [*common, out, f"train.cuda_graphs={resumed_with}"])), name)
+        for key, value in expected.items():  # float atomics: not bit for bit
+            error = ((got[key] - value).norm() / value.norm()).item()
+            assert error < 1e-2, f"resumed with cuda_graphs={resumed_with}: {key} differs by {error:.3g}"

@@ -1,32 +1,48 @@
-"""`train.cuda_graphs`: a TopK SAE's forward and backward recorded once as CUDA graphs, then replayed.
+"""`train.cuda_graphs`: a bank of TopK SAEs' whole training step recorded once as a CUDA graph, then replayed.
 
 On a GPU a TopK step at the sizes researchers train (d_in 576, batch 4,096, 16,384 features) is a
-few milliseconds of kernels, and Python launching its ~160 kernels one by one takes longer than the
-GPU takes to run them: bench/step_profile.py measured 4.1 ms of wall time for 1.8 ms of kernels at
-n 16,384 in bfloat16 on an H100. A CUDA graph launches all of a recorded forward (or backward) at once.
+couple of milliseconds of kernels, and Python launching them one by one takes longer than the GPU
+takes to run them: bench/step_profile.py measured 4.1 ms of wall time for 1.8 ms of kernels at
+n 16,384 in bfloat16 on an H100. Recording only the forward and backward (as this module first
+did) left 3.3 ms: the decoder constraint, Adam and the firing statistics still launched one by
+one. So the whole step is recorded, as PyTorch's "whole network capture":
 
-What is recorded is `TopKSAE.forward_static`, the training forward without host synchronisation and
-with shapes fixed by the batch and k alone, through `torch.cuda.make_graphed_callables`: its
-forward and its backward become one graph each, the gradients land in `.grad` as usual, and
-everything after (the decoder constraint, gradient clipping, Adam, the firing statistics, the nan
-check, logging, every callback) stays as it is. Whether any latent is dead changes the work (AuxK),
-so each answer gets its own pair of graphs, recorded the first time it is needed; the answer comes
-from `TopKSAE.dead_latents` before each step's forward, which reads the device (a host sync) only
-when a latent may be dead.
+    inputs scaled -> forward_static of each SAE -> firing statistics -> backward ->
+    decoder-gradient projection, gradient clipping -> Adam -> decoder renormalisation
 
-Requirements, checked at the start of training: a CUDA device, one process (`train.strategy=auto`,
-one device), every SAE of the bank a `topk` SAE (BatchTopK's selection size depends on the data).
+`TopKSAE.forward_static` is the training forward without host synchronisation and with shapes
+fixed by the batch and k alone. Adam runs with `capturable=True` and its learning rate as a
+tensor on the device, which the LR schedule fills in place each step, so a replay uses the
+scheduled rate. The gradients live in the graph's memory (set to None before recording, the
+recorded backward makes them), and nothing zeroes them between steps: each replay overwrites them.
+
+Whether any latent is dead changes the work (AuxK), so each answer (one per SAE of the bank) gets
+its own graph, recorded the first time it comes up; the answer comes from `TopKSAE.dead_latents`
+before each step, which reads the device (a host sync) only when a latent may be dead. Before
+recording, three warm-up steps run eagerly on a side stream (cuBLAS and the autograd engine set
+themselves up, Adam makes its state); they change the weights, Adam's moments and the statistics,
+so all of those are saved before and put back after, in place (the graph keeps their addresses).
+
+What stays eager, in SAEModule: the nan check (its flags are copied from the step's outputs),
+logging, and every callback. Requirements, checked at the start of training: a CUDA device, one
+process (`train.strategy=auto`, one device), every SAE of the bank a `topk` SAE (BatchTopK's
+selection size depends on the data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from framework.errors import RecipeError
 from framework.sae.base import SAE, SAEOutput
+
+WARM_UP_STEPS = 3  # as torch.cuda.make_graphed_callables runs before recording
 
 
 def check_supported(recipe, device: torch.device, world_size: int) -> None:
@@ -53,50 +69,161 @@ def check_supported(recipe, device: torch.device, world_size: int) -> None:
         )
 
 
-class _StaticForward(nn.Module):
-    """forward_static with one AuxK answer, as a module make_graphed_callables can record."""
+@dataclass
+class StepParts:
+    """What a bank's training step is made of, besides the SAEs and the optimizer: shared by
+    SAEModule (eager and recorded) and bench/train_step.py."""
 
-    def __init__(self, sae: SAE, with_auxk: bool):
-        super().__init__()
-        self.sae, self.with_auxk = sae, with_auxk
+    scaled_input: Callable[[tuple[Tensor, ...], str], Tensor]  # the batch -> one SAE's input
+    update_stats: Callable[[str, SAE, Tensor, int], None]  # (name, sae, fire_counts, rows)
+    constrain_gradients: Callable[[], None]  # the decoder-gradient projection, gradient clipping
+    constrain_weights: Callable[[], None]  # the decoder renormalisation
+    statistics: tuple[nn.Module, ...] = ()  # modules besides the SAEs whose buffers update_stats changes
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return self.sae.forward_static(x, self.with_auxk)
+
+@dataclass
+class _Recording:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]  # the batch is copied into these before each replay
+    outputs: dict[str, tuple[Tensor, SAEOutput]]  # per SAE: its input and output, overwritten by each replay
 
 
-class GraphedSAE:
-    """Calls like the SAE in training (`graphed(x)` -> SAEOutput with losses, reconstruction and
-    firing counts; no features), replaying recorded graphs."""
+class RecordedSteps:
+    """Calls like a training step: `steps(batch)` runs forward, backward and the optimizer step of
+    every SAE of the bank and returns, per SAE, (its input, SAEOutput with losses, reconstruction
+    and firing counts; no features), replaying a recorded graph. The returned tensors are the
+    graph's: the next replay overwrites them."""
 
-    def __init__(self, sae: SAE):
-        if not sae.graph_safe:
-            raise RecipeError(f"a {sae.variant} SAE cannot be recorded as a CUDA graph; set train.cuda_graphs=false")
-        self.sae = sae
-        self._recorded: dict[tuple, nn.Module] = {}
+    def __init__(self, saes: Mapping[str, SAE], optimizer: torch.optim.Optimizer, parts: StepParts):
+        for name, sae in saes.items():
+            if not sae.graph_safe:
+                raise RecipeError(f"SAE {name!r}: a {sae.variant} SAE cannot be recorded as a CUDA graph; "
+                                  f"set train.cuda_graphs=false")
+        self.saes, self.optimizer, self.parts = dict(saes), optimizer, parts
+        self._recorded: dict[tuple, _Recording] = {}
 
-    def __call__(self, x: Tensor) -> SAEOutput:
-        with_auxk = self.sae.dead_latents() is not None  # reads the device only when one may be dead
+    def __call__(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[Tensor, SAEOutput]]:
+        # dead_latents reads the device only when a latent may be dead
+        with_auxk = tuple(sae.dead_latents() is not None for sae in self.saes.values())
         amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        key = (with_auxk, tuple(x.shape), x.dtype, amp)
-        graphed = self._recorded.get(key)
-        if graphed is None:
-            graphed = self._recorded[key] = self._record(x, with_auxk, *amp)
-        x_hat, loss, mse, auxk, l0, fire_counts = graphed(x)
-        return SAEOutput(x_hat, losses={"loss": loss, "mse": mse, "auxk": auxk, "l0": l0}, fire_counts=fire_counts)
+        key = (with_auxk, tuple((t.shape, t.dtype) for t in batch), amp)
+        recording = self._recorded.get(key)
+        if recording is None:
+            recording = self._recorded[key] = self._record(batch, with_auxk, *amp)
+        for static, t in zip(recording.inputs, batch):
+            static.copy_(t)
+        recording.graph.replay()
+        return recording.outputs
 
-    def _record(self, x: Tensor, with_auxk: bool, amp_enabled: bool, amp_dtype: torch.dtype) -> nn.Module:
-        # make_graphed_callables runs a few warm-up forwards and backwards before recording: they
-        # leave the weights and .grad alone but advance the SAE's silent-step counts, so its
-        # buffers are put back afterwards. Autocast's weight-cast cache would hold tensors from
-        # outside the graph's memory, so it is off while recording.
-        # The recorded graphs keep the parameters' gradient accumulators they were made with, on
-        # the recording stream; autograd warns at every replay that it syncs the two streams (an
-        # event, microseconds: the measured speed-ups include it).
-        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
-        saved = {name: b.clone() for name, b in self.sae.named_buffers()}
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_enabled, cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(_StaticForward(self.sae, with_auxk), (x.detach().clone(),))
-        with torch.no_grad():
-            for name, b in self.sae.named_buffers():
-                b.copy_(saved[name])
-        return graphed
+    # ---- the step, as recorded ---------------------------------------------------------------
+
+    def run_step(self, batch: tuple[Tensor, ...], with_auxk: tuple[bool, ...]) -> dict[str, tuple[Tensor, SAEOutput]]:
+        """The step itself, eagerly: what is recorded. The forward runs under the caller's
+        autocast; the update in the weights' precision, as Lightning runs it (outside autocast)."""
+        outputs, total = {}, None
+        for (name, sae), auxk_on in zip(self.saes.items(), with_auxk):
+            x = self.parts.scaled_input(batch, name)
+            x_hat, loss, mse, auxk, l0, fire_counts = sae.forward_static(x, auxk_on)
+            self.parts.update_stats(name, sae, fire_counts, x.shape[0])
+            losses = {"loss": loss, "mse": mse, "auxk": auxk, "l0": l0}
+            outputs[name] = (x, SAEOutput(x_hat, losses=losses, fire_counts=fire_counts))
+            total = loss if total is None else total + loss
+        total.backward()
+        with torch.autocast(batch[0].device.type, enabled=False):
+            self.parts.constrain_gradients()
+            self.optimizer.step()
+            self.parts.constrain_weights()
+        return outputs
+
+    # ---- recording ----------------------------------------------------------------------------
+
+    def _record(self, batch: tuple[Tensor, ...], with_auxk: tuple[bool, ...], amp_enabled: bool,
+                amp_dtype: torch.dtype) -> _Recording:
+        # Autocast's weight-cast cache would hold tensors from outside the graph's memory, so it
+        # is off while recording (and warming up, for the same kernels).
+        def autocast():
+            return torch.autocast("cuda", dtype=amp_dtype, enabled=amp_enabled, cache_enabled=False)
+
+        inputs = tuple(t.detach().clone() for t in batch)
+        prepare_optimizer(self.optimizer)
+        self.warm_up(inputs, with_auxk, autocast)
+        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward makes the gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast():
+            outputs = self.run_step(inputs, with_auxk)
+        return _Recording(graph, inputs, outputs)
+
+    def warm_up(self, inputs: tuple[Tensor, ...], with_auxk: tuple[bool, ...],
+                autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        """WARM_UP_STEPS eager steps (on a side stream on a GPU, as recording wants), then the
+        weights, Adam's state and every buffer as they were before: the run goes on unchanged."""
+        saved = _TrainingState([*self.saes.values(), *self.parts.statistics], self.optimizer)
+        on_gpu = inputs[0].device.type == "cuda"
+        side = torch.cuda.Stream() if on_gpu else None
+        if on_gpu:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if on_gpu else contextlib.nullcontext(), warnings.catch_warnings():
+            # Adam warns once that a capturable optimizer runs uncaptured: it does, here only
+            warnings.filterwarnings("ignore", message=".*capturable=True")
+            for _ in range(WARM_UP_STEPS):
+                self.optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    self.run_step(inputs, with_auxk)
+        if on_gpu:
+            torch.cuda.current_stream().wait_stream(side)
+        saved.restore()
+        for sae in self.saes.values():
+            sae.silent_counts_changed()
+
+
+def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Adam as a recorded step needs it: capturable (its step counts on the device, no host reads),
+    and the learning rate a tensor on the device, which LR schedules fill in place. (A resumed
+    optimizer may have loaded other settings from an eager run's checkpoint.)"""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not isinstance(group["lr"], Tensor):
+            device = group["params"][0].device
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def portable_optimizer_state(state: dict) -> None:
+    """An optimizer's state_dict (a checkpoint's copy), as an eager run would have saved it:
+    plain float learning rates, not capturable, so that it resumes with or without graphs."""
+    for group in state.get("param_groups", []):
+        if isinstance(group.get("lr"), Tensor):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+
+
+def portable_scheduler_state(state: dict) -> None:
+    """An LR scheduler's state_dict (a checkpoint's copy) with float rates, as with an eager run."""
+    if "_last_lr" in state:
+        state["_last_lr"] = [float(v) for v in state["_last_lr"]]
+
+
+class _TrainingState:
+    """Copies of everything a training step changes, to put back in place."""
+
+    @torch.no_grad()
+    def __init__(self, modules, optimizer: torch.optim.Optimizer):
+        self.tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+        self.copies = [t.detach().clone() for t in self.tensors]
+        self.optimizer = optimizer
+        self.optimizer_state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+                                for p, s in optimizer.state.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, copy in zip(self.tensors, self.copies):
+            t.copy_(copy)
+        for p, state in self.optimizer.state.items():
+            before = self.optimizer_state.get(p)
+            for k, v in state.items():
+                if not isinstance(v, Tensor):
+                    continue
+                if before is None:  # made by the warm-up: a fresh Adam's state is all zeros
+                    v.zero_()
+                else:
+                    v.copy_(before[k])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -44,10 +45,10 @@ class FeatureStats(nn.Module):
     @torch.no_grad()
     def update(self, fire_counts: torch.Tensor, batch_rows: int, layout: ParameterLayout) -> None:
         fires = fire_counts.to(torch.float64)  # (n_features,) of this rank's features
-        rows = torch.tensor(float(batch_rows), dtype=torch.float64, device=fires.device)
+        rows = fires.new_full((1,), float(batch_rows))  # a fill, not a host copy: recordable in a CUDA graph
         # Every rank must see the counts of the whole global batch, or resampling would diverge
         # the replicas (and differ from a one-process run).
-        both = layout.sum_over_data(torch.cat([fires, rows.view(1)]))
+        both = layout.sum_over_data(torch.cat([fires, rows]))
         fires, rows = both[:-1], both[-1]
         self.window_fires += fires
         self.window_rows += rows
@@ -82,7 +83,7 @@ class SAEModule(L.LightningModule):
         self.pending_init = None  # a train.PendingInit, until feature sharding consumes it
         self.trained_bank: SAEModule | None = None  # whole(), gathered as training ends (rank 0)
         self._step_losses: dict[str, torch.Tensor] = {}  # this step's loss per SAE, until _check_finite
-        self._graphed: dict = {}  # SAE name -> cuda_graphs.GraphedSAE, with train.cuda_graphs
+        self._recorded_steps = None  # cuda_graphs.RecordedSteps, with train.cuda_graphs
         self._pending_check: PendingCheck | None = None  # the last step's finiteness flags (_check_finite)
         self._step_metrics: dict[int, dict] = {}  # step -> its metrics, written at its end (record_metrics)
         self._parallelized = False
@@ -106,14 +107,16 @@ class SAEModule(L.LightningModule):
         scale = self.input_scales.get(hook, 1.0)
         return x * scale if scale != 1.0 else x
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        total = 0.0
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         # The steps Lightning itself would log at (its log_every_n_steps), as the Throughput
         # callback does: a row of the CSV log then holds every metric of its step.
         log_now = (self.global_step + 1) % self.recipe.train.log_every == 0
+        if self._recorded_steps is not None:
+            return self._replay_step(batch, log_now)
+        total = 0.0
         for name, sae in self.saes.items():
             x = self.scaled_input(batch, name)
-            out = self._graphed[name](x) if self._graphed else sae(x, self.global_step)
+            out = sae(x, self.global_step)
             self._step_losses[name] = out.loss.detach()  # checked with the weights after the step
             self._update_stats(name, sae, out.fire_counts(), x.shape[0])
             total = total + out.loss
@@ -121,13 +124,32 @@ class SAEModule(L.LightningModule):
                 self._log_step(name, x, out)
         return total
 
+    def _replay_step(self, batch: tuple[torch.Tensor, ...], log_now: bool) -> None:
+        """train.cuda_graphs: the whole step, optimizer update included (cuda_graphs.py). Returns
+        None: Lightning then has no loss to backpropagate (optimizer_step runs this closure alone)."""
+        for name, (x, out) in self._recorded_steps(batch).items():
+            self._step_losses[name] = out.loss  # the graph's: _check_finite copies it before the next replay
+            if log_now:
+                self._log_step(name, x, out)
+        return None
+
     def on_fit_start(self) -> None:
         self.layout.on_fit_start(self)
         if self.recipe.train.cuda_graphs:
-            from framework.training.cuda_graphs import GraphedSAE, check_supported
+            from framework.training.cuda_graphs import RecordedSteps, check_supported
 
             check_supported(self.recipe, self.device, self.trainer.world_size)
-            self._graphed = {name: GraphedSAE(sae) for name, sae in self.saes.items()}
+            self._recorded_steps = RecordedSteps(self.saes, self.trainer.optimizers[0], self.step_parts())
+            # on purpose (_replay_step), so Lightning's warning about it would only mislead
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
+
+    def step_parts(self):
+        """The parts of this module's training step that train.cuda_graphs records with the SAEs'
+        forward and Adam (cuda_graphs.RecordedSteps)."""
+        from framework.training.cuda_graphs import StepParts
+
+        return StepParts(self.scaled_input, self._update_stats, self._constrain_gradients, self._constrain_weights,
+                         statistics=tuple(self.stats.values()))
 
     def _update_stats(self, name: str, sae, fire_counts: torch.Tensor, rows: int) -> None:
         stats = self.stats[name]
@@ -248,19 +270,32 @@ class SAEModule(L.LightningModule):
     # ---- the paper's decoder constraint, around Lightning's optimizer step -------------------
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._constrain_gradients()
+
+    def _constrain_gradients(self) -> None:
         for sae in self.saes.values():
             self.layout.before_optimizer_step(sae)
             if self.recipe.train.grad_clip > 0:
                 self.layout.clip_grad_norm_(sae, self.recipe.train.grad_clip)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Renormalise right after the step, before any callback (resampling, checkpointing)
-        # sees the weights: a checkpoint must hold the constrained decoder.
-        step = self.global_step
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+    def _constrain_weights(self) -> None:
         for sae in self.saes.values():
             self.layout.after_optimizer_step(sae)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        step = self.global_step
+        if self._recorded_steps is not None:
+            optimizer_closure()  # training_step: the recorded step, constraint and Adam included
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            # Renormalise right after the step, before any callback (resampling, checkpointing)
+            # sees the weights: a checkpoint must hold the constrained decoder.
+            self._constrain_weights()
         self._check_finite(step)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        if self._recorded_steps is None:  # a recorded step's gradients live in its graph: each replay overwrites them
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     # ---- optimisation -----------------------------------------------------------------------
 
@@ -316,6 +351,13 @@ class SAEModule(L.LightningModule):
 
         self.resolve_finite_check()  # raising here writes nothing: the last good checkpoint stays
 
+        if self._recorded_steps is not None:  # saved as an eager run saves them: resumable either way
+            from framework.training.cuda_graphs import portable_optimizer_state, portable_scheduler_state
+
+            for state in checkpoint.get("optimizer_states", []):
+                portable_optimizer_state(state)
+            for state in checkpoint.get("lr_schedulers", []):
+                portable_scheduler_state(state)
         checkpoint["sae_framework"] = {
             "fingerprint": stage_fingerprint(self.recipe, "train"),
             "layout": self.layout.name,
