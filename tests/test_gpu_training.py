@@ -94,9 +94,14 @@ def test_recorded_whole_steps_match_the_modules_eager_steps(dtype):
         torch.testing.assert_close(out.loss, a, rtol=rtol, atol=1e-6, msg=f"step {step}")
     assert len(steps._recorded) == 2  # with and without AuxK
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(eager_opt.param_groups[0]["lr"])
-    for (name, a), b in zip(eager.state_dict().items(), recorded.state_dict().values()):
-        error = ((b.double() - a.double()).norm() / a.double().norm().clamp_min(1e-12)).item()
+    for (name, a), b in zip(eager.named_parameters(), recorded.parameters()):
+        error = ((b - a).norm() / a.norm()).item()
         assert error < (1e-4 if dtype == torch.float32 else 5e-3), f"{name}: relative difference {error:.3g}"
+    # the statistics (fires, silent-step counts): a near tie in the top k may break apart, in
+    # bf16 above all, and a revived latent's count then differs by up to the steps since
+    for (name, a), b in zip(eager.named_buffers(), recorded.buffers()):
+        error = ((b - a).abs().sum() / a.abs().sum().clamp_min(1)).item()
+        assert error <= (0.01 if dtype == torch.float32 else 0.1), f"{name}: relative difference {error:.3g}"
     for p, q in zip(eager.saes.parameters(), recorded.saes.parameters()):
         for key in ("exp_avg_sq", "step"):
             error = ((opt.state[q][key] - eager_opt.state[p][key]).norm() / eager_opt.state[p][key].norm()).item()
