@@ -400,6 +400,41 @@ def test_missing_shard_is_named_by_the_reader(harvested, tmp_path):
         list(ActivationStream(ActivationStore(str(copy)), 1024, shuffle=False))
 
 
+@pytest.mark.parametrize("shard, damage", [
+    ("shard-000003.tar", "deleted"),
+    ("shard-000003.tar", "deleted with its window record"),
+    ("shard-000003.tar", "truncated"),
+    ("heldout/shard-000000.tar", "deleted"),
+])
+def test_rerunning_harvest_rewrites_a_damaged_shard_of_a_complete_store(pretrained_recipe, harvested, tmp_path,
+                                                                       shard, damage):
+    """What the reader's errors advise (delete the shard, re-run `sae harvest`) repairs the store:
+    the COMPLETE marker is not taken on trust, and only the damaged shard's window is redone."""
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    recipe = store_recipe(pretrained_recipe, tmp_path, f"harvest.output_dir={copy}")
+    def digests() -> dict[str, str]:
+        return {**shard_digests(copy), **{f"heldout/{k}": v for k, v in shard_digests(copy / "heldout").items()}}
+
+    expected = digests()
+    untouched = {p: p.stat().st_mtime_ns for p in copy.glob("shard-*.tar") if p.name not in ("shard-000002.tar", shard)}
+    path = copy / shard
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    if damage == "deleted with its window record":
+        (copy / "window-000001.json").unlink()  # shards 2 and 3 make window 1
+
+    harvest(recipe)
+    assert digests() == expected
+    assert untouched == {p: p.stat().st_mtime_ns for p in untouched}
+    assert (copy / "COMPLETE").is_file()
+    assert "verified 7 shards" in verify_store(recipe)
+
+
 def test_missing_store_says_to_harvest(tmp_path):
     with pytest.raises(DataError, match="sae harvest"):
         ActivationStore(str(tmp_path / "nowhere"))
