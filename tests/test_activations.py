@@ -20,8 +20,9 @@ from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.activations.verify import verify_store
-from framework.config import load_recipe
-from framework.errors import DataError
+from framework.cli import main
+from framework.config import load_recipe, save_recipe
+from framework.errors import DataError, RecipeError
 from framework.lm import load_lm
 from framework.text import iter_context_batches
 
@@ -433,6 +434,20 @@ def test_rerunning_harvest_rewrites_a_damaged_shard_of_a_complete_store(pretrain
     assert untouched == {p: p.stat().st_mtime_ns for p in untouched}
     assert (copy / "COMPLETE").is_file()
     assert "verified 7 shards" in verify_store(recipe)
+
+
+def test_contexts_longer_than_the_lm_reads_are_refused_before_harvest_writes_anything(pretrained_recipe, tmp_path,
+                                                                                     capsys):
+    recipe = store_recipe(pretrained_recipe, tmp_path, "text.context_length=128")
+    with pytest.raises(RecipeError, match=r"text.context_length=128 .*n_ctx is 64 .*text.context_length=64 or less"):
+        harvest(recipe)
+    assert not recipe.path("activations").exists()
+
+    yaml = save_recipe(recipe, tmp_path / "recipe")
+    assert main(["harvest", str(yaml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae harvest: error: text.context_length=128") and "Traceback" not in err
+    assert not recipe.path("activations").exists()
 
 
 def test_missing_store_says_to_harvest(tmp_path):

@@ -18,6 +18,7 @@ from conftest import TINY_PRETRAIN
 
 from framework.activations.harvest import harvest
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
+from framework.analysis.analyze import analyze_features
 from framework.cli import STAGES, main
 from framework.config import SAEConfig, load_recipe, save_recipe
 from framework.errors import CheckpointError, RecipeError
@@ -328,6 +329,14 @@ def test_eval_before_training_names_the_command_to_run(pretrained_recipe, traine
     err = capsys.readouterr().err
     assert err.startswith("sae eval: error: no trained SAE") and "sae train RECIPE" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, analyze_features])
+def test_contexts_longer_than_the_lm_reads_are_refused_when_the_lm_loads(pretrained_recipe, tmp_path, stage):
+    recipe = make_recipe(pretrained_recipe, tmp_path, "text.context_length=128")
+    with pytest.raises(RecipeError, match=r"text.context_length=128 .*n_ctx is 64 .*text.context_length=64 or less"):
+        stage(recipe)
+    assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
 
 
 def test_eval_of_a_directory_that_is_no_saelens_sae_is_refused(pretrained_recipe, trained_recipe, tmp_path):
