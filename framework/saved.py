@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -17,6 +18,9 @@ from safetensors.torch import load_file
 from framework.config import Recipe, SAEConfig
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
+
+if TYPE_CHECKING:  # for annotations only: `sae export` loads SAEs without the LM package
+    from framework.lm.base import BaseLM
 
 
 @dataclass
@@ -71,3 +75,30 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
             f"(or set eval.sae_path to an SAELens-format directory)"
         )
     return [load_framework_sae(root / n, device) for n in names]
+
+
+def load_saes_for_lm(recipe: Recipe, model: BaseLM, device: str | torch.device | None = None) -> list[TrainedSAE]:
+    """The recipe's SAEs (as `load_trained_saes`, on the LM's device unless told), each checked to
+    read a hook point the LM has at the width it has: an SAE made for another model fails here,
+    by name, rather than in a matrix product of the wrong shape."""
+    saes = load_trained_saes(recipe, model.device if device is None else device)
+    widths = model.hook_points()
+    for trained in saes:
+        hook, d_in = trained.hook_point, trained.sae.d_in
+        if widths.get(hook) == d_in:
+            continue
+        source = f"eval.sae_path={recipe.eval.sae_path}" if recipe.eval.sae_path else f"in {recipe.path('sae')}"
+        fix = (f"Point eval.sae_path at an SAE trained on {hook!r} of this LM, or set lm.name to the LM it was trained on."
+               if recipe.eval.sae_path else
+               "Use the LM the SAE was trained on (lm.*), or train SAEs on this one (`sae train RECIPE` with another "
+               "train.output_dir).")
+        if hook not in widths:
+            raise CheckpointError(
+                f"SAE {trained.name!r} ({source}) reads hook point {hook!r}, which the LM ({model.name}) does not "
+                f"have (list them with `sae hooks RECIPE`). {fix}"
+            )
+        raise CheckpointError(
+            f"SAE {trained.name!r} ({source}) has d_in={d_in}, but hook point {hook!r} of the LM ({model.name}) "
+            f"is {widths[hook]} wide: the SAE was trained on another model or hook point. {fix}"
+        )
+    return saes

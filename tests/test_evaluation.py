@@ -25,7 +25,7 @@ from framework.errors import CheckpointError, RecipeError
 from framework.evaluation import evaluate as eval_stage
 from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae
 from framework.evaluation.spliced import hook_mean, spliced_metrics
-from framework.export import export
+from framework.export import export, export_sae
 from framework.lm import load_lm
 from framework.sae import build_sae
 from framework.saved import TrainedSAE, load_framework_sae, load_trained_saes
@@ -335,6 +335,24 @@ def test_eval_before_training_names_the_command_to_run(pretrained_recipe, traine
 def test_contexts_longer_than_the_lm_reads_are_refused_when_the_lm_loads(pretrained_recipe, tmp_path, stage):
     recipe = make_recipe(pretrained_recipe, tmp_path, "text.context_length=128")
     with pytest.raises(RecipeError, match=r"text.context_length=128 .*n_ctx is 64 .*text.context_length=64 or less"):
+        stage(recipe)
+    assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
+
+
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, analyze_features])
+@pytest.mark.parametrize("hook, d_in, message", [
+    (HOOK, 128, rf"d_in=128, but hook point '{HOOK}' of the LM \(builtin\) is 512 wide"),
+    ("blocks.3.mlp.hook_post", 512, r"reads hook point 'blocks.3.mlp.hook_post', which the LM \(builtin\) does not have"),
+])
+def test_an_sae_that_does_not_fit_the_lms_hook_point_is_refused_when_loaded(pretrained_recipe, tmp_path, stage,
+                                                                            hook, d_in, message):
+    """An SAE made for another model (here through eval.sae_path) is named with its width and
+    hook, before any activation reaches it."""
+    cfg = SAEConfig(variant="paper", name="elsewhere", n_features=64, hook_point=hook)
+    sae_dir = export_sae(TrainedSAE("elsewhere", build_sae(d_in, cfg), hook, 1.0), tmp_path / "elsewhere")
+    recipe = make_recipe(pretrained_recipe, tmp_path, f"eval.sae_path={sae_dir}")
+    with pytest.raises(CheckpointError, match=rf"SAE 'elsewhere' \(eval.sae_path=.*elsewhere\) .*{message}.*"
+                                              rf"Point eval.sae_path at an SAE trained on '{hook}' of this LM"):
         stage(recipe)
     assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
 
