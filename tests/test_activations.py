@@ -469,6 +469,17 @@ def test_harvest_into_a_store_of_another_recipe_is_refused(pretrained_recipe, ha
         harvest(other)
 
 
+def test_resuming_a_partial_harvest_of_another_recipe_names_the_keys_that_differ(pretrained_recipe, harvested,
+                                                                                tmp_path):
+    partial = tmp_path / "activations"
+    partial.mkdir()
+    (partial / "harvest-recipe.json").write_bytes((harvested.path("activations") / "harvest-recipe.json").read_bytes())
+    other = store_recipe(pretrained_recipe, tmp_path, "harvest.seed=1")
+    with pytest.raises(RecipeError, match=r"partial harvest of a different recipe \(harvest.seed: 0 there, 1 here\)"):
+        harvest(other)
+    assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
+
+
 def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path):
     """RLIMIT_FSIZE makes the write fail with EFBIG, as a full disk fails with ENOSPC."""
     script = """

@@ -39,7 +39,7 @@ from framework.activations.format import (
     write_manifest,
     write_shard,
 )
-from framework.artifacts import MARKER, is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import MARKER, differences_from, is_complete, mark_complete, stage_fingerprint
 from framework.config import HarvestConfig, Recipe, RecipeError, is_url, recipe_to_dict
 from framework.distributed import barrier, current_rank, init_process_group
 from framework.errors import DataError
@@ -48,6 +48,7 @@ from framework.progress import Progress
 from framework.text import count_contexts, iter_context_batches
 
 log = logging.getLogger(__name__)
+CLAIM = "harvest-recipe.json"  # the harvest fingerprint of the recipe a store belongs to
 
 
 @dataclass(frozen=True)
@@ -257,20 +258,27 @@ def _merge_manifest(store: Path, plan: HarvestPlan, model: BaseLM, recipe: Recip
     )
 
 
+def harvest_differences(store: Path, recipe: Recipe) -> list[str] | None:
+    """How the recipe that harvested `store` (or started to) differs from `recipe` in what the
+    rows depend on (its harvest fingerprint); None when the store records no recipe."""
+    claim = store / CLAIM
+    if not claim.is_file():
+        return None
+    return differences_from(json.loads(claim.read_text()), recipe, "harvest")
+
+
 def _claim(store: Path, recipe: Recipe) -> None:
     """Refuse to resume into a store that an unfinished harvest of another recipe started."""
-    claim = store / "harvest-recipe.json"
-    digest = stage_fingerprint(recipe, "harvest")
-    if claim.is_file():
-        if json.loads(claim.read_text()) != json.loads(json.dumps(digest, default=str)):
-            raise RecipeError(
-                f"{store} holds a partial harvest of a different recipe; its windows cannot be "
-                f"mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
-            )
-        return
-    tmp = store / ".harvest-recipe.json.tmp"
-    tmp.write_text(json.dumps(digest, default=str))
-    tmp.replace(claim)
+    differences = harvest_differences(store, recipe)
+    if differences:
+        raise RecipeError(
+            f"{store} holds a partial harvest of a different recipe ({'; '.join(differences[:5])}); its "
+            f"windows cannot be mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
+        )
+    if differences is None:
+        tmp = store / f".{CLAIM}.tmp"
+        tmp.write_text(json.dumps(stage_fingerprint(recipe, "harvest"), default=str))
+        tmp.replace(store / CLAIM)
 
 
 def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_tokens: int) -> Manifest | None:
