@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
+from framework.artifacts import MARKER, differences_from
 from framework.config import Recipe, SAEConfig
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
@@ -67,6 +68,7 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
 
         return [load_saelens_sae(recipe.eval.sae_path, device)]
     root = recipe.path("sae")
+    check_trained_by(root, recipe)
     names = [c.name for c in recipe.sae_configs()]
     missing = [n for n in names if not (root / n / "config.json").is_file()]
     if missing:
@@ -75,6 +77,26 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
             f"(or set eval.sae_path to an SAELens-format directory)"
         )
     return [load_framework_sae(root / n, device) for n in names]
+
+
+def check_trained_by(root: Path, recipe: Recipe) -> None:
+    """Refuse SAEs that `sae train` finished for another recipe: a later stage would record this
+    recipe's settings (harvest, sae, train) for SAEs that other settings made. Output without a
+    COMPLETE marker records no recipe and is taken as it is."""
+    marker = root / MARKER
+    if not marker.is_file():
+        return
+    saved = json.loads(marker.read_text())
+    if saved.get("stage") != "train" or "fingerprint" not in saved:
+        return
+    differences = differences_from(saved["fingerprint"], recipe, "train")
+    if differences:
+        raise CheckpointError(
+            f"the SAEs in {root} were trained by a different recipe ({'; '.join(differences[:5])}). Use the "
+            f"recipe that trained them ({root / 'recipe.yaml'}), or train this one into its own directory "
+            f"(set train.output_dir and run `sae train RECIPE`). To score them as SAEs from elsewhere, export "
+            f"them with their own recipe and set eval.sae_path to the export."
+        )
 
 
 def load_saes_for_lm(recipe: Recipe, model: BaseLM, device: str | torch.device | None = None) -> list[TrainedSAE]:

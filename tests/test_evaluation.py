@@ -8,6 +8,7 @@ itself runs end to end on a trained SAE and on its SAELens export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -315,6 +316,23 @@ def test_saelens_export_evaluated_through_sae_path_scores_the_same(pretrained_re
 
 # --------------------------------------------------------------------------------------------
 # Bad input
+
+
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, export])
+def test_saes_trained_by_another_recipe_are_refused_naming_what_differs(pretrained_recipe, trained_recipe, tmp_path,
+                                                                        stage):
+    """eval and export would otherwise record this recipe's train settings for SAEs trained with
+    others; eval.sae_path still takes an SAE from anywhere."""
+    other = make_recipe(pretrained_recipe, Path(trained_recipe.workdir), "train.lr=1e-3",
+                        f"eval.output_dir={tmp_path / 'eval'}", f"export.output_dir={tmp_path / 'export'}")
+    with pytest.raises(CheckpointError, match=r"trained by a different recipe \(train.lr: 0.003 there, 0.001 here\)"
+                                              r".*recipe.yaml.*eval.sae_path"):
+        stage(other)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "export").exists()
+
+    name = trained_recipe.sae_configs()[0].name
+    imported = dataclasses.replace(other, eval=dataclasses.replace(other.eval, sae_path=str(export(trained_recipe) / name)))
+    assert [s.name for s in load_trained_saes(imported)] == [name]
 
 
 def test_eval_before_training_names_the_command_to_run(pretrained_recipe, trained_recipe, tmp_path, capsys):
