@@ -72,6 +72,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
+    """How a recorded fingerprint of `stage` differs from this recipe's, one "key: value there,
+    value here" each; empty when they are the same."""
+    mine = json.loads(json.dumps(stage_fingerprint(recipe, stage), default=str))
+    recorded = json.loads(json.dumps(recorded, default=str))
+    if recorded == mine:
+        return []
+    return _diff(mine, recorded) or ["unknown differences"]
+
+
 def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **info) -> Path:
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from framework.errors import RecipeError  # re-exported: stages raise it from here
@@ -457,7 +457,51 @@ def _field_type(dotted: str) -> str:
     return annotation
 
 
+def _check_shapes(node: DictConfig, schema: type, prefix: str) -> None:
+    """Refuse a single value where the schema has a section or a list, naming the key and the
+    form it takes: OmegaConf reports these as a merge error that names neither the key nor the
+    value (or, for a mapping given to a list, as a TypeError)."""
+    by_name = {f.name: f for f in fields(schema)}
+    for key in node:
+        spec = by_name.get(str(key))
+        if spec is None or OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            continue  # unknown keys, interpolations and ???: the merge and the resolver name them
+        value, dotted = node[key], f"{prefix}{key}"
+        if value is None:
+            continue  # null: the merge says, by key, whether it may be
+        if is_dataclass(spec.default_factory):
+            if not isinstance(value, DictConfig):
+                raise _not_a_section(dotted, spec.default_factory, value)
+            _check_shapes(value, spec.default_factory, f"{dotted}.")
+        elif str(spec.type).startswith("list[") and not isinstance(value, ListConfig):
+            shown = "a mapping" if isinstance(value, DictConfig) else repr(value)
+            # list[Any] holds mappings (train.bank, sweep.points); the others hold single values.
+            entry = "{KEY: VALUE}" if spec.type == "list[Any]" else "..." if isinstance(value, DictConfig) else value
+            raise RecipeError(
+                f"{dotted!r} is a list, got {shown}; write it in brackets, e.g. {dotted}=[{entry}] "
+                f"(in YAML: `{key}: [...]`)"
+            )
+
+
+def _not_a_section(dotted: str, schema: type, value: Any) -> RecipeError:
+    keys = [f.name for f in fields(schema)]
+    if isinstance(value, ListConfig):
+        shown, example = "a list", f"{dotted}.KEY=VALUE"
+    else:
+        # The key whose choices hold the value, when there is one: train.wandb=disabled means mode.
+        meant = next((k for k in keys if value in CHOICES.get(f"{dotted}.{k}", ())), "KEY")
+        shown, example = repr(value), f"{dotted}.{meant}={value}"
+    return RecipeError(
+        f"{dotted!r} is a section, not a single value: got {shown}. Set one of its keys instead, e.g. "
+        f"{example} (keys of {dotted}: {', '.join(keys)})"
+    )
+
+
 def _merge_checked(configs: list, section: str = "") -> DictConfig:
+    schema = SAEConfig if section else Recipe
+    for layer in configs:
+        if isinstance(layer, DictConfig):
+            _check_shapes(layer, schema, f"{section}." if section else "")
     try:
         return OmegaConf.merge(*configs)
     except ConfigKeyError as err:

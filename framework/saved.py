@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 
+from framework.artifacts import MARKER, differences_from
 from framework.config import Recipe, SAEConfig
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
+
+if TYPE_CHECKING:  # for annotations only: `sae export` loads SAEs without the LM package
+    from framework.lm.base import BaseLM
 
 
 @dataclass
@@ -63,6 +68,7 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
 
         return [load_saelens_sae(recipe.eval.sae_path, device)]
     root = recipe.path("sae")
+    check_trained_by(root, recipe)
     names = [c.name for c in recipe.sae_configs()]
     missing = [n for n in names if not (root / n / "config.json").is_file()]
     if missing:
@@ -71,3 +77,50 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
             f"(or set eval.sae_path to an SAELens-format directory)"
         )
     return [load_framework_sae(root / n, device) for n in names]
+
+
+def check_trained_by(root: Path, recipe: Recipe) -> None:
+    """Refuse SAEs that `sae train` finished for another recipe: a later stage would record this
+    recipe's settings (harvest, sae, train) for SAEs that other settings made. Output without a
+    COMPLETE marker records no recipe and is taken as it is."""
+    marker = root / MARKER
+    if not marker.is_file():
+        return
+    saved = json.loads(marker.read_text())
+    if saved.get("stage") != "train" or "fingerprint" not in saved:
+        return
+    differences = differences_from(saved["fingerprint"], recipe, "train")
+    if differences:
+        raise CheckpointError(
+            f"the SAEs in {root} were trained by a different recipe ({'; '.join(differences[:5])}). Use the "
+            f"recipe that trained them ({root / 'recipe.yaml'}), or train this one into its own directory "
+            f"(set train.output_dir and run `sae train RECIPE`). To score them as SAEs from elsewhere, export "
+            f"them with their own recipe and set eval.sae_path to the export."
+        )
+
+
+def load_saes_for_lm(recipe: Recipe, model: BaseLM, device: str | torch.device | None = None) -> list[TrainedSAE]:
+    """The recipe's SAEs (as `load_trained_saes`, on the LM's device unless told), each checked to
+    read a hook point the LM has at the width it has: an SAE made for another model fails here,
+    by name, rather than in a matrix product of the wrong shape."""
+    saes = load_trained_saes(recipe, model.device if device is None else device)
+    widths = model.hook_points()
+    for trained in saes:
+        hook, d_in = trained.hook_point, trained.sae.d_in
+        if widths.get(hook) == d_in:
+            continue
+        source = f"eval.sae_path={recipe.eval.sae_path}" if recipe.eval.sae_path else f"in {recipe.path('sae')}"
+        fix = (f"Point eval.sae_path at an SAE trained on {hook!r} of this LM, or set lm.name to the LM it was trained on."
+               if recipe.eval.sae_path else
+               "Use the LM the SAE was trained on (lm.*), or train SAEs on this one (`sae train RECIPE` with another "
+               "train.output_dir).")
+        if hook not in widths:
+            raise CheckpointError(
+                f"SAE {trained.name!r} ({source}) reads hook point {hook!r}, which the LM ({model.name}) does not "
+                f"have (list them with `sae hooks RECIPE`). {fix}"
+            )
+        raise CheckpointError(
+            f"SAE {trained.name!r} ({source}) has d_in={d_in}, but hook point {hook!r} of the LM ({model.name}) "
+            f"is {widths[hook]} wide: the SAE was trained on another model or hook point. {fix}"
+        )
+    return saes

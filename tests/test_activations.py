@@ -20,8 +20,9 @@ from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.activations.verify import verify_store
-from framework.config import load_recipe
-from framework.errors import DataError
+from framework.cli import main
+from framework.config import load_recipe, save_recipe
+from framework.errors import DataError, RecipeError
 from framework.lm import load_lm
 from framework.text import iter_context_batches
 
@@ -400,6 +401,55 @@ def test_missing_shard_is_named_by_the_reader(harvested, tmp_path):
         list(ActivationStream(ActivationStore(str(copy)), 1024, shuffle=False))
 
 
+@pytest.mark.parametrize("shard, damage", [
+    ("shard-000003.tar", "deleted"),
+    ("shard-000003.tar", "deleted with its window record"),
+    ("shard-000003.tar", "truncated"),
+    ("heldout/shard-000000.tar", "deleted"),
+])
+def test_rerunning_harvest_rewrites_a_damaged_shard_of_a_complete_store(pretrained_recipe, harvested, tmp_path,
+                                                                       shard, damage):
+    """What the reader's errors advise (delete the shard, re-run `sae harvest`) repairs the store:
+    the COMPLETE marker is not taken on trust, and only the damaged shard's window is redone."""
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    recipe = store_recipe(pretrained_recipe, tmp_path, f"harvest.output_dir={copy}")
+    def digests() -> dict[str, str]:
+        return {**shard_digests(copy), **{f"heldout/{k}": v for k, v in shard_digests(copy / "heldout").items()}}
+
+    expected = digests()
+    untouched = {p: p.stat().st_mtime_ns for p in copy.glob("shard-*.tar") if p.name not in ("shard-000002.tar", shard)}
+    path = copy / shard
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    if damage == "deleted with its window record":
+        (copy / "window-000001.json").unlink()  # shards 2 and 3 make window 1
+
+    harvest(recipe)
+    assert digests() == expected
+    assert untouched == {p: p.stat().st_mtime_ns for p in untouched}
+    assert (copy / "COMPLETE").is_file()
+    assert "verified 7 shards" in verify_store(recipe)
+
+
+def test_contexts_longer_than_the_lm_reads_are_refused_before_harvest_writes_anything(pretrained_recipe, tmp_path,
+                                                                                     capsys):
+    recipe = store_recipe(pretrained_recipe, tmp_path, "text.context_length=128")
+    with pytest.raises(RecipeError, match=r"text.context_length=128 .*n_ctx is 64 .*text.context_length=64 or less"):
+        harvest(recipe)
+    assert not recipe.path("activations").exists()
+
+    yaml = save_recipe(recipe, tmp_path / "recipe")
+    assert main(["harvest", str(yaml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae harvest: error: text.context_length=128") and "Traceback" not in err
+    assert not recipe.path("activations").exists()
+
+
 def test_missing_store_says_to_harvest(tmp_path):
     with pytest.raises(DataError, match="sae harvest"):
         ActivationStore(str(tmp_path / "nowhere"))
@@ -417,6 +467,17 @@ def test_harvest_into_a_store_of_another_recipe_is_refused(pretrained_recipe, ha
     other = store_recipe(pretrained_recipe, Path(harvested.workdir), "harvest.tokens_per_context=16")
     with pytest.raises(Exception, match="different recipe"):
         harvest(other)
+
+
+def test_resuming_a_partial_harvest_of_another_recipe_names_the_keys_that_differ(pretrained_recipe, harvested,
+                                                                                tmp_path):
+    partial = tmp_path / "activations"
+    partial.mkdir()
+    (partial / "harvest-recipe.json").write_bytes((harvested.path("activations") / "harvest-recipe.json").read_bytes())
+    other = store_recipe(pretrained_recipe, tmp_path, "harvest.seed=1")
+    with pytest.raises(RecipeError, match=r"partial harvest of a different recipe \(harvest.seed: 0 there, 1 here\)"):
+        harvest(other)
+    assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
 
 
 def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path):

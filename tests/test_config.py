@@ -50,6 +50,26 @@ def test_wrong_type_names_field_value_and_expected_type():
         load_recipe(None, ["sae.n_features=many"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.wandb=disabled", r"'train.wandb' is a section, not a single value: got 'disabled'.*"
+                             r"e.g. train.wandb.mode=disabled \(keys of train.wandb: enabled, project"),
+    ("sae=5", r"'sae' is a section, not a single value: got 5.*e.g. sae.KEY=5 \(keys of sae: name, variant"),
+    ("text=[a, b]", r"'text' is a section, not a single value: got a list.*text.KEY=VALUE"),
+    ("harvest.hook_points=x", r"'harvest.hook_points' is a list, got 'x'.*e.g. harvest.hook_points=\[x\]"),
+    ("harvest.hook_points={a: 1}", r"'harvest.hook_points' is a list, got a mapping"),
+    ("train.bank=5", r"'train.bank' is a list, got 5.*e.g. train.bank=\[\{KEY: VALUE\}\]"),
+])
+def test_a_value_where_a_section_or_list_belongs_names_the_key_and_the_expected_form(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
+def test_a_value_where_a_section_belongs_in_a_yaml_file_names_the_key(tmp_path):
+    (tmp_path / "r.yaml").write_text("train:\n  wandb: offline\n")
+    with pytest.raises(RecipeError, match=r"'train.wandb' is a section.*train.wandb.mode=offline"):
+        load_recipe(tmp_path / "r.yaml")
+
+
 def test_value_outside_choices_lists_the_choices():
     with pytest.raises(RecipeError, match=r"sae.variant='topkk' is not one of .*did you mean 'topk'"):
         load_recipe(None, ["sae.variant=topkk"])

@@ -8,6 +8,7 @@ itself runs end to end on a trained SAE and on its SAELens export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,13 +19,14 @@ from conftest import TINY_PRETRAIN
 
 from framework.activations.harvest import harvest
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
+from framework.analysis.analyze import analyze_features
 from framework.cli import STAGES, main
 from framework.config import SAEConfig, load_recipe, save_recipe
 from framework.errors import CheckpointError, RecipeError
 from framework.evaluation import evaluate as eval_stage
 from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae
 from framework.evaluation.spliced import hook_mean, spliced_metrics
-from framework.export import export
+from framework.export import export, export_sae
 from framework.lm import load_lm
 from framework.sae import build_sae
 from framework.saved import TrainedSAE, load_framework_sae, load_trained_saes
@@ -316,6 +318,23 @@ def test_saelens_export_evaluated_through_sae_path_scores_the_same(pretrained_re
 # Bad input
 
 
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, export])
+def test_saes_trained_by_another_recipe_are_refused_naming_what_differs(pretrained_recipe, trained_recipe, tmp_path,
+                                                                        stage):
+    """eval and export would otherwise record this recipe's train settings for SAEs trained with
+    others; eval.sae_path still takes an SAE from anywhere."""
+    other = make_recipe(pretrained_recipe, Path(trained_recipe.workdir), "train.lr=1e-3",
+                        f"eval.output_dir={tmp_path / 'eval'}", f"export.output_dir={tmp_path / 'export'}")
+    with pytest.raises(CheckpointError, match=r"trained by a different recipe \(train.lr: 0.003 there, 0.001 here\)"
+                                              r".*recipe.yaml.*eval.sae_path"):
+        stage(other)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "export").exists()
+
+    name = trained_recipe.sae_configs()[0].name
+    imported = dataclasses.replace(other, eval=dataclasses.replace(other.eval, sae_path=str(export(trained_recipe) / name)))
+    assert [s.name for s in load_trained_saes(imported)] == [name]
+
+
 def test_eval_before_training_names_the_command_to_run(pretrained_recipe, trained_recipe, tmp_path, capsys):
     recipe = make_recipe(pretrained_recipe, tmp_path, f"harvest.output_dir={trained_recipe.path('activations')}")
     with pytest.raises(CheckpointError, match=r"no trained SAE \['paper_256_l1_1e-03'\].*run `sae train RECIPE`"):
@@ -328,6 +347,32 @@ def test_eval_before_training_names_the_command_to_run(pretrained_recipe, traine
     err = capsys.readouterr().err
     assert err.startswith("sae eval: error: no trained SAE") and "sae train RECIPE" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, analyze_features])
+def test_contexts_longer_than_the_lm_reads_are_refused_when_the_lm_loads(pretrained_recipe, tmp_path, stage):
+    recipe = make_recipe(pretrained_recipe, tmp_path, "text.context_length=128")
+    with pytest.raises(RecipeError, match=r"text.context_length=128 .*n_ctx is 64 .*text.context_length=64 or less"):
+        stage(recipe)
+    assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
+
+
+@pytest.mark.parametrize("stage", [eval_stage.evaluate, analyze_features])
+@pytest.mark.parametrize("hook, d_in, message", [
+    (HOOK, 128, rf"d_in=128, but hook point '{HOOK}' of the LM \(builtin\) is 512 wide"),
+    ("blocks.3.mlp.hook_post", 512, r"reads hook point 'blocks.3.mlp.hook_post', which the LM \(builtin\) does not have"),
+])
+def test_an_sae_that_does_not_fit_the_lms_hook_point_is_refused_when_loaded(pretrained_recipe, tmp_path, stage,
+                                                                            hook, d_in, message):
+    """An SAE made for another model (here through eval.sae_path) is named with its width and
+    hook, before any activation reaches it."""
+    cfg = SAEConfig(variant="paper", name="elsewhere", n_features=64, hook_point=hook)
+    sae_dir = export_sae(TrainedSAE("elsewhere", build_sae(d_in, cfg), hook, 1.0), tmp_path / "elsewhere")
+    recipe = make_recipe(pretrained_recipe, tmp_path, f"eval.sae_path={sae_dir}")
+    with pytest.raises(CheckpointError, match=rf"SAE 'elsewhere' \(eval.sae_path=.*elsewhere\) .*{message}.*"
+                                              rf"Point eval.sae_path at an SAE trained on '{hook}' of this LM"):
+        stage(recipe)
+    assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
 
 
 def test_eval_of_a_directory_that_is_no_saelens_sae_is_refused(pretrained_recipe, trained_recipe, tmp_path):

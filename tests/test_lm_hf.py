@@ -165,6 +165,11 @@ def test_hook_points_have_the_model_widths(llama, gpt2):
     assert len(llama.hook_points()) == 6 * N_LAYERS
 
 
+def test_only_a_learned_position_table_limits_the_context(llama, gpt2):
+    """GPT-2 cannot index positions past n_positions; Llama's rotary positions have no table."""
+    assert gpt2.max_context == 64 and llama.max_context is None
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @torch.no_grad()
 def test_early_exit_returns_the_same_activations_and_skips_later_layers(arch, request, tokens):

@@ -283,6 +283,20 @@ def test_sae_reading_a_hook_the_store_lacks_is_refused(pretrained_recipe, store_
         train_stage.train(recipe)
 
 
+@pytest.mark.parametrize("override, difference", [
+    ("harvest.seed=1", "harvest.seed: 0 there, 1 here"),
+    ("text.max_documents=100", "text.max_documents: 200 there, 100 here"),
+])
+def test_a_store_harvested_by_another_recipe_is_refused_before_training(pretrained_recipe, store_dir, tmp_path,
+                                                                        override, difference):
+    """The SAEs would otherwise record this recipe's harvest settings for rows made with others."""
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", override)
+    with pytest.raises(RecipeError, match=rf"{store_dir} was harvested by a different recipe \({difference}\).*"
+                                          r"set harvest.output_dir to a new directory"):
+        train_stage.train(recipe)
+    assert not (tmp_path / "sae").exists()
+
+
 def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recipe, store_dir, tmp_path):
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.n_tokens=1000000")
     with pytest.raises(DataError, match=r"train.n_tokens=1,000,000.*train.epochs"):

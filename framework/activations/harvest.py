@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from framework.activations.format import (
+    MANIFEST,
     Manifest,
     Rows,
     ShardInfo,
@@ -38,7 +39,7 @@ from framework.activations.format import (
     write_manifest,
     write_shard,
 )
-from framework.artifacts import is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import MARKER, differences_from, is_complete, mark_complete, stage_fingerprint
 from framework.config import HarvestConfig, Recipe, RecipeError, is_url, recipe_to_dict
 from framework.distributed import barrier, current_rank, init_process_group
 from framework.errors import DataError
@@ -47,6 +48,7 @@ from framework.progress import Progress
 from framework.text import count_contexts, iter_context_batches
 
 log = logging.getLogger(__name__)
+CLAIM = "harvest-recipe.json"  # the harvest fingerprint of the recipe a store belongs to
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,17 @@ def hash_seed(seed: int, split: str, window: int) -> int:
 
 
 def _window_done(store: Path, plan: HarvestPlan, window: int) -> bool:
-    return (store / f"window-{window:06d}.json").is_file() and all(
-        (store / shard_name(s)).is_file() for s in plan.window_shards(window)
-    )
+    """Its record is written and every shard it lists is there at its recorded size: a shard
+    deleted or cut short after the harvest gets its window redone (identically) by a re-run."""
+    record = store / f"window-{window:06d}.json"
+    if not record.is_file():
+        return False
+    sizes = {s["name"]: s["bytes"] for s in json.loads(record.read_text())["shards"]}
+    return all(_has_size(store / shard_name(s), sizes.get(shard_name(s))) for s in plan.window_shards(window))
+
+
+def _has_size(path: Path, size: int | None) -> bool:
+    return path.is_file() and path.stat().st_size == size
 
 
 def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window, recipe: Recipe) -> int:
@@ -248,20 +258,27 @@ def _merge_manifest(store: Path, plan: HarvestPlan, model: BaseLM, recipe: Recip
     )
 
 
+def harvest_differences(store: Path, recipe: Recipe) -> list[str] | None:
+    """How the recipe that harvested `store` (or started to) differs from `recipe` in what the
+    rows depend on (its harvest fingerprint); None when the store records no recipe."""
+    claim = store / CLAIM
+    if not claim.is_file():
+        return None
+    return differences_from(json.loads(claim.read_text()), recipe, "harvest")
+
+
 def _claim(store: Path, recipe: Recipe) -> None:
     """Refuse to resume into a store that an unfinished harvest of another recipe started."""
-    claim = store / "harvest-recipe.json"
-    digest = stage_fingerprint(recipe, "harvest")
-    if claim.is_file():
-        if json.loads(claim.read_text()) != json.loads(json.dumps(digest, default=str)):
-            raise RecipeError(
-                f"{store} holds a partial harvest of a different recipe; its windows cannot be "
-                f"mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
-            )
-        return
-    tmp = store / ".harvest-recipe.json.tmp"
-    tmp.write_text(json.dumps(digest, default=str))
-    tmp.replace(claim)
+    differences = harvest_differences(store, recipe)
+    if differences:
+        raise RecipeError(
+            f"{store} holds a partial harvest of a different recipe ({'; '.join(differences[:5])}); its "
+            f"windows cannot be mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
+        )
+    if differences is None:
+        tmp = store / f".{CLAIM}.tmp"
+        tmp.write_text(json.dumps(stage_fingerprint(recipe, "harvest"), default=str))
+        tmp.replace(store / CLAIM)
 
 
 def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_tokens: int) -> Manifest | None:
@@ -303,6 +320,22 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     return manifest
 
 
+def _damaged_shards(recipe: Recipe, store: Path) -> list[str]:
+    """Files of a complete store (train and held-out) that are gone or not at their recorded
+    size. Sizes only: hashing every shard on each re-run would take minutes on a large store
+    (`sae harvest RECIPE --verify` does that)."""
+    locations = [store] + ([store / "heldout"] if recipe.harvest.heldout_tokens > 0 else [])
+    damaged = []
+    for location in locations:
+        try:
+            manifest = read_manifest(location)
+        except DataError:
+            damaged.append(str(location / MANIFEST))
+            continue
+        damaged += [str(location / s.name) for s in manifest.shards if not _has_size(location / s.name, s.bytes)]
+    return damaged
+
+
 def harvest(recipe: Recipe) -> Path | str:
     """The `sae harvest` stage: train (or `harvest.split`) store, then a held-out store inside it."""
     if is_url(recipe.harvest.output_dir):
@@ -316,8 +349,14 @@ def harvest(recipe: Recipe) -> Path | str:
         return recipe.harvest.output_dir
     store = recipe.path("activations")
     if is_complete(store, recipe, "harvest"):
-        log.info("activations in %s are complete; nothing to do", store)
-        return store
+        damaged = _damaged_shards(recipe, store)
+        if not damaged:
+            log.info("activations in %s are complete; nothing to do", store)
+            return store
+        # The marker promised these shards: without it the windows they belong to are redone.
+        log.warning("%s is marked complete but %s missing or not at the size its manifest records; "
+                    "harvesting their windows again", store, ", ".join(damaged))
+        (store / MARKER).unlink(missing_ok=True)
     if recipe.harvest.mode == "live":
         log.info("harvest.mode=live: activations are generated during training; nothing to write")
         return store

@@ -38,6 +38,8 @@ from framework.config import is_url
 from framework.errors import DataError
 
 log = logging.getLogger(__name__)
+# A harvest re-run redoes the window of any shard that is missing or not at its recorded size.
+REHARVEST = "Delete it and re-run `sae harvest RECIPE`, which harvests that shard's window again, identically."
 
 
 def member_url(location: str, name: str) -> str:
@@ -156,8 +158,7 @@ class ActivationStore:
                         raise DataError(
                             f"sample {sample.get('__key__')} of shard {info.name} in {self.location} holds "
                             f"{len(rows)} rows where the manifest's rows_per_sample={per_sample} says "
-                            f"{expected}: the shard does not match its manifest. Delete it and its "
-                            f"window-*.json and re-run `sae harvest RECIPE`."
+                            f"{expected}: the shard does not match its manifest. {REHARVEST}"
                         )
                     seen += len(rows)
                     yield rows
@@ -166,19 +167,17 @@ class ActivationStore:
         except FileNotFoundError:
             raise DataError(
                 f"shard {info.name} listed in {self.location}/{MANIFEST} is missing; re-run "
-                f"`sae harvest RECIPE` to rewrite it (it redoes only missing windows after you "
-                f"delete that window's window-*.json)"
+                f"`sae harvest RECIPE`, which harvests that shard's window again, identically"
             ) from None
         except Exception as err:  # tarfile / numpy errors on a damaged file
             raise DataError(
                 f"shard {info.name} in {self.location} is corrupt or truncated ({type(err).__name__}: "
-                f"{err}). Check it with `sae harvest RECIPE --verify`, then delete it and its "
-                f"window-*.json and re-run `sae harvest RECIPE`."
+                f"{err}). Check it with `sae harvest RECIPE --verify`. {REHARVEST}"
             ) from None
         if seen != info.rows:
             raise DataError(
                 f"shard {info.name} in {self.location} holds {seen} rows, the manifest says {info.rows}: "
-                f"it is truncated. Delete it and its window-*.json and re-run `sae harvest RECIPE`."
+                f"it is truncated. {REHARVEST}"
             )
 
     def verify_shard(self, index: int) -> None:
@@ -189,12 +188,13 @@ class ActivationStore:
                 for chunk in iter(lambda: stream.read(1 << 22), b""):
                     digest.update(chunk)
         except FileNotFoundError:
-            raise DataError(f"shard {info.name} is missing from {self.location}") from None
+            raise DataError(f"shard {info.name} is missing from {self.location}; re-run `sae harvest RECIPE`, "
+                            f"which harvests that shard's window again, identically") from None
         if digest.hexdigest() != info.sha256:
             raise DataError(
                 f"shard {info.name} in {self.location} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                 f"manifest {info.sha256[:12]}...): it was changed or damaged after harvesting. "
-                f"Delete it and its window-*.json and re-run `sae harvest RECIPE`."
+                f"{REHARVEST}"
             )
 
     def shard_order(self, epoch: int, seed: int, shuffle: bool) -> list[int]:

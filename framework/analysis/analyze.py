@@ -58,7 +58,7 @@ from framework.artifacts import atomic_write_text, is_complete, mark_complete, s
 from framework.config import AnalyzeConfig, Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM
-from framework.saved import TrainedSAE, load_trained_saes
+from framework.saved import TrainedSAE, load_saes_for_lm
 
 log = logging.getLogger(__name__)
 STATE_FILE = "stream_state.safetensors"
@@ -92,7 +92,7 @@ def analyze_features(recipe: Recipe) -> Path:
         log.info("analysis in %s is complete; nothing to do", out)
         return out
     model = load_lm(recipe)
-    trained = pick_sae(load_trained_saes(recipe, device=model.device), recipe.analyze.sae_name)
+    trained = pick_sae(load_saes_for_lm(recipe, model), recipe.analyze.sae_name)
     corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
     fingerprint = json.dumps(stage_fingerprint(recipe, "analyze"), sort_keys=True, default=str)
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]

@@ -44,7 +44,7 @@ from framework.config import Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM
 from framework.progress import Progress
-from framework.saved import TrainedSAE, load_trained_saes
+from framework.saved import TrainedSAE, load_saes_for_lm
 
 log = logging.getLogger(__name__)
 TOP_EXAMPLES = 10  # top activations kept per feature, for each node's top tokens
@@ -144,7 +144,7 @@ def split(recipe: Recipe) -> Path:
         return out
     markers.start(out)
     model = load_lm(recipe)
-    saes = dictionaries_by_size(load_trained_saes(recipe, device=model.device))
+    saes = dictionaries_by_size(load_saes_for_lm(recipe, model))
     candidates, cosines = zip(*(decoder_candidates(s.sae.W_dec.detach(), b.sae.W_dec.detach(), cfg.split_candidates)
                                 for s, b in zip(saes, saes[1:])))
     corpus = analysis_corpus(recipe.text, model.tokenizer, cfg.n_tokens, recipe.harvest.skip_first_tokens)

@@ -41,7 +41,7 @@ from framework.config import Recipe, RecipeError, load_recipe, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM, parse_hook
 from framework.progress import Progress
-from framework.saved import TrainedSAE, load_framework_sae, load_trained_saes
+from framework.saved import TrainedSAE, load_framework_sae, load_saes_for_lm
 
 log = logging.getLogger(__name__)
 PAPER_MEDIAN = 0.72  # A/1 features vs B/1 features, "Towards Monosemanticity"
@@ -115,10 +115,10 @@ def compare_universality(recipe: Recipe) -> Path:
         return out
     markers.start(out)
     model_a = load_lm(recipe)
-    bank = load_trained_saes(recipe, device=model_a.device)
+    bank = load_saes_for_lm(recipe, model_a)
     sae_a = pick_sae(bank, cfg.sae_name)
     model_b = load_lm(other)
-    sae_b = pick_sae(load_trained_saes(other, device=model_a.device), cfg.other_sae_name)
+    sae_b = pick_sae(load_saes_for_lm(other, model_b, device=model_a.device), cfg.other_sae_name)
     if model_a.tokenizer.fingerprint != model_b.tokenizer.fingerprint:
         raise RecipeError(f"{cfg.other_workdir}'s LM tokenizes differently from this recipe's, so the two "
                           f"cannot be compared on the same tokens; compare runs with the same text and vocabulary")

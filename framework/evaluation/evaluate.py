@@ -20,7 +20,7 @@ from framework.errors import DataError
 from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae
 from framework.evaluation.spliced import spliced_metrics
 from framework.lm import load_lm
-from framework.saved import TrainedSAE, load_trained_saes
+from framework.saved import TrainedSAE, load_saes_for_lm
 from framework.text import iter_context_batches
 from framework.training.report import plot_density
 
@@ -83,7 +83,7 @@ def evaluate(recipe: Recipe) -> Path:
         log.info("evaluation in %s is complete; nothing to do", out)
         return out
     model = load_lm(recipe)
-    saes = load_trained_saes(recipe, device=model.device)
+    saes = load_saes_for_lm(recipe, model)
     token_batches = [t.to(model.device) for _, t in iter_context_batches(
         recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size, 0, recipe.eval.n_contexts)]
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from framework.artifacts import MARKER
-from framework.config import BuiltinLMConfig, Recipe, load_recipe
+from framework.config import BuiltinLMConfig, Recipe, RecipeError, load_recipe
 from framework.errors import DataError
 from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
 from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, load_builtin
@@ -28,6 +28,15 @@ def resolve_device(device: str, device_index: int | None = None) -> torch.device
 
 
 def load_lm(recipe: Recipe, device_index: int | None = None) -> BaseLM:
+    """The recipe's LM, refused up front if it cannot read the recipe's contexts (every stage
+    that runs the LM would otherwise fail at its first forward pass, harvest after claiming
+    its store)."""
+    model = _load(recipe, device_index)
+    check_context_length(model, recipe)
+    return model
+
+
+def _load(recipe: Recipe, device_index: int | None) -> BaseLM:
     cfg = recipe.lm
     device = resolve_device(cfg.device, device_index)
     dtype = getattr(torch, cfg.dtype)
@@ -40,6 +49,19 @@ def load_lm(recipe: Recipe, device_index: int | None = None) -> BaseLM:
     from framework.lm.hf import load_hf
 
     return load_hf(cfg.name, device, dtype)
+
+
+def check_context_length(model: BaseLM, recipe: Recipe) -> None:
+    length, limit = recipe.text.context_length, model.max_context
+    if limit is None or length <= limit:
+        return
+    retrain = (f", or pretrain the built-in LM with text.context_length={length} into another "
+               f"lm.path (the one at {_pretrained_dir(recipe)} was pretrained on {limit}-token contexts)"
+               if recipe.lm.name == "builtin" else "")
+    raise RecipeError(
+        f"text.context_length={length} is longer than the LM ({model.name}) can read: its n_ctx is "
+        f"{limit} positions. Set text.context_length={limit} or less{retrain}."
+    )
 
 
 def _pretrained_dir(recipe: Recipe) -> Path:

@@ -163,6 +163,12 @@ class BaseLM(nn.Module):
         return max(names, key=order.index)
 
     @property
+    def max_context(self) -> int | None:
+        """The longest context the model can read: the size of its learned position table, or
+        None where nothing limits it (rotary positions only degrade past their training length)."""
+        return None
+
+    @property
     def n_layers(self) -> int:
         return 1 + max(parse_hook(h)[0] for h in self.hook_points())
 

@@ -107,6 +107,10 @@ class BuiltinLM(BaseLM):
         }
         return {hook_name(i, kind): w for i in range(self.arch.n_layers) for kind, w in widths.items()}
 
+    @property
+    def max_context(self) -> int:
+        return self.arch.n_ctx  # set by the context length `sae pretrain` trained it on
+
     def run(
         self,
         tokens: torch.Tensor,

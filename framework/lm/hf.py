@@ -112,6 +112,11 @@ class HFLM(BaseLM):
             points.update({hook_name(i, kind): w for kind, w in widths.items()})
         return points
 
+    @property
+    def max_context(self) -> int | None:
+        # GPT-2's learned position table (`n_positions`); Llama and GPT-NeoX use rotary positions.
+        return getattr(self.model.config, "n_positions", None)
+
     def run(
         self,
         tokens: torch.Tensor,

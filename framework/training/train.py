@@ -24,9 +24,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
+from framework.activations.harvest import harvest_differences
 from framework.artifacts import is_complete, mark_complete, stage_fingerprint
-from framework.config import Recipe, recipe_to_dict, save_recipe
-from framework.errors import CheckpointError, DataError
+from framework.config import Recipe, is_url, recipe_to_dict, save_recipe
+from framework.errors import CheckpointError, DataError, RecipeError
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, ProgressBar, Resampling, Throughput
 from framework.training.data import ActivationDataModule
@@ -56,6 +57,22 @@ def resolve_hooks(recipe: Recipe, harvested: list[str]) -> Recipe:
                 f"and harvest again"
             )
     return recipe
+
+
+def check_store_recipe(recipe: Recipe, location: str) -> None:
+    """Refuse a store harvested with other text, LM or harvest settings: the SAEs (and their
+    fingerprint) would record this recipe's settings for rows that other settings produced."""
+    if is_url(location):
+        return  # a remote store's claim is not fetched; it was checked where it was harvested
+    differences = harvest_differences(Path(location), recipe)
+    if differences:
+        raise RecipeError(
+            f"the activation store {location} was harvested by a different recipe "
+            f"({'; '.join(differences[:5])}); training on it would record this recipe's settings for "
+            f"activations made with others. Harvest this recipe into its own store (set harvest.output_dir "
+            f"to a new directory and run `sae harvest RECIPE`), or point harvest.output_dir at a store "
+            f"harvested with these settings."
+        )
 
 
 class _TrackLastCheckpoint(Callback):
@@ -164,6 +181,8 @@ def train(recipe: Recipe) -> Path:
     if is_complete(out, recipe, "train"):
         log.info("SAEs in %s are complete; nothing to do", out)
         return out
+    if recipe.harvest.mode == "shards":
+        check_store_recipe(recipe, recipe.store_location())
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     live_model = None
     if recipe.harvest.mode == "live":
