@@ -30,7 +30,7 @@ def profile_case(case: str, device: torch.device, steps: int, rows: int) -> dict
     family, n, precision = case.split(":")
     variant, _, regime = family.partition("-")
     setup = ts.make_setup(int(n), ts.BATCH, device, precision)
-    if regime == "graphs":  # topk-graphs: train.cuda_graphs' replayed forward and backward
+    if regime == "graphs":  # topk-graphs: train.cuda_graphs' recorded whole step
         contender = ts.ours(setup, variant, "", cuda_graphs=True)
     else:
         contender = ts.ours(setup, variant, regime)

@@ -178,7 +178,7 @@ class TrainConfig:
     # earlier runs still load and their fingerprints still match; any other value is refused.
     shuffle_buffer: int = RETIRED_SHUFFLE_BUFFER
     num_workers: int = 0
-    # TopK SAEs on one GPU: record the forward and backward as CUDA graphs and replay them
+    # TopK SAEs on one GPU: record the whole training step (forward to Adam) as a CUDA graph and replay it
     # (framework/training/cuda_graphs.py; docs/training.md, "CUDA graphs")
     cuda_graphs: bool = False
     seed: int = 0
