@@ -18,9 +18,12 @@ from framework.training.module import SAEModule
 D_IN, BATCH = 48, 96
 
 
-def _module(d_in: int = D_IN, n_features: int = 384, **train) -> SAEModule:
+def _module(d_in: int = D_IN, n_features: int = 384, bank: bool = False, **train) -> SAEModule:
+    """A TopK SAE, or with `bank` two of other sizes on the same batches."""
     overrides = ["sae.variant=topk", f"sae.n_features={n_features}", "sae.k=8", "sae.aux_k=32", "sae.init=transpose",
                  "sae.dead_steps_threshold=6", "train.log_every=1000", *(f"train.{k}={v}" for k, v in train.items())]
+    if bank:
+        overrides.append(f"train.bank=[{{n_features: {n_features}}}, {{n_features: {2 * n_features}, k: 16}}]")
     recipe = load_recipe(None, overrides)
     hook = recipe.sae_configs()[0].hook_point
     torch.manual_seed(0)
@@ -71,11 +74,14 @@ def _recorded_step(steps: RecordedSteps, optimizer, schedule, batch) -> dict[str
     return {key: sum(out.losses[key].detach() for _, out in outputs.values()) for key in ("loss", "auxk")}
 
 
-def test_the_recorded_step_is_the_modules_eager_step():
+@pytest.mark.parametrize("bank", [False, True])
+def test_the_recorded_step_is_the_modules_eager_step(bank):
     """Forward, firing statistics, gradient projection and clipping, Adam under an LR schedule,
     renormalisation: the same losses, weights, statistics and Adam state over 8 steps, with
-    latents going dead midway (AuxK picked the static way then: same math, other rounding)."""
-    eager = _module(grad_clip=0.05)
+    latents going dead midway (AuxK picked the static way then: same math, other rounding);
+    for one SAE and for a bank of two, whose losses add up."""
+    eager = _module(grad_clip=0.05, bank=bank)
+    assert len(eager.saes) == (2 if bank else 1)
     recorded = copy.deepcopy(eager)
     eager_opt, eager_schedule = _optimizer(eager)
     opt, schedule = _optimizer(recorded)
