@@ -27,6 +27,7 @@ RESULTS_QUICK = RESULTS / "quick"
 # name -> (needs peers, builder(setup, paper_weights, topk_weights))
 CONTENDERS = {
     "ours paper, L0 ~ 32": (False, lambda s, wp, wt: ts.ours(s, "paper", "sparse")),
+    "ours paper, L0 ~ 32, CUDA graphs": (False, lambda s, wp, wt: ts.ours(s, "paper", "sparse", cuda_graphs=True)),
     "ours topk": (False, lambda s, wp, wt: ts.ours(s, "topk", "")),
     "ours topk, CUDA graphs": (False, lambda s, wp, wt: ts.ours(s, "topk", "", cuda_graphs=True)),
     "SAELens standard, L0 ~ 32": (True, lambda s, wp, wt: ts.saelens(s, wp, "paper")),

@@ -369,8 +369,10 @@ def paper_contenders(setup: Setup) -> list[Builder]:
     out: list[Builder] = []
     for regime in ("dense", "sparse"):
         weights = weights_of(our_sae(setup, "paper", regime))
+        graphed = [(f"ours paper, {regime} codes, CUDA graphs", lambda r=regime: ours(setup, "paper", r, cuda_graphs=True))]
         out += [
             (f"ours paper, {regime} codes", lambda r=regime: ours(setup, "paper", r)),
+            *(graphed if setup.device.type == "cuda" else []),
             *compiled_contenders("paper", f"paper, {regime} codes", setup, regime),
             (f"SAELens standard, {regime} codes", lambda r=regime, w=weights: saelens(setup, w, "paper")),
         ]
@@ -504,7 +506,8 @@ def comparisons(group: dict) -> list[dict]:
 
     rows = []
     if group["family"] == "paper":
-        ours_names = [f"ours paper, {r} codes{c}" for r in ("dense", "sparse") for c in ("", ", torch.compile")]
+        ours_names = [f"ours paper, {r} codes{c}" for r in ("dense", "sparse")
+                      for c in ("", ", CUDA graphs", ", torch.compile")]
         limit = _find(group, "limit: 5 GEMMs")
     else:
         ours_names = ["ours topk", "ours topk, CUDA graphs", "ours topk, torch.compile"]

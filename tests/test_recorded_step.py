@@ -18,9 +18,11 @@ from framework.training.module import SAEModule
 D_IN, BATCH = 48, 96
 
 
-def _module(d_in: int = D_IN, n_features: int = 384, bank: bool = False, **train) -> SAEModule:
-    """A TopK SAE, or with `bank` two of other sizes on the same batches."""
-    overrides = ["sae.variant=topk", f"sae.n_features={n_features}", "sae.k=8", "sae.aux_k=32", "sae.init=transpose",
+def _module(d_in: int = D_IN, n_features: int = 384, bank: bool = False, variant: str = "topk",
+            target_l0: int = 0, **train) -> SAEModule:
+    """A TopK (or paper) SAE, or with `bank` two of other sizes on the same batches; with
+    `target_l0`, initialised from data to fire that often (the paper SAE's sparse codes)."""
+    overrides = [f"sae.variant={variant}", f"sae.n_features={n_features}", "sae.k=8", "sae.aux_k=32", "sae.init=transpose",
                  "sae.dead_steps_threshold=6", "train.log_every=1000", *(f"train.{k}={v}" for k, v in train.items())]
     if bank:
         overrides.append(f"train.bank=[{{n_features: {n_features}}}, {{n_features: {2 * n_features}, k: 16}}]")
@@ -29,6 +31,11 @@ def _module(d_in: int = D_IN, n_features: int = 384, bank: bool = False, **train
     torch.manual_seed(0)
     module = SAEModule(recipe, {hook: d_in}, {hook: 0.5})
     module.hook_points = [hook]
+    if target_l0:
+        sample = torch.cat([b[0] for b in _batches(4)]) * 0.5  # scaled as scaled_input does
+        for sae in module.saes.values():
+            sae.cfg.init, sae.cfg.init_target_l0 = "data", target_l0
+            sae.initialize_from_data(sample)
     return module
 
 
@@ -43,8 +50,10 @@ def _batches(n: int) -> list[tuple[torch.Tensor]]:
 
 
 def _kill_latents(module: SAEModule) -> None:
-    """A quarter of the latents silent for long: AuxK from the next step on."""
+    """A quarter of the latents silent for long: AuxK from the next step on (TopK)."""
     for name, sae in module.saes.items():
+        if sae.variant != "topk":
+            continue
         for counts in (sae.steps_since_fired, module.stats[name].steps_since_fired):
             counts[: counts.numel() // 4] = 10
         sae.silent_counts_changed()
@@ -68,19 +77,22 @@ def _recorded_step(steps: RecordedSteps, optimizer, schedule, batch) -> dict[str
     """What a replay does, run eagerly (the gradients start empty, as a recorded backward makes
     them): the bank's summed losses."""
     optimizer.zero_grad(set_to_none=True)
-    with_auxk = tuple(sae.dead_latents() is not None for sae in steps.saes.values())
+    with_auxk = tuple(sae.auxk_needed() for sae in steps.saes.values())
     outputs = steps.run_step(batch, with_auxk)
     schedule.step()
-    return {key: sum(out.losses[key].detach() for _, out in outputs.values()) for key in ("loss", "auxk")}
+    return {key: sum(out.losses[key].detach() for _, out in outputs.values()) for key in ("loss", "auxk")
+            if all(key in out.losses for _, out in outputs.values())}
 
 
-@pytest.mark.parametrize("bank", [False, True])
-def test_the_recorded_step_is_the_modules_eager_step(bank):
+@pytest.mark.parametrize("variant, bank, target_l0", [
+    ("topk", False, 0), ("topk", True, 0), ("paper", False, 0), ("paper", False, 4)])
+def test_the_recorded_step_is_the_modules_eager_step(variant, bank, target_l0):
     """Forward, firing statistics, gradient projection and clipping, Adam under an LR schedule,
     renormalisation: the same losses, weights, statistics and Adam state over 8 steps, with
-    latents going dead midway (AuxK picked the static way then: same math, other rounding);
-    for one SAE and for a bank of two, whose losses add up."""
-    eager = _module(grad_clip=0.05, bank=bank)
+    TopK latents going dead midway (AuxK picked the static way then: same math, other rounding);
+    for one SAE and for a bank of two, whose losses add up; for the paper SAE, whose recorded
+    forward is its dense path, whichever path the eager step takes."""
+    eager = _module(grad_clip=0.05, bank=bank, variant=variant, target_l0=target_l0)
     assert len(eager.saes) == (2 if bank else 1)
     recorded = copy.deepcopy(eager)
     eager_opt, eager_schedule = _optimizer(eager)
@@ -93,7 +105,10 @@ def test_the_recorded_step_is_the_modules_eager_step(bank):
         a = _eager_step(eager, eager_opt, eager_schedule, batch)
         b = _recorded_step(steps, opt, schedule, batch)
         torch.testing.assert_close(b["loss"], a, rtol=1e-5 if i < 4 else 1e-4, atol=1e-6, msg=f"step {i}")
-        assert (b["auxk"] > 0) == (i >= 4)
+        if variant == "topk":
+            assert (b["auxk"] > 0) == (i >= 4)
+        else:  # the eager step's path, chosen by the codes' density
+            assert next(iter(eager.saes.values())).sparse_codes == (target_l0 > 0)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(recorded.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
     for p, q in zip(eager.saes.parameters(), recorded.saes.parameters()):

@@ -313,8 +313,8 @@ def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
     eager = copy.deepcopy(sae)
 
     def static(x):
-        x_hat, loss, mse, auxk, l0, fire_counts = sae.forward_static(x, with_auxk=dead > 0)
-        return SAEOutput(x_hat, losses={"loss": loss, "mse": mse, "auxk": auxk, "l0": l0}, fire_counts=fire_counts)
+        x_hat, losses, fire_counts = sae.forward_static(x, with_auxk=dead > 0)
+        return SAEOutput(x_hat, losses=losses, fire_counts=fire_counts)
 
     ref_sae = copy.deepcopy(sae)
     out, grads = _step(sae, static, _data(), precision)
@@ -333,6 +333,37 @@ def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
         assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
     with pytest.raises(RuntimeError, match="kept no features"):
         _ = out.features
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("target_l0", [0, 4])  # dense codes, and codes sparse enough for the sparse path
+def test_paper_static_forward_for_cuda_graphs_matches_reference(target_l0, precision):
+    """The paper SAE's forward_static (its dense path, what train.cuda_graphs records) gives the
+    reference's losses and gradients and the eager fast path's firing counts, whichever path
+    the eager one takes, and uses no workspace buffer."""
+    from framework.sae.base import SAEOutput
+
+    sae = _sae("paper", target_l0=target_l0)
+    ref_sae, eager = copy.deepcopy(sae), copy.deepcopy(sae)
+
+    def static(x):
+        x_hat, losses, fire_counts = sae.forward_static(x, with_auxk=False)
+        return SAEOutput(x_hat, losses=losses, fire_counts=fire_counts)
+
+    out, grads = _step(sae, static, _data(), precision)
+    assert not sae._workspace._buffers
+    ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
+    fast, _ = _step(eager, eager.forward, _data(), precision)
+    assert eager.sparse_codes == (target_l0 > 0)  # the eager step took the path its density says
+    assert out.losses.keys() == ref.losses.keys()
+    assert torch.equal(out.fire_counts(), fast.fire_counts())
+    tight = precision == "fp32"
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key].float(), ref.losses[key].float(),
+                                   rtol=1e-5 if tight else 3e-2, atol=1e-6 if tight else 1e-3)
+    for name, grad in ref_grads.items():
+        error = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-8)
+        assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])

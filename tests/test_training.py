@@ -305,7 +305,9 @@ def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recip
 
 @pytest.mark.parametrize("extra, reason", [
     (["sae.variant=topk"], "needs a CUDA device; this run trains on cpu"),
-    (["sae.variant=batchtopk"], r"TopK SAEs only .* \(batchtopk\)"),
+    (["sae.variant=paper"], "needs a CUDA device; this run trains on cpu"),
+    (["sae.variant=batchtopk"], r"fixed by the batch alone \(variants paper, topk\).* \(batchtopk\)"),
+    (["sae.variant=april2024"], r"\(variants paper, topk\).* \(april2024\)"),
 ])
 def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
         pretrained_recipe, store_dir, tmp_path, extra, reason, monkeypatch):

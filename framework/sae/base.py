@@ -122,6 +122,19 @@ class SAE(nn.Module):
     def forward_reference(self, x: torch.Tensor, step: int = 0) -> SAEOutput:
         raise NotImplementedError
 
+    # -- for CUDA graphs (train.cuda_graphs), where graph_safe ---------------------------------
+
+    def forward_static(self, x: torch.Tensor, with_auxk: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """`forward` in training with no host synchronisation and no tensor whose shape depends on
+        the data, so that it can be recorded as a CUDA graph: (x_hat, losses as `forward`'s,
+        fire_counts). `with_auxk`: what `auxk_needed` answered before the step."""
+        raise NotImplementedError(f"a {self.variant} SAE has no static forward")
+
+    def auxk_needed(self) -> bool:
+        """Whether the next training step has an AuxK term (dead latents, for the variants with
+        AuxK): asked once before each recorded step, which needs one graph per answer."""
+        return False
+
     def firing_threshold(self) -> torch.Tensor | float:
         """The pre-activation above which a feature counts as firing (for bias calibration)."""
         return 0.0

@@ -108,6 +108,17 @@ class ReLUSAE(SAE):
 
 class PaperSAE(ReLUSAE):
     variant = "paper"
+    # forward_static exists. (The April 2024 update's L1 coefficient warms up with the step, a
+    # host number that a recorded graph would freeze.)
+    graph_safe = True
+
+    def forward_static(self, x: Tensor, with_auxk: bool = False) -> tuple[Tensor, dict, Tensor]:
+        """The dense path of `forward` (the sparse one has a data-dependent number of codes) with
+        no workspace buffer, as a recorded graph must own all its memory; no AuxK here."""
+        x_hat, l1_sum, _, fire_counts = relu_autoencoder(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_weight(), sparse=False, ws=None)
+        batch = x.shape[0]
+        return x_hat, self._losses(x, x_hat, l1_sum / batch, fire_counts.sum() / batch, 0), fire_counts
 
     def l1_weight(self) -> Tensor:
         return self.b_enc.new_ones(self.n_features).detach()

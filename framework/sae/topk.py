@@ -221,10 +221,13 @@ class TopKSAE(SAE):
 
     graph_safe = True  # forward_static exists (BatchTopK's selection size depends on the data)
 
-    def forward_static(self, x: Tensor, with_auxk: bool) -> tuple[Tensor, ...]:
+    def auxk_needed(self) -> bool:
+        return self.dead_latents() is not None  # reads the device only when a latent may be dead
+
+    def forward_static(self, x: Tensor, with_auxk: bool) -> tuple[Tensor, dict, Tensor]:
         """`forward` in training, with no host synchronisation and no tensor whose shape depends
-        on the data, so that it can be recorded as a CUDA graph and replayed: (x_hat, loss, mse,
-        auxk, l0, fire_counts). `with_auxk`: whether any latent is dead, which the caller reads
+        on the data, so that it can be recorded as a CUDA graph and replayed: (x_hat, losses,
+        fire_counts). `with_auxk`: whether any latent is dead, which the caller reads
         before the step (one graph per answer). The same codes, losses and gradients as `forward`
         (tests/test_sae_fast_paths.py); what differs is how the AuxK latents are picked: among all
         columns with the live ones masked. No workspace buffer: a recorded graph must own all its
@@ -235,8 +238,7 @@ class TopKSAE(SAE):
         x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
         auxk = self._auxk_static(x, x_hat, pre) if with_auxk else x_hat.new_zeros((), dtype=torch.float32)
         fire_counts, active = self._count_fires(pattern, values)
-        losses = self._losses(x, x_hat, auxk, active.sum() / x.shape[0])
-        return x_hat, losses["loss"], losses["mse"], losses["auxk"], losses["l0"], fire_counts
+        return x_hat, self._losses(x, x_hat, auxk, active.sum() / x.shape[0]), fire_counts
 
     def _auxk_static(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
         """AuxK with shapes that do not depend on how many latents are dead: each row's aux_k

@@ -1,32 +1,36 @@
-"""`train.cuda_graphs`: a bank of TopK SAEs' whole training step recorded once as a CUDA graph, then replayed.
+"""`train.cuda_graphs`: a bank's whole training step recorded once as a CUDA graph, then replayed.
 
 On a GPU a TopK step at the sizes researchers train (d_in 576, batch 4,096, 16,384 features) is a
 couple of milliseconds of kernels, and Python launching them one by one takes longer than the GPU
 takes to run them: bench/step_profile.py measured 4.1 ms of wall time for 1.8 ms of kernels at
 n 16,384 in bfloat16 on an H100. Recording only the forward and backward (as this module first
 did) left 3.3 ms: the decoder constraint, Adam and the firing statistics still launched one by
-one. So the whole step is recorded, as PyTorch's "whole network capture":
+one; recording the whole step, 2.0 ms (the GPU busy 89% of it). So the whole step is recorded,
+as PyTorch's "whole network capture":
 
     inputs scaled -> forward_static of each SAE -> firing statistics -> backward ->
     decoder-gradient projection, gradient clipping -> Adam -> decoder renormalisation
 
-`TopKSAE.forward_static` is the training forward without host synchronisation and with shapes
-fixed by the batch and k alone. Adam runs with `capturable=True` and its learning rate as a
+`SAE.forward_static` is the training forward without host synchronisation and with shapes fixed
+by the batch alone: TopK's (k codes per row) and the paper SAE's dense path (its sparse path has
+a data-dependent number of codes). Adam runs with `capturable=True` and its learning rate as a
 tensor on the device, which the LR schedule fills in place each step, so a replay uses the
 scheduled rate. The gradients live in the graph's memory (set to None before recording, the
 recorded backward makes them), and nothing zeroes them between steps: each replay overwrites them.
 
-Whether any latent is dead changes the work (AuxK), so each answer (one per SAE of the bank) gets
-its own graph, recorded the first time it comes up; the answer comes from `TopKSAE.dead_latents`
-before each step, which reads the device (a host sync) only when a latent may be dead. Before
-recording, three warm-up steps run eagerly on a side stream (cuBLAS and the autograd engine set
-themselves up, Adam makes its state); they change the weights, Adam's moments and the statistics,
-so all of those are saved before and put back after, in place (the graph keeps their addresses).
+Whether a TopK SAE has dead latents changes the work (AuxK), so each answer (one per SAE of the
+bank) gets its own graph, recorded the first time it comes up; the answer comes from
+`SAE.auxk_needed` before each step, which for TopK reads the device (a host sync) only when a
+latent may be dead. Before recording, three warm-up steps run eagerly on a side stream (cuBLAS
+and the autograd engine set themselves up, Adam makes its state); they change the weights,
+Adam's moments and the statistics, so all of those are saved before and put back after, in place
+(the graph keeps their addresses).
 
 What stays eager, in SAEModule: the nan check (its flags are copied from the step's outputs),
-logging, and every callback. Requirements, checked at the start of training: a CUDA device, one
-process (`train.strategy=auto`, one device), every SAE of the bank a `topk` SAE (BatchTopK's
-selection size depends on the data).
+logging, resampling (it writes weights and Adam's moments in place, which the graph reads), the
+held-out evaluation and every callback. Requirements, checked at the start of training: a CUDA
+device, one process (`train.strategy=auto`, one device), every SAE of the bank of a variant with
+a static forward (`topk`, `paper`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from framework.errors import RecipeError
+from framework.sae import VARIANTS
 from framework.sae.base import SAE, SAEOutput
 
 WARM_UP_STEPS = 3  # as torch.cuda.make_graphed_callables runs before recording
@@ -49,12 +54,13 @@ def check_supported(recipe, device: torch.device, world_size: int) -> None:
     """Refuse, with the reason and what to change, what train.cuda_graphs cannot record."""
     cfg = recipe.train
     variants = {c.name: c.variant for c in recipe.sae_configs()}
-    unsupported = {name: v for name, v in variants.items() if v != "topk"}
+    unsupported = {name: v for name, v in variants.items() if not VARIANTS[v].graph_safe}
     if unsupported:
         listed = ", ".join(f"{name} ({variant})" for name, variant in unsupported.items())
+        recordable = ", ".join(v for v, cls in VARIANTS.items() if cls.graph_safe)
         raise RecipeError(
-            f"train.cuda_graphs=true records TopK SAEs only (variant topk: a fixed k codes per row); "
-            f"this bank also holds {listed}. Set train.cuda_graphs=false."
+            f"train.cuda_graphs=true records SAEs whose step has shapes fixed by the batch alone "
+            f"(variants {recordable}); this bank also holds {listed}. Set train.cuda_graphs=false."
         )
     if device.type != "cuda":
         raise RecipeError(
@@ -103,8 +109,7 @@ class RecordedSteps:
         self._recorded: dict[tuple, _Recording] = {}
 
     def __call__(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[Tensor, SAEOutput]]:
-        # dead_latents reads the device only when a latent may be dead
-        with_auxk = tuple(sae.dead_latents() is not None for sae in self.saes.values())
+        with_auxk = tuple(sae.auxk_needed() for sae in self.saes.values())
         amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         key = (with_auxk, tuple((t.shape, t.dtype) for t in batch), amp)
         recording = self._recorded.get(key)
@@ -123,11 +128,10 @@ class RecordedSteps:
         outputs, total = {}, None
         for (name, sae), auxk_on in zip(self.saes.items(), with_auxk):
             x = self.parts.scaled_input(batch, name)
-            x_hat, loss, mse, auxk, l0, fire_counts = sae.forward_static(x, auxk_on)
+            x_hat, losses, fire_counts = sae.forward_static(x, auxk_on)
             self.parts.update_stats(name, sae, fire_counts, x.shape[0])
-            losses = {"loss": loss, "mse": mse, "auxk": auxk, "l0": l0}
             outputs[name] = (x, SAEOutput(x_hat, losses=losses, fire_counts=fire_counts))
-            total = loss if total is None else total + loss
+            total = losses["loss"] if total is None else total + losses["loss"]
         total.backward()
         with torch.autocast(batch[0].device.type, enabled=False):
             self.parts.constrain_gradients()
@@ -173,7 +177,8 @@ class RecordedSteps:
             torch.cuda.current_stream().wait_stream(side)
         saved.restore()
         for sae in self.saes.values():
-            sae.silent_counts_changed()
+            if hasattr(sae, "silent_counts_changed"):  # TopK: the warm-up advanced its counts
+                sae.silent_counts_changed()
 
 
 def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
