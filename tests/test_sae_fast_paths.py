@@ -301,29 +301,18 @@ def test_the_first_forward_looks_at_the_codes_before_choosing_its_path():
     assert "fire_mask" in dense._workspace._buffers and "pre" not in dense._workspace._buffers
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("dead", [0, 5, 40, N_FEATURES // 2])  # 5 < aux_k: live latents fill the picks
-def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
-    """forward_static (what train.cuda_graphs records) gives the reference's losses and gradients,
-    and the eager fast path's firing counts and silent-step counts, with and without dead latents."""
+def _static_forward(sae, with_auxk: bool):
+    """forward_static as a forward returning an SAEOutput."""
     from framework.sae.base import SAEOutput
 
-    sae = _sae("topk", dead_steps_threshold=1, aux_k=20)
-    sae.steps_since_fired[:dead] = 1
-    eager = copy.deepcopy(sae)
-
-    def static(x):
-        x_hat, losses, fire_counts = sae.forward_static(x, with_auxk=dead > 0)
+    def forward(x):
+        x_hat, losses, fire_counts = sae.forward_static(x, with_auxk)
         return SAEOutput(x_hat, losses=losses, fire_counts=fire_counts)
 
-    ref_sae = copy.deepcopy(sae)
-    out, grads = _step(sae, static, _data(), precision)
-    assert not sae._workspace._buffers  # a recorded graph must own all its memory
-    ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
-    fast, _ = _step(eager, eager.forward, _data(), precision)
-    assert (ref.losses["auxk"] > 0) == (dead > 0)
-    assert torch.equal(out.fire_counts(), fast.fire_counts())
-    assert torch.equal(sae.steps_since_fired, eager.steps_since_fired)
+    return forward
+
+
+def _assert_like_reference(out, grads, ref, ref_grads, precision: str) -> None:
     tight = precision == "fp32"
     for key in ref.losses:
         torch.testing.assert_close(out.losses[key].float(), ref.losses[key].float(),
@@ -331,6 +320,27 @@ def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
     for name, grad in ref_grads.items():
         error = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-8)
         assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dead", [0, 5, 40, N_FEATURES // 2])  # 5 < aux_k: live latents fill the picks
+def test_topk_static_forward_for_cuda_graphs_matches_reference(dead, precision):
+    """forward_static (what train.cuda_graphs records) gives the reference's losses and gradients,
+    and the eager fast path's firing counts and silent-step counts, with and without dead latents."""
+
+    sae = _sae("topk", dead_steps_threshold=1, aux_k=20)
+    sae.steps_since_fired[:dead] = 1
+    eager = copy.deepcopy(sae)
+
+    ref_sae = copy.deepcopy(sae)
+    out, grads = _step(sae, _static_forward(sae, with_auxk=dead > 0), _data(), precision)
+    assert not sae._workspace._buffers  # a recorded graph must own all its memory
+    ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
+    fast, _ = _step(eager, eager.forward, _data(), precision)
+    assert (ref.losses["auxk"] > 0) == (dead > 0)
+    assert torch.equal(out.fire_counts(), fast.fire_counts())
+    assert torch.equal(sae.steps_since_fired, eager.steps_since_fired)
+    _assert_like_reference(out, grads, ref, ref_grads, precision)
     with pytest.raises(RuntimeError, match="kept no features"):
         _ = out.features
 
@@ -341,29 +351,17 @@ def test_paper_static_forward_for_cuda_graphs_matches_reference(target_l0, preci
     """The paper SAE's forward_static (its dense path, what train.cuda_graphs records) gives the
     reference's losses and gradients and the eager fast path's firing counts, whichever path
     the eager one takes, and uses no workspace buffer."""
-    from framework.sae.base import SAEOutput
 
     sae = _sae("paper", target_l0=target_l0)
     ref_sae, eager = copy.deepcopy(sae), copy.deepcopy(sae)
-
-    def static(x):
-        x_hat, losses, fire_counts = sae.forward_static(x, with_auxk=False)
-        return SAEOutput(x_hat, losses=losses, fire_counts=fire_counts)
-
-    out, grads = _step(sae, static, _data(), precision)
+    out, grads = _step(sae, _static_forward(sae, with_auxk=False), _data(), precision)
     assert not sae._workspace._buffers
     ref, ref_grads = _step(ref_sae, ref_sae.forward_reference, _data(), precision)
     fast, _ = _step(eager, eager.forward, _data(), precision)
     assert eager.sparse_codes == (target_l0 > 0)  # the eager step took the path its density says
     assert out.losses.keys() == ref.losses.keys()
     assert torch.equal(out.fire_counts(), fast.fire_counts())
-    tight = precision == "fp32"
-    for key in ref.losses:
-        torch.testing.assert_close(out.losses[key].float(), ref.losses[key].float(),
-                                   rtol=1e-5 if tight else 3e-2, atol=1e-6 if tight else 1e-3)
-    for name, grad in ref_grads.items():
-        error = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-8)
-        assert error < (1e-5 if tight else 0.1), f"{name}: relative error {error:.3g}"
+    _assert_like_reference(out, grads, ref, ref_grads, precision)
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
