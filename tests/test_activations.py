@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
 
 from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
@@ -477,6 +477,27 @@ def test_resuming_a_partial_harvest_of_another_recipe_names_the_keys_that_differ
     other = store_recipe(pretrained_recipe, tmp_path, "harvest.seed=1")
     with pytest.raises(RecipeError, match=r"partial harvest of a different recipe \(harvest.seed: 0 there, 1 here\)"):
         harvest(other)
+    assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
+
+
+def test_harvest_with_other_lm_weights_into_a_store_is_refused_and_the_store_is_kept(pretrained_recipe, harvested,
+                                                                                      tmp_path):
+    """lm.path is not part of the recipe fingerprint: the weights hash tells another LM apart,
+    for a complete store (which would otherwise be reported as done) and a partial one (whose
+    windows would be mixed with another LM's)."""
+    other = copy_lm_with_other_weights(pretrained_recipe.path("lm"), tmp_path / "other-lm")
+    store = harvested.path("activations")
+    before = shard_digests(store)
+    refusal = r"harvested from LM weights with sha256 .*lm.path=.*other-lm.*point lm.path at the LM that made the store"
+    with pytest.raises(RecipeError, match=refusal):
+        harvest(store_recipe(pretrained_recipe, Path(harvested.workdir), f"lm.path={other}"))
+    assert shard_digests(store) == before and (store / "COMPLETE").is_file()
+
+    partial = tmp_path / "activations"
+    partial.mkdir()
+    (partial / "harvest-recipe.json").write_bytes((store / "harvest-recipe.json").read_bytes())
+    with pytest.raises(RecipeError, match=refusal):
+        harvest(store_recipe(pretrained_recipe, tmp_path, f"lm.path={other}"))
     assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
 
 

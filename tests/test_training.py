@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
@@ -295,6 +297,25 @@ def test_a_store_harvested_by_another_recipe_is_refused_before_training(pretrain
                                           r"set harvest.output_dir to a new directory"):
         train_stage.train(recipe)
     assert not (tmp_path / "sae").exists()
+
+
+def test_a_store_harvested_from_other_lm_weights_is_refused_before_training(pretrained_recipe, store_dir, tmp_path):
+    """lm.path is not part of the recipe fingerprint (a moved LM is the same LM), so only the
+    weights hash tells another pretrained LM from the one that made the store."""
+    made_the_store = pretrained_recipe.path("lm")
+    other = copy_lm_with_other_weights(made_the_store, tmp_path / "other-lm")
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", f"lm.path={other}")
+    with pytest.raises(RecipeError, match=rf"{re.escape(str(store_dir))} was harvested from LM weights with sha256 "
+                                          rf"\w+\.\.\., but the LM this recipe names \(lm.path={re.escape(str(other))}\).*"
+                                          r"set harvest.output_dir to a new directory.*point lm.path at the LM that "
+                                          rf"made the store \(it was at {re.escape(str(made_the_store.resolve()))}\)"):
+        train_stage.train(recipe)
+    assert not (tmp_path / "sae").exists()
+
+    moved = tmp_path / "moved-lm"
+    shutil.copytree(made_the_store, moved)
+    out = train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", f"lm.path={moved}"))
+    assert (out / "COMPLETE").is_file()
 
 
 def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recipe, store_dir, tmp_path):

@@ -24,10 +24,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
-from framework.activations.harvest import harvest_differences
+from framework.activations.harvest import check_harvested_lm, harvest_differences
 from framework.artifacts import is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, is_url, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError
+from framework.lm import weights_sha256
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, ProgressBar, Resampling, Throughput
 from framework.training.data import ActivationDataModule
@@ -60,10 +61,13 @@ def resolve_hooks(recipe: Recipe, harvested: list[str]) -> Recipe:
 
 
 def check_store_recipe(recipe: Recipe, location: str) -> None:
-    """Refuse a store harvested with other text, LM or harvest settings: the SAEs (and their
-    fingerprint) would record this recipe's settings for rows that other settings produced."""
+    """Refuse a store harvested with other text, LM or harvest settings, or from other LM weights:
+    the SAEs (and their fingerprint) would record this recipe's settings for rows that other
+    settings produced."""
     if is_url(location):
-        return  # a remote store's claim is not fetched; it was checked where it was harvested
+        # A remote store's claim and manifest are not fetched here, so neither its recipe nor its
+        # LM weights are compared; they were checked where it was harvested.
+        return
     differences = harvest_differences(Path(location), recipe)
     if differences:
         raise RecipeError(
@@ -73,6 +77,7 @@ def check_store_recipe(recipe: Recipe, location: str) -> None:
             f"to a new directory and run `sae harvest RECIPE`), or point harvest.output_dir at a store "
             f"harvested with these settings."
         )
+    check_harvested_lm(Path(location), recipe, weights_sha256(recipe))
 
 
 class _TrackLastCheckpoint(Callback):
@@ -181,7 +186,7 @@ def train(recipe: Recipe) -> Path:
     if is_complete(out, recipe, "train"):
         log.info("SAEs in %s are complete; nothing to do", out)
         return out
-    if recipe.harvest.mode == "shards":
+    if recipe.harvest.mode == "shards":  # live mode reads the recipe's LM itself: nothing to compare
         check_store_recipe(recipe, recipe.store_location())
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     live_model = None
