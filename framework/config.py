@@ -384,6 +384,13 @@ def _check_choices(recipe: Recipe) -> None:
         value = _lookup(recipe, dotted)
         if value < minimum:
             raise RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning})")
+    n_tokens, batch_size = recipe.train.n_tokens, recipe.train.batch_size
+    if n_tokens < batch_size:  # training takes n_tokens // batch_size steps, and at least one
+        raise RecipeError(
+            f"train.n_tokens={n_tokens:,} is less than one batch (train.batch_size={batch_size:,}): the run "
+            f"would train one step on {batch_size:,} rows, not the {n_tokens:,} asked for. Set train.n_tokens "
+            f"to at least {batch_size} (steps = n_tokens // batch_size), or train.batch_size to at most {n_tokens}"
+        )
     for dotted in POSITIVE:
         if not _lookup(recipe, dotted) > 0:
             raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be positive")

@@ -132,6 +132,15 @@ def test_numbers_a_run_cannot_use_are_refused_when_the_recipe_loads(override, me
         load_recipe(None, [override])
 
 
+def test_fewer_training_tokens_than_one_batch_are_refused_naming_both_values():
+    """Training takes n_tokens // batch_size steps, at least one: fewer tokens than a batch
+    would train one whole batch, not what was asked for."""
+    with pytest.raises(RecipeError, match=r"train.n_tokens=1,000 is less than one batch \(train.batch_size=4,096\).*"
+                                          r"train.n_tokens to at least 4096.*train.batch_size to at most 1000"):
+        load_recipe(None, ["train.n_tokens=1000", "train.batch_size=4096"])
+    assert load_recipe(None, ["train.n_tokens=4096", "train.batch_size=4096"]).train.n_tokens == 4096
+
+
 @pytest.mark.parametrize("entry, message", [
     ("{variant: topkk}", r"train.bank\[1\].variant='topkk' is not one of .*did you mean 'topk'"),
     ("{init: dat}", r"train.bank\[1\].init='dat' is not one of"),
