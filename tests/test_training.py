@@ -94,6 +94,7 @@ def test_training_writes_the_sae_metrics_plots_and_report(pretrained_recipe, sto
     for path in (out / "report.md", out / "training_curves.png", out / name / "density.png", out / "COMPLETE",
                  out / "recipe.yaml", out / "checkpoints" / "last.ckpt"):
         assert path.is_file(), path
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step-16.ckpt"]
     assert "moved from init" in (out / "report.md").read_text()
     w = weights(out, name)
     assert torch.allclose(w["W_dec"].norm(dim=1), torch.ones(256), atol=1e-5)  # the paper's constraint
@@ -147,9 +148,10 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
         inject(patch, CrashAt(8))
         with pytest.raises(RuntimeError, match="injected crash"):
             train_stage.train(broken)
-    assert (tmp_path / "broken" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-6.ckpt"]
     assert not (tmp_path / "broken" / "COMPLETE").exists()
     train_stage.train(broken)  # resumes from step 6
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-12.ckpt"]
 
     name = whole.sae_configs()[0].name
     a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)

@@ -4,6 +4,7 @@ Layout of the output directory (`{workdir}/sae` unless `train.output_dir` says o
 
     checkpoints/last.ckpt     Lightning checkpoint: weights, Adam state, feature statistics,
                               callbacks, loops, and the recipe fingerprint (resume + refusal)
+    checkpoints/step-N.ckpt   the same, as of step N (the latest checkpoint step only)
     logs/                     CSV log and the W&B run (offline unless a key is in the env)
     <sae name>/sae.safetensors, config.json, metrics.json, density.png, init_decoder.safetensors
     training_curves.png, report.md, recipe.yaml, COMPLETE
@@ -153,8 +154,9 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
     cfg = recipe.train
     total = total_steps(recipe)
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="step-{step}", save_last=True, save_top_k=1,
-        every_n_train_steps=cfg.checkpoint_every or total,
+        # step-16.ckpt: Lightning would otherwise insert the metric's name (step-step=16.ckpt)
+        dirpath=out / "checkpoints", filename="step-{step}", auto_insert_metric_name=False,
+        save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint_every or total,
     )
     on_terminal = sys.stderr.isatty()
     callbacks = [
