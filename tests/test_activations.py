@@ -380,6 +380,34 @@ def test_corrupted_shard_is_named_by_verify_and_by_the_reader(harvested, tmp_pat
         list(ActivationStream(ActivationStore(str(copy), verify=True), 1024, shuffle=False))
 
 
+def test_verify_checks_every_shard_and_names_all_the_bad_ones_in_one_error(harvested, tmp_path, capsys):
+    """Stopping at the first bad shard made a user re-run --verify once per damaged shard."""
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    corrupted = copy / "shard-000002.tar"
+    data = bytearray(corrupted.read_bytes())
+    data[5000] ^= 0xFF
+    corrupted.write_bytes(bytes(data))
+    (copy / "shard-000004.tar").unlink()
+    truncated = copy / "heldout" / "shard-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    recipe = load_recipe(None, [f"harvest.output_dir={copy}"])
+    with pytest.raises(DataError) as err:
+        verify_store(recipe)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"3 of 7 shards in {copy} do not match the manifest:"
+    assert lines[1].startswith("  shard-000002.tar: fails its checksum")
+    assert lines[2] == "  shard-000004.tar: missing"
+    assert lines[3].startswith("  heldout/shard-000000.tar: fails its checksum")
+    assert "Delete those shards and re-run `sae harvest RECIPE`" in lines[4]
+
+    recipe_file = save_recipe(recipe, tmp_path / "recipe")
+    assert main(["harvest", str(recipe_file), "--verify"]) == 2
+    assert capsys.readouterr().err.startswith("sae harvest: error: 3 of 7 shards")
+
+
 def test_truncated_shard_is_named_by_the_reader(harvested, tmp_path):
     import shutil
 
