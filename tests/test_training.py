@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 import framework.training.train as train_stage
 from framework.activations.harvest import harvest
-from framework.config import load_recipe
+from framework.config import load_recipe, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError, TrainingError
 
 STORE = [
@@ -136,6 +138,18 @@ def test_training_logs_its_metrics_at_their_own_steps_and_prints_progress_off_a_
     assert all(r.get(f"{name}/lr") for r in rows if r.get("train/tokens_per_s"))
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert progress and progress[-1].startswith("train: 8,192/8,192 tokens (100%)"), progress
+
+
+def test_sae_train_prints_each_lightning_line_once(pretrained_recipe, store_dir, tmp_path):
+    """Lightning's logger prints through its own handler and also propagates to the root logger
+    that the CLI sets up: every line came out twice."""
+    recipe_file = save_recipe(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae"), tmp_path / "recipe")
+    run = subprocess.run([sys.executable, "-m", "framework.cli", "train", str(recipe_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("GPU available:") == 1, run.stderr[-3000:]
+    assert run.stderr.count("`Trainer.fit` stopped") == 1, run.stderr[-3000:]
+    assert "framework.training.callbacks: train: 8,192/8,192 tokens (100%)" in run.stderr  # our own lines stay
 
 
 def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
