@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_printed_already(record: logging.LogRecord) -> bool:
+    """False for a record that a console handler of a logger on its way to the root printed.
+
+    Lightning's package logger ("lightning") has a console handler of its own and still
+    propagates to the root, so with the root's handler every Lightning line appeared twice.
+    Checked per record, not once here: Lightning is imported later, by the stage that needs it.
+    """
+    logger = logging.getLogger(record.name)
+    while logger.parent is not None:  # every logger below the root
+        if any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+            return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # if SAE_KEEP_FREED_MEMORY=1: every stage allocates large CPU tensors step after step
@@ -118,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_printed_already)
     try:
         if args.command == "hooks":
             return _hooks(args.model)

@@ -374,9 +374,27 @@ def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
             continue
         value = getattr(cfg, key)
         if value not in allowed:
-            raise RecipeError(f"{where}.{key}={value!r} is not one of {', '.join(allowed)}" + _suggest(str(value), allowed))
+            raise _not_a_choice(f"{where}.{key}", value, allowed)
     if cfg.n_features < 1:
         raise RecipeError(f"{where}.n_features={cfg.n_features}: an SAE needs at least one feature")
+
+
+# What a choice field given a YAML boolean most likely meant, where one choice plainly means it.
+BOOLEAN_MEANS = {("train.wandb.mode", "False"): "disabled"}
+
+
+def _not_a_choice(dotted: str, value: Any, allowed: tuple[str, ...]) -> RecipeError:
+    if value in ("True", "False"):
+        # YAML reads unquoted off/no/false and on/yes/true as booleans, and OmegaConf stores a
+        # boolean given to a string field as "True"/"False": name the word's fate, not the string.
+        words = "off, no and false" if value == "False" else "on, yes and true"
+        meant = BOOLEAN_MEANS.get((dotted, value))
+        return RecipeError(
+            f"{dotted}: YAML read the value as the boolean {value.lower()} (unquoted {words} all read so), "
+            f"not as one of the choices {', '.join(repr(a) for a in allowed)}"
+            + (f"; use {meant} ({dotted}={meant})" if meant else "; set one of them")
+        )
+    return RecipeError(f"{dotted}={value!r} is not one of {', '.join(allowed)}" + _suggest(str(value), allowed))
 
 
 def _check_choices(recipe: Recipe) -> None:
@@ -384,16 +402,20 @@ def _check_choices(recipe: Recipe) -> None:
         value = _lookup(recipe, dotted)
         if value < minimum:
             raise RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning})")
+    n_tokens, batch_size = recipe.train.n_tokens, recipe.train.batch_size
+    if n_tokens < batch_size:  # training takes n_tokens // batch_size steps, and at least one
+        raise RecipeError(
+            f"train.n_tokens={n_tokens:,} is less than one batch (train.batch_size={batch_size:,}): the run "
+            f"would train one step on {batch_size:,} rows, not the {n_tokens:,} asked for. Set train.n_tokens "
+            f"to at least {batch_size} (steps = n_tokens // batch_size), or train.batch_size to at most {n_tokens}"
+        )
     for dotted in POSITIVE:
         if not _lookup(recipe, dotted) > 0:
             raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be positive")
     for dotted, allowed in CHOICES.items():
         value = _lookup(recipe, dotted)
         if value not in allowed:
-            raise RecipeError(
-                f"{dotted}={value!r} is not one of {', '.join(allowed)}"
-                + _suggest(str(value), allowed)
-            )
+            raise _not_a_choice(dotted, value, allowed)
     for stage in recipe.run.stages:
         if stage not in STAGES:
             raise RecipeError(f"run.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 # Read by huggingface_hub and wandb at import time, so set before any test imports them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,3 +38,16 @@ def pretrained_recipe(tmp_path_factory) -> Recipe:
     recipe = load_recipe(None, [f"workdir={tmp_path_factory.mktemp('pretrained')}", *TINY_PRETRAIN])
     pretrain(recipe)
     return recipe
+
+
+def copy_lm_with_other_weights(lm_dir: Path, to: Path) -> Path:
+    """A copy of a pretrained built-in LM directory with one weight changed: a different LM that
+    every recipe key (lm.path aside) still describes."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(lm_dir, to, ignore=shutil.ignore_patterns("checkpoints"))
+    tensors = load_file(str(to / "model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] += 0.01
+    save_file(tensors, str(to / "model.safetensors"))
+    return to

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
 
 from framework.activations.harvest import harvest
 from framework.activations.live import LiveStream
@@ -380,6 +380,34 @@ def test_corrupted_shard_is_named_by_verify_and_by_the_reader(harvested, tmp_pat
         list(ActivationStream(ActivationStore(str(copy), verify=True), 1024, shuffle=False))
 
 
+def test_verify_checks_every_shard_and_names_all_the_bad_ones_in_one_error(harvested, tmp_path, capsys):
+    """Stopping at the first bad shard made a user re-run --verify once per damaged shard."""
+    import shutil
+
+    copy = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), copy)
+    corrupted = copy / "shard-000002.tar"
+    data = bytearray(corrupted.read_bytes())
+    data[5000] ^= 0xFF
+    corrupted.write_bytes(bytes(data))
+    (copy / "shard-000004.tar").unlink()
+    truncated = copy / "heldout" / "shard-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    recipe = load_recipe(None, [f"harvest.output_dir={copy}"])
+    with pytest.raises(DataError) as err:
+        verify_store(recipe)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"3 of 7 shards in {copy} do not match the manifest:"
+    assert lines[1].startswith("  shard-000002.tar: fails its checksum")
+    assert lines[2] == "  shard-000004.tar: missing"
+    assert lines[3].startswith("  heldout/shard-000000.tar: fails its checksum")
+    assert "Delete those shards and re-run `sae harvest RECIPE`" in lines[4]
+
+    recipe_file = save_recipe(recipe, tmp_path / "recipe")
+    assert main(["harvest", str(recipe_file), "--verify"]) == 2
+    assert capsys.readouterr().err.startswith("sae harvest: error: 3 of 7 shards")
+
+
 def test_truncated_shard_is_named_by_the_reader(harvested, tmp_path):
     import shutil
 
@@ -477,6 +505,27 @@ def test_resuming_a_partial_harvest_of_another_recipe_names_the_keys_that_differ
     other = store_recipe(pretrained_recipe, tmp_path, "harvest.seed=1")
     with pytest.raises(RecipeError, match=r"partial harvest of a different recipe \(harvest.seed: 0 there, 1 here\)"):
         harvest(other)
+    assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
+
+
+def test_harvest_with_other_lm_weights_into_a_store_is_refused_and_the_store_is_kept(pretrained_recipe, harvested,
+                                                                                      tmp_path):
+    """lm.path is not part of the recipe fingerprint: the weights hash tells another LM apart,
+    for a complete store (which would otherwise be reported as done) and a partial one (whose
+    windows would be mixed with another LM's)."""
+    other = copy_lm_with_other_weights(pretrained_recipe.path("lm"), tmp_path / "other-lm")
+    store = harvested.path("activations")
+    before = shard_digests(store)
+    refusal = r"harvested from LM weights with sha256 .*lm.path=.*other-lm.*point lm.path at the LM that made the store"
+    with pytest.raises(RecipeError, match=refusal):
+        harvest(store_recipe(pretrained_recipe, Path(harvested.workdir), f"lm.path={other}"))
+    assert shard_digests(store) == before and (store / "COMPLETE").is_file()
+
+    partial = tmp_path / "activations"
+    partial.mkdir()
+    (partial / "harvest-recipe.json").write_bytes((store / "harvest-recipe.json").read_bytes())
+    with pytest.raises(RecipeError, match=refusal):
+        harvest(store_recipe(pretrained_recipe, tmp_path, f"lm.path={other}"))
     assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
 
 

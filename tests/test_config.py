@@ -132,6 +132,31 @@ def test_numbers_a_run_cannot_use_are_refused_when_the_recipe_loads(override, me
         load_recipe(None, [override])
 
 
+@pytest.mark.parametrize("word", ["off", "no", "false"])
+def test_a_choice_that_yaml_reads_as_a_boolean_names_the_key_the_reading_and_the_choices(word, tmp_path):
+    """Unquoted off/no/false reach a string field as "False"; "'False' is not one of" hid why."""
+    message = (r"train.wandb.mode: YAML read the value as the boolean false .*not as one of the choices "
+               r"'auto', 'online', 'offline', 'disabled'; use disabled \(train.wandb.mode=disabled\)")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [f"train.wandb.mode={word}"])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"train:\n  wandb:\n    mode: {word}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(str(recipe_file))
+    with pytest.raises(RecipeError, match=r"sae.variant: YAML read the value as the boolean true .*'paper', .*"
+                                          r"'gated'; set one of them"):
+        load_recipe(None, ["sae.variant=yes"])
+
+
+def test_fewer_training_tokens_than_one_batch_are_refused_naming_both_values():
+    """Training takes n_tokens // batch_size steps, at least one: fewer tokens than a batch
+    would train one whole batch, not what was asked for."""
+    with pytest.raises(RecipeError, match=r"train.n_tokens=1,000 is less than one batch \(train.batch_size=4,096\).*"
+                                          r"train.n_tokens to at least 4096.*train.batch_size to at most 1000"):
+        load_recipe(None, ["train.n_tokens=1000", "train.batch_size=4096"])
+    assert load_recipe(None, ["train.n_tokens=4096", "train.batch_size=4096"]).train.n_tokens == 4096
+
+
 @pytest.mark.parametrize("entry, message", [
     ("{variant: topkk}", r"train.bank\[1\].variant='topkk' is not one of .*did you mean 'topk'"),
     ("{init: dat}", r"train.bank\[1\].init='dat' is not one of"),

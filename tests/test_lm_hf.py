@@ -24,7 +24,7 @@ from transformers import (
 
 from framework.config import load_recipe
 from framework.errors import RecipeError
-from framework.lm import UnknownHookError, list_hooks, load_lm
+from framework.lm import UnknownHookError, list_hooks, load_lm, weights_sha256
 from framework.lm.hf import HFLM
 
 N_LAYERS = 2
@@ -258,11 +258,14 @@ def llama_dir(tmp_path_factory, llama) -> str:
 
 @torch.no_grad()
 def test_load_lm_reads_a_local_hf_directory_with_its_tokenizer_and_identity(llama_dir, llama, tokens):
-    lm = load_lm(load_recipe(None, [f"lm.name={llama_dir}", "lm.device=cpu"]))
+    recipe = load_recipe(None, [f"lm.name={llama_dir}", "lm.device=cpu"])
+    lm = load_lm(recipe)
     assert isinstance(lm, HFLM)
     torch.testing.assert_close(lm.run(tokens).logits, llama.run(tokens).logits)
     assert lm.tokenizer.encode("hello world") == [2, 3] and lm.tokenizer.eos_id == 0
     assert len(lm.identity["weights_sha256"]) == 64 and len(lm.identity["tokenizer_sha256"]) == 64
+    # what `sae train` compares with a store's manifest, computed without loading the model
+    assert weights_sha256(recipe) == lm.identity["weights_sha256"]
 
 
 def test_list_hooks_reads_a_local_hf_directory_without_loading_weights(llama_dir):

@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 import framework.training.train as train_stage
 from framework.activations.harvest import harvest
-from framework.config import load_recipe
+from framework.config import load_recipe, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError, TrainingError
 
 STORE = [
@@ -92,6 +96,7 @@ def test_training_writes_the_sae_metrics_plots_and_report(pretrained_recipe, sto
     for path in (out / "report.md", out / "training_curves.png", out / name / "density.png", out / "COMPLETE",
                  out / "recipe.yaml", out / "checkpoints" / "last.ckpt"):
         assert path.is_file(), path
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step-16.ckpt"]
     assert "moved from init" in (out / "report.md").read_text()
     w = weights(out, name)
     assert torch.allclose(w["W_dec"].norm(dim=1), torch.ones(256), atol=1e-5)  # the paper's constraint
@@ -135,6 +140,18 @@ def test_training_logs_its_metrics_at_their_own_steps_and_prints_progress_off_a_
     assert progress and progress[-1].startswith("train: 8,192/8,192 tokens (100%)"), progress
 
 
+def test_sae_train_prints_each_lightning_line_once(pretrained_recipe, store_dir, tmp_path):
+    """Lightning's logger prints through its own handler and also propagates to the root logger
+    that the CLI sets up: every line came out twice."""
+    recipe_file = save_recipe(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae"), tmp_path / "recipe")
+    run = subprocess.run([sys.executable, "-m", "framework.cli", "train", str(recipe_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("GPU available:") == 1, run.stderr[-3000:]
+    assert run.stderr.count("`Trainer.fit` stopped") == 1, run.stderr[-3000:]
+    assert "framework.training.callbacks: train: 8,192/8,192 tokens (100%)" in run.stderr  # our own lines stay
+
+
 def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     extra = ("train.checkpoint_every=6",)
     whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
@@ -145,9 +162,10 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
         inject(patch, CrashAt(8))
         with pytest.raises(RuntimeError, match="injected crash"):
             train_stage.train(broken)
-    assert (tmp_path / "broken" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-6.ckpt"]
     assert not (tmp_path / "broken" / "COMPLETE").exists()
     train_stage.train(broken)  # resumes from step 6
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-12.ckpt"]
 
     name = whole.sae_configs()[0].name
     a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
@@ -295,6 +313,25 @@ def test_a_store_harvested_by_another_recipe_is_refused_before_training(pretrain
                                           r"set harvest.output_dir to a new directory"):
         train_stage.train(recipe)
     assert not (tmp_path / "sae").exists()
+
+
+def test_a_store_harvested_from_other_lm_weights_is_refused_before_training(pretrained_recipe, store_dir, tmp_path):
+    """lm.path is not part of the recipe fingerprint (a moved LM is the same LM), so only the
+    weights hash tells another pretrained LM from the one that made the store."""
+    made_the_store = pretrained_recipe.path("lm")
+    other = copy_lm_with_other_weights(made_the_store, tmp_path / "other-lm")
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", f"lm.path={other}")
+    with pytest.raises(RecipeError, match=rf"{re.escape(str(store_dir))} was harvested from LM weights with sha256 "
+                                          rf"\w+\.\.\., but the LM this recipe names \(lm.path={re.escape(str(other))}\).*"
+                                          r"set harvest.output_dir to a new directory.*point lm.path at the LM that "
+                                          rf"made the store \(it was at {re.escape(str(made_the_store.resolve()))}\)"):
+        train_stage.train(recipe)
+    assert not (tmp_path / "sae").exists()
+
+    moved = tmp_path / "moved-lm"
+    shutil.copytree(made_the_store, moved)
+    out = train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", f"lm.path={moved}"))
+    assert (out / "COMPLETE").is_file()
 
 
 def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recipe, store_dir, tmp_path):

@@ -43,12 +43,13 @@ from framework.artifacts import MARKER, differences_from, is_complete, mark_comp
 from framework.config import HarvestConfig, Recipe, RecipeError, is_url, recipe_to_dict
 from framework.distributed import barrier, current_rank, init_process_group
 from framework.errors import DataError
-from framework.lm import BaseLM, load_lm
+from framework.lm import BaseLM, load_lm, weights_sha256
 from framework.progress import Progress
 from framework.text import count_contexts, iter_context_batches
 
 log = logging.getLogger(__name__)
 CLAIM = "harvest-recipe.json"  # the harvest fingerprint of the recipe a store belongs to
+CLAIM_LM = "lm_identity"  # the claim's record of the LM's identity (weights hash), beside the fingerprint
 
 
 @dataclass(frozen=True)
@@ -264,20 +265,59 @@ def harvest_differences(store: Path, recipe: Recipe) -> list[str] | None:
     claim = store / CLAIM
     if not claim.is_file():
         return None
-    return differences_from(json.loads(claim.read_text()), recipe, "harvest")
+    recorded = json.loads(claim.read_text())
+    recorded.pop(CLAIM_LM, None)  # compared by check_harvested_lm: lm.path is not in the fingerprint
+    return differences_from(recorded, recipe, "harvest")
 
 
-def _claim(store: Path, recipe: Recipe) -> None:
-    """Refuse to resume into a store that an unfinished harvest of another recipe started."""
+def harvested_lm(store: Path) -> dict | None:
+    """The identity (name, path or source, weights_sha256) of the LM that harvested `store`: its
+    manifest's once complete, its claim's while partial; None when neither records one."""
+    if (store / MANIFEST).is_file():
+        try:
+            return read_manifest(store).model
+        except DataError:
+            pass  # an unreadable manifest is reported by whatever reads the store
+    if (store / CLAIM).is_file():
+        return json.loads((store / CLAIM).read_text()).get(CLAIM_LM)
+    return None
+
+
+def check_harvested_lm(store: Path, recipe: Recipe, weights_sha256: str | None) -> None:
+    """Refuse a store harvested from other LM weights than the recipe's (`weights_sha256`, as its
+    identity records it): lm.path is left out of the recipe fingerprint so a moved LM still
+    matches, which lets another pretrained LM, or a re-pretrained one, pass every key. Nothing is
+    compared where either hash is unknown (a store from before the hash was recorded, a hub id,
+    an LM not on this machine)."""
+    recorded = harvested_lm(store) or {}
+    if not weights_sha256 or not recorded.get("weights_sha256") or recorded["weights_sha256"] == weights_sha256:
+        return
+    if recipe.lm.name == "builtin":
+        named = f"lm.path={recipe.path('lm')}"
+        fix = f"point lm.path at the LM that made the store (it was at {recorded.get('path', 'an unrecorded path')})"
+    else:
+        named = f"lm.name={recipe.lm.name}"
+        fix = f"set lm.name to the LM that made the store ({recorded.get('source', recorded.get('name'))})"
+    raise RecipeError(
+        f"the activation store {store} was harvested from LM weights with sha256 "
+        f"{recorded['weights_sha256'][:16]}..., but the LM this recipe names ({named}) has weights with sha256 "
+        f"{weights_sha256[:16]}...: its rows are another LM's activations. Harvest this LM into a new "
+        f"store (set harvest.output_dir to a new directory and run `sae harvest RECIPE`), or {fix}."
+    )
+
+
+def _claim(store: Path, recipe: Recipe, model: BaseLM) -> None:
+    """Refuse to resume into a store that an unfinished harvest of another recipe or LM started."""
     differences = harvest_differences(store, recipe)
     if differences:
         raise RecipeError(
             f"{store} holds a partial harvest of a different recipe ({'; '.join(differences[:5])}); its "
             f"windows cannot be mixed with this one's. Delete {store} or set harvest.output_dir elsewhere."
         )
+    check_harvested_lm(store, recipe, model.identity.get("weights_sha256"))
     if differences is None:
         tmp = store / f".{CLAIM}.tmp"
-        tmp.write_text(json.dumps(stage_fingerprint(recipe, "harvest"), default=str))
+        tmp.write_text(json.dumps({**stage_fingerprint(recipe, "harvest"), CLAIM_LM: model.identity}, default=str))
         tmp.replace(store / CLAIM)
 
 
@@ -289,7 +329,7 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     barrier()
     if rank.is_main:
         _remove_partials(store)
-        _claim(store, recipe)
+        _claim(store, recipe, model)
     barrier()
     mine = [w for w in range(plan.n_windows) if w % rank.world == rank.rank]
     todo = [w for w in mine if not _window_done(store, plan, w)]
@@ -349,6 +389,7 @@ def harvest(recipe: Recipe) -> Path | str:
         return recipe.harvest.output_dir
     store = recipe.path("activations")
     if is_complete(store, recipe, "harvest"):
+        check_harvested_lm(store, recipe, weights_sha256(recipe))
         damaged = _damaged_shards(recipe, store)
         if not damaged:
             log.info("activations in %s are complete; nothing to do", store)

@@ -180,19 +180,26 @@ class ActivationStore:
                 f"it is truncated. {REHARVEST}"
             )
 
-    def verify_shard(self, index: int) -> None:
-        info = self.manifest.shards[index]
+    def shard_sha256(self, index: int) -> str | None:
+        """The shard's sha256 as it is now; None when it is missing."""
         digest = hashlib.sha256()
         try:
             with open_url(self.shard_url(index)) as stream:
                 for chunk in iter(lambda: stream.read(1 << 22), b""):
                     digest.update(chunk)
         except FileNotFoundError:
+            return None
+        return digest.hexdigest()
+
+    def verify_shard(self, index: int) -> None:
+        info = self.manifest.shards[index]
+        digest = self.shard_sha256(index)
+        if digest is None:
             raise DataError(f"shard {info.name} is missing from {self.location}; re-run `sae harvest RECIPE`, "
-                            f"which harvests that shard's window again, identically") from None
-        if digest.hexdigest() != info.sha256:
+                            f"which harvests that shard's window again, identically")
+        if digest != info.sha256:
             raise DataError(
-                f"shard {info.name} in {self.location} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
+                f"shard {info.name} in {self.location} fails its checksum (sha256 {digest[:12]}..., "
                 f"manifest {info.sha256[:12]}...): it was changed or damaged after harvesting. "
                 f"{REHARVEST}"
             )

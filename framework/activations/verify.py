@@ -12,23 +12,48 @@ log = logging.getLogger(__name__)
 
 
 def verify_store(recipe: Recipe) -> str:
-    """sha256 and row count of every shard (train and held-out); raises naming the first bad one."""
+    """sha256 and row count of every shard (train and held-out). Every shard is checked before
+    anything is raised, so one error names all the bad ones and one re-harvest repairs them."""
     root = recipe.store_location()
-    locations = [root]
+    locations = [("", root)]
     try:
         open_manifest(sub_store(root, "heldout"))
-        locations.append(sub_store(root, "heldout"))
+        locations.append(("heldout/", sub_store(root, "heldout")))
     except DataError:
         if heldout_split_present(sub_store(root, "heldout")):
             raise  # there, but its manifest is missing or unreadable
         # else: a store without a held-out split
-    checked = 0
-    for location in locations:
+    checked, bad = 0, []
+    for prefix, location in locations:
         store = ActivationStore(location, verify=True)
         for index in range(store.n_shards):
-            store.verify_shard(index)
-            rows = sum(len(block) for block in store.iter_shard(index, verify=False))  # hashed just above
-            if rows != store.manifest.shards[index].rows:
-                raise DataError(f"shard {store.manifest.shards[index].name} row count mismatch")
+            problem = shard_problem(store, index)
+            if problem:
+                bad.append(f"{prefix}{store.manifest.shards[index].name}: {problem}")
             checked += 1
+    if bad:
+        raise DataError(
+            f"{len(bad)} of {checked} shards in {root} do not match the manifest:\n"
+            + "".join(f"  {line}\n" for line in bad)
+            + "Delete those shards and re-run `sae harvest RECIPE`: it harvests their windows again, "
+              "identically, and keeps the good shards."
+        )
     return f"verified {checked} shards in {root}: every checksum and row count matches the manifest"
+
+
+def shard_problem(store: ActivationStore, index: int) -> str | None:
+    """What is wrong with one shard (missing, another checksum, another row count); None if nothing."""
+    info = store.manifest.shards[index]
+    digest = store.shard_sha256(index)
+    if digest is None:
+        return "missing"
+    if digest != info.sha256:
+        return (f"fails its checksum (sha256 {digest[:12]}..., manifest {info.sha256[:12]}...): changed or "
+                f"damaged after harvesting")
+    try:
+        rows = sum(len(block) for block in store.iter_shard(index, verify=False))  # hashed just above
+    except DataError as err:
+        return f"cannot be read ({err})"
+    if rows != info.rows:
+        return f"holds {rows} rows, the manifest says {info.rows}"
+    return None

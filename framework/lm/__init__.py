@@ -17,7 +17,7 @@ from framework.artifacts import MARKER
 from framework.config import BuiltinLMConfig, Recipe, RecipeError, load_recipe
 from framework.errors import DataError
 from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
-from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, load_builtin
+from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, builtin_weights_sha256, load_builtin
 
 
 def resolve_device(device: str, device_index: int | None = None) -> torch.device:
@@ -49,6 +49,31 @@ def _load(recipe: Recipe, device_index: int | None) -> BaseLM:
     from framework.lm.hf import load_hf
 
     return load_hf(cfg.name, device, dtype)
+
+
+def weights_sha256(recipe: Recipe) -> str | None:
+    """The weights hash `load_lm(recipe)` records in the LM's identity (and harvest in each
+    manifest), computed from the same weight files without loading the model.
+
+    None where this machine cannot tell: a built-in LM not pretrained at lm.path (a stage may run
+    on a machine that holds only the previous stage's output), SmolLM2 without its package, or a
+    hub id (named by its revision; its files are not hashed).
+    """
+    cfg = recipe.lm
+    if cfg.name == "builtin":
+        directory = recipe.path("lm")
+        return builtin_weights_sha256(directory) if (directory / MARKER).is_file() else None
+    from framework.lm.hf import weights_sha256 as hf_weights_sha256
+
+    if cfg.name == "smollm2":
+        from framework.lm.smollm2 import GGUF_FILE, smollm2_dir
+
+        try:
+            directory = smollm2_dir()
+        except RecipeError:
+            return None
+        return hf_weights_sha256(directory, GGUF_FILE)
+    return hf_weights_sha256(Path(cfg.name), None)
 
 
 def check_context_length(model: BaseLM, recipe: Recipe) -> None:
@@ -113,5 +138,5 @@ def _builtin_points(arch: BuiltinArchitecture) -> dict[str, int]:
 
 __all__ = [
     "BaseLM", "LMOutput", "Splice", "Tokenizer", "UnknownHookError", "HOOK_KINDS", "hook_name",
-    "BuiltinLM", "BuiltinArchitecture", "load_lm", "list_hooks", "resolve_device",
+    "BuiltinLM", "BuiltinArchitecture", "load_lm", "list_hooks", "resolve_device", "weights_sha256",
 ]

@@ -164,6 +164,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def builtin_weights_sha256(directory: str | Path) -> str:
+    """The hash a loaded built-in LM's identity records (and harvest writes into each manifest)."""
+    return files_sha256([Path(directory) / "model.safetensors"])
+
+
 def load_builtin(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BuiltinLM:
     """The model `sae pretrain` wrote: config.json + model.safetensors + tokenizer.json."""
     directory = Path(directory)
@@ -172,7 +177,7 @@ def load_builtin(directory: str | Path, device: str | torch.device = "cpu", dtyp
     identity = {
         "name": "builtin",
         "path": str(directory.resolve()),
-        "weights_sha256": files_sha256([directory / "model.safetensors"]),
+        "weights_sha256": builtin_weights_sha256(directory),
         "tokenizer": "tokenizer.json",
         "tokenizer_sha256": tokenizer.fingerprint,
         "architecture": asdict(arch),

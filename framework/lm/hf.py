@@ -226,7 +226,7 @@ def load_hf(
         "name": name or name_or_path,
         "source": name_or_path,
         "revision": getattr(model.config, "_commit_hash", None),
-        "weights_sha256": _weights_hash(Path(name_or_path), gguf_file),
+        "weights_sha256": weights_sha256(Path(name_or_path), gguf_file),
         "tokenizer": getattr(hf_tokenizer, "name_or_path", name_or_path),
         "tokenizer_sha256": tokenizer.fingerprint,
     }
@@ -249,7 +249,7 @@ def meta_hf_lm(name_or_path: str, gguf_file: str | None = None, name: str | None
     return HFLM(model, tokenizer=None, name=name or name_or_path, identity={"name": name or name_or_path})
 
 
-def _weights_hash(path: Path, gguf_file: str | None) -> str | None:
+def weights_sha256(path: Path, gguf_file: str | None) -> str | None:
     """sha256 of a local model's weight files; None for hub ids (their revision names them)."""
     if not path.is_dir():
         return None

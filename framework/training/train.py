@@ -4,6 +4,7 @@ Layout of the output directory (`{workdir}/sae` unless `train.output_dir` says o
 
     checkpoints/last.ckpt     Lightning checkpoint: weights, Adam state, feature statistics,
                               callbacks, loops, and the recipe fingerprint (resume + refusal)
+    checkpoints/step-N.ckpt   the same, as of step N (the latest checkpoint step only)
     logs/                     CSV log and the W&B run (offline unless a key is in the env)
     <sae name>/sae.safetensors, config.json, metrics.json, density.png, init_decoder.safetensors
     training_curves.png, report.md, recipe.yaml, COMPLETE
@@ -24,10 +25,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
-from framework.activations.harvest import harvest_differences
+from framework.activations.harvest import check_harvested_lm, harvest_differences
 from framework.artifacts import is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, is_url, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError
+from framework.lm import weights_sha256
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, ProgressBar, Resampling, Throughput
 from framework.training.data import ActivationDataModule
@@ -60,10 +62,13 @@ def resolve_hooks(recipe: Recipe, harvested: list[str]) -> Recipe:
 
 
 def check_store_recipe(recipe: Recipe, location: str) -> None:
-    """Refuse a store harvested with other text, LM or harvest settings: the SAEs (and their
-    fingerprint) would record this recipe's settings for rows that other settings produced."""
+    """Refuse a store harvested with other text, LM or harvest settings, or from other LM weights:
+    the SAEs (and their fingerprint) would record this recipe's settings for rows that other
+    settings produced."""
     if is_url(location):
-        return  # a remote store's claim is not fetched; it was checked where it was harvested
+        # A remote store's claim and manifest are not fetched here, so neither its recipe nor its
+        # LM weights are compared; they were checked where it was harvested.
+        return
     differences = harvest_differences(Path(location), recipe)
     if differences:
         raise RecipeError(
@@ -73,6 +78,7 @@ def check_store_recipe(recipe: Recipe, location: str) -> None:
             f"to a new directory and run `sae harvest RECIPE`), or point harvest.output_dir at a store "
             f"harvested with these settings."
         )
+    check_harvested_lm(Path(location), recipe, weights_sha256(recipe))
 
 
 class _TrackLastCheckpoint(Callback):
@@ -148,8 +154,9 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
     cfg = recipe.train
     total = total_steps(recipe)
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="step-{step}", save_last=True, save_top_k=1,
-        every_n_train_steps=cfg.checkpoint_every or total,
+        # step-16.ckpt: Lightning would otherwise insert the metric's name (step-step=16.ckpt)
+        dirpath=out / "checkpoints", filename="step-{step}", auto_insert_metric_name=False,
+        save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint_every or total,
     )
     on_terminal = sys.stderr.isatty()
     callbacks = [
@@ -181,7 +188,7 @@ def train(recipe: Recipe) -> Path:
     if is_complete(out, recipe, "train"):
         log.info("SAEs in %s are complete; nothing to do", out)
         return out
-    if recipe.harvest.mode == "shards":
+    if recipe.harvest.mode == "shards":  # live mode reads the recipe's LM itself: nothing to compare
         check_store_recipe(recipe, recipe.store_location())
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     live_model = None
