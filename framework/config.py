@@ -495,6 +495,14 @@ def _check_shapes(node: DictConfig, schema: type, prefix: str) -> None:
             if not isinstance(value, DictConfig):
                 raise _not_a_section(dotted, spec.default_factory, value)
             _check_shapes(value, spec.default_factory, f"{dotted}.")
+        elif spec.type == "str" and isinstance(value, bool) and not _is_choice(dotted, key, schema):
+            # OmegaConf would store "False"/"True" (a W&B project named False); choice fields get
+            # their own message, with the choices (_not_a_choice)
+            raise RecipeError(
+                f"{dotted}: YAML read the value as the boolean {str(value).lower()} (unquoted on/off, "
+                f"yes/no and true/false all read so), where a text is expected; quote the word you "
+                f"meant, e.g. {dotted}='{'no' if not value else 'yes'}' (in YAML: `{key}: \"...\"`)"
+            )
         elif str(spec.type).startswith("list[") and not isinstance(value, ListConfig):
             shown = "a mapping" if isinstance(value, DictConfig) else repr(value)
             # list[Any] holds mappings (train.bank, sweep.points); the others hold single values.
@@ -503,6 +511,10 @@ def _check_shapes(node: DictConfig, schema: type, prefix: str) -> None:
                 f"{dotted!r} is a list, got {shown}; write it in brackets, e.g. {dotted}=[{entry}] "
                 f"(in YAML: `{key}: [...]`)"
             )
+
+
+def _is_choice(dotted: str, key: str, schema: type) -> bool:
+    return dotted in CHOICES or (schema is SAEConfig and f"sae.{key}" in CHOICES)
 
 
 def _not_a_section(dotted: str, schema: type, value: Any) -> RecipeError:

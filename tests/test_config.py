@@ -148,6 +148,24 @@ def test_a_choice_that_yaml_reads_as_a_boolean_names_the_key_the_reading_and_the
         load_recipe(None, ["sae.variant=yes"])
 
 
+@pytest.mark.parametrize("word", ["off", "no", "true"])
+def test_a_text_that_yaml_reads_as_a_boolean_is_refused_naming_the_key(word, tmp_path):
+    """OmegaConf stores a boolean given to a text field as "False"/"True": a W&B project named
+    False. Refused with the key and how to quote the word; quoted, the word is kept."""
+    message = r"train.wandb.project: YAML read the value as the boolean .*quote the word you meant"
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [f"train.wandb.project={word}"])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"train:\n  wandb:\n    project: {word}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(str(recipe_file))
+    with pytest.raises(RecipeError, match=r"train.bank\[0\].name: YAML read the value as the boolean"):
+        load_recipe(None, [f"train.bank=[{{variant: topk, name: {word}}}]"])
+    assert load_recipe(None, [f"train.wandb.project='{word}'"]).train.wandb.project == word
+    recipe_file.write_text(f"train:\n  wandb:\n    project: \"{word}\"\n")
+    assert load_recipe(str(recipe_file)).train.wandb.project == word
+
+
 def test_fewer_training_tokens_than_one_batch_are_refused_naming_both_values():
     """Training takes n_tokens // batch_size steps, at least one: fewer tokens than a batch
     would train one whole batch, not what was asked for."""
