@@ -334,6 +334,39 @@ def test_a_store_harvested_from_other_lm_weights_is_refused_before_training(pret
     assert (out / "COMPLETE").is_file()
 
 
+@pytest.mark.parametrize("variant", ["topk", "paper"])
+def test_sae_train_around_a_recorded_step_trains_as_the_eager_run(pretrained_recipe, store_dir, tmp_path,
+                                                                  variant, monkeypatch):
+    """train.cuda_graphs' Lightning side on the CPU: training_step returning None, optimizer_step
+    running the closure alone, no zero_grad, the LR schedule and global_step advancing, logging
+    and checkpoints around a recorded step. The recording (a GPU's) is stood in for by its step
+    run eagerly, gradients emptied first as a replay's backward overwrites them; the run must end
+    where the eager one does (tests/test_gpu_training.py replays real graphs)."""
+    from framework.training import cuda_graphs
+
+    def replay_eagerly(self, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.run_step(batch, tuple(sae.auxk_needed() for sae in self.saes.values()))
+
+    extra = (f"sae.variant={variant}", "sae.k=8", "train.lr_warmup_steps=4", "train.lr_decay=linear",
+             "train.checkpoint_every=8", "train.resample_steps=[8]")
+    eager = train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "eager", *extra))
+    monkeypatch.setattr(cuda_graphs, "check_supported", lambda *args: None)
+    monkeypatch.setattr(cuda_graphs.RecordedSteps, "__call__", replay_eagerly)
+    recorded = train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "recorded", *extra,
+                                             "train.cuda_graphs=true"))
+    name = make_recipe(pretrained_recipe, store_dir, tmp_path, *extra).sae_configs()[0].name
+    a, b = weights(eager, name), weights(recorded, name)
+    for key in a:  # the same to float rounding (the paper SAE's eager step may take its sparse path)
+        assert ((b[key] - a[key]).norm() / a[key].norm()).item() < 1e-5, key
+    metrics = [json.loads((out / name / "metrics.json").read_text()) for out in (eager, recorded)]
+    assert metrics[1]["steps"] == metrics[0]["steps"] == 16
+    rows = [list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv"))) for out in (eager, recorded)]
+    lrs = [[float(r[f"{name}/lr"]) for r in run if r.get(f"{name}/lr")] for run in rows]
+    assert lrs[1] == pytest.approx(lrs[0]) and len(set(lrs[0])) > 2  # the schedule moved, the same way
+    assert (recorded / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recipe, store_dir, tmp_path):
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.n_tokens=1000000")
     with pytest.raises(DataError, match=r"train.n_tokens=1,000,000.*train.epochs"):
@@ -345,6 +378,7 @@ def test_asking_for_more_tokens_than_the_store_holds_is_refused(pretrained_recip
     (["sae.variant=paper"], "needs a CUDA device; this run trains on cpu"),
     (["sae.variant=batchtopk"], r"fixed by the batch alone \(variants paper, topk\).* \(batchtopk\)"),
     (["sae.variant=april2024"], r"\(variants paper, topk\).* \(april2024\)"),
+    (["sae.variant=topk", "train.precision=16-mixed"], r"cannot record float16 mixed precision.*bf16-mixed"),
 ])
 def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
         pretrained_recipe, store_dir, tmp_path, extra, reason, monkeypatch):

@@ -62,6 +62,13 @@ def check_supported(recipe, device: torch.device, world_size: int) -> None:
             f"train.cuda_graphs=true records SAEs whose step has shapes fixed by the batch alone "
             f"(variants {recordable}); this bank also holds {listed}. Set train.cuda_graphs=false."
         )
+    if cfg.precision == "16-mixed":
+        raise RecipeError(
+            "train.cuda_graphs=true cannot record float16 mixed precision: its loss scaling (a "
+            "GradScaler that skips steps with inf gradients and adapts its scale) runs outside the "
+            "recorded step, so the step would train without it. Use train.precision=bf16-mixed (no "
+            "scaling needed) or 32-true, or set train.cuda_graphs=false."
+        )
     if device.type != "cuda":
         raise RecipeError(
             f"train.cuda_graphs=true needs a CUDA device; this run trains on {device.type}. "
@@ -122,18 +129,22 @@ class RecordedSteps:
 
     # ---- the step, as recorded ---------------------------------------------------------------
 
-    def run_step(self, batch: tuple[Tensor, ...], with_auxk: tuple[bool, ...]) -> dict[str, tuple[Tensor, SAEOutput]]:
-        """The step itself, eagerly: what is recorded. The forward runs under the caller's
-        autocast; the update in the weights' precision, as Lightning runs it (outside autocast)."""
+    def run_step(self, batch: tuple[Tensor, ...], with_auxk: tuple[bool, ...],
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 ) -> dict[str, tuple[Tensor, SAEOutput]]:
+        """The step itself, eagerly: what is recorded. The forward runs under `autocast` (the
+        precision's); the backward and the update outside it, as Lightning runs them (autograd
+        would otherwise carry autocast into backward functions that multiply matrices)."""
         outputs, total = {}, None
-        for (name, sae), auxk_on in zip(self.saes.items(), with_auxk):
-            x = self.parts.scaled_input(batch, name)
-            x_hat, losses, fire_counts = sae.forward_static(x, auxk_on)
-            self.parts.update_stats(name, sae, fire_counts, x.shape[0])
-            outputs[name] = (x, SAEOutput(x_hat, losses=losses, fire_counts=fire_counts))
-            total = losses["loss"] if total is None else total + losses["loss"]
-        total.backward()
+        with autocast():
+            for (name, sae), auxk_on in zip(self.saes.items(), with_auxk):
+                x = self.parts.scaled_input(batch, name)
+                x_hat, losses, fire_counts = sae.forward_static(x, auxk_on)
+                self.parts.update_stats(name, sae, fire_counts, x.shape[0])
+                outputs[name] = (x, SAEOutput(x_hat, losses=losses, fire_counts=fire_counts))
+                total = losses["loss"] if total is None else total + losses["loss"]
         with torch.autocast(batch[0].device.type, enabled=False):
+            total.backward()
             self.parts.constrain_gradients()
             self.optimizer.step()
             self.parts.constrain_weights()
@@ -153,8 +164,11 @@ class RecordedSteps:
         self.warm_up(inputs, with_auxk, autocast)
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward makes the gradients
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast():
-            outputs = self.run_step(inputs, with_auxk)
+        # thread_local: the DataLoader's pin-memory thread keeps calling CUDA while a graph is
+        # recorded mid-run (the AuxK graph); in the default global mode its calls would break the
+        # recording and then that thread
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = self.run_step(inputs, with_auxk, autocast)
         return _Recording(graph, inputs, outputs)
 
     def warm_up(self, inputs: tuple[Tensor, ...], with_auxk: tuple[bool, ...],
@@ -171,8 +185,7 @@ class RecordedSteps:
             warnings.filterwarnings("ignore", message=".*capturable=True")
             for _ in range(WARM_UP_STEPS):
                 self.optimizer.zero_grad(set_to_none=True)
-                with autocast():
-                    self.run_step(inputs, with_auxk)
+                self.run_step(inputs, with_auxk, autocast)
         if on_gpu:
             torch.cuda.current_stream().wait_stream(side)
         saved.restore()
@@ -194,18 +207,17 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 def portable_optimizer_state(state: dict) -> None:
     """An optimizer's state_dict (a checkpoint's copy), as an eager run would have saved it:
-    plain float learning rates, not capturable, so that it resumes with or without graphs."""
-    for group in state.get("param_groups", []):
+    plain float learning rates, not capturable, so that it resumes with or without graphs. Only
+    the groups prepare_optimizer changed: a no-op for every other optimizer and strategy."""
+    for group in state.get("param_groups", []) if isinstance(state, dict) else []:
         if isinstance(group.get("lr"), Tensor):
-            group["lr"] = float(group["lr"])
-        if "capturable" in group:
-            group["capturable"] = False
+            group["lr"], group["capturable"] = float(group["lr"]), False
 
 
 def portable_scheduler_state(state: dict) -> None:
     """An LR scheduler's state_dict (a checkpoint's copy) with float rates, as with an eager run."""
-    if "_last_lr" in state:
-        state["_last_lr"] = [float(v) for v in state["_last_lr"]]
+    if isinstance(state, dict) and "_last_lr" in state:
+        state["_last_lr"] = [float(v) if isinstance(v, Tensor) else v for v in state["_last_lr"]]
 
 
 class _TrainingState:
@@ -228,7 +240,7 @@ class _TrainingState:
             for k, v in state.items():
                 if not isinstance(v, Tensor):
                     continue
-                if before is None:  # made by the warm-up: a fresh Adam's state is all zeros
+                if not before:  # made by the warm-up: a fresh Adam's state is all zeros
                     v.zero_()
                 else:
                     v.copy_(before[k])

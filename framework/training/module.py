@@ -250,7 +250,10 @@ class SAEModule(L.LightningModule):
         n_features = self.configs[name].n_features
         metrics[f"{name}/dead_fraction"] = (layout.sum_over_features(dead)[0] / n_features).float()
         group = list(self.saes).index(name)
-        metrics[f"{name}/lr"] = float(self.trainer.optimizers[0].param_groups[group]["lr"])
+        lr = self.trainer.optimizers[0].param_groups[group]["lr"]
+        # train.cuda_graphs keeps it on the device (filled in place by the schedule): a copy, read
+        # with the other metrics, not a host sync of its own
+        metrics[f"{name}/lr"] = lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr)
         self.record_metrics(metrics, step=self.global_step)
 
     def record_metrics(self, metrics: dict, step: int) -> None:
@@ -324,6 +327,7 @@ class SAEModule(L.LightningModule):
         # moves a DDP or DeepSpeed module to the host, where NCCL cannot gather its partitions.
         # (Not registered as a submodule: whole() is the module itself when tensors are whole.)
         object.__setattr__(self, "trained_bank", self.whole())
+        self._recorded_steps = None  # their graphs' memory pools go back to the GPU
 
     def whole(self) -> SAEModule | None:
         """The bank with plain, whole tensors on global rank 0 (None elsewhere): for reports and
@@ -351,13 +355,14 @@ class SAEModule(L.LightningModule):
 
         self.resolve_finite_check()  # raising here writes nothing: the last good checkpoint stays
 
-        if self._recorded_steps is not None:  # saved as an eager run saves them: resumable either way
-            from framework.training.cuda_graphs import portable_optimizer_state, portable_scheduler_state
+        # As an eager run saves them, also after train.cuda_graphs made the learning rates device
+        # tensors (even once its graphs are released): resumable with graphs or without
+        from framework.training.cuda_graphs import portable_optimizer_state, portable_scheduler_state
 
-            for state in checkpoint.get("optimizer_states", []):
-                portable_optimizer_state(state)
-            for state in checkpoint.get("lr_schedulers", []):
-                portable_scheduler_state(state)
+        for state in checkpoint.get("optimizer_states", []):
+            portable_optimizer_state(state)
+        for state in checkpoint.get("lr_schedulers", []):
+            portable_scheduler_state(state)
         checkpoint["sae_framework"] = {
             "fingerprint": stage_fingerprint(self.recipe, "train"),
             "layout": self.layout.name,
