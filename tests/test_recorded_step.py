@@ -116,28 +116,34 @@ def test_the_recorded_step_is_the_modules_eager_step(variant, bank, target_l0):
             torch.testing.assert_close(opt.state[q][key], eager_opt.state[p][key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("stepped_before", [False, True])
-def test_the_warm_up_before_recording_leaves_the_run_as_it_was(stepped_before):
+@pytest.mark.parametrize("stepped_before, bank, dead", [(False, False, False), (True, False, False),
+                                                        (True, True, True)])
+def test_the_warm_up_before_recording_leaves_the_run_as_it_was(stepped_before, bank, dead):
     """Recording runs a few eager steps first; afterwards the weights, statistics, silent-step
     counts and Adam's state are as before, in place (a graph keeps their addresses), and Adam
-    state the warm-up made is a fresh one's: the next steps equal those of a run never warmed up."""
+    state the warm-up made is a fresh one's: the next steps equal those of a run never warmed up.
+    Also for a bank of two warmed up with AuxK on (dead latents)."""
     batches = _batches(4)
     runs = []
     for _ in range(2):  # the run to warm up, and its twin
-        module = _module()
+        module = _module(bank=bank)
         optimizer, schedule = _optimizer(module)
         steps = RecordedSteps(module.saes, optimizer, module.step_parts())
         if stepped_before:
             _recorded_step(steps, optimizer, schedule, batches[0])
+        if dead:
+            _kill_latents(module)
         runs.append((module, optimizer, schedule, steps))
     (module, optimizer, schedule, steps), (twin, twin_opt, twin_schedule, twin_steps) = runs
 
     before = {k: v.clone() for k, v in module.state_dict().items()}
     addresses = {k: v.data_ptr() for k, v in module.state_dict().items()}
-    steps.warm_up(batches[1], (False,), contextlib.nullcontext)
+    with_auxk = tuple(sae.auxk_needed() for sae in module.saes.values())
+    assert all(with_auxk) == dead
+    steps.warm_up(batches[1], with_auxk, contextlib.nullcontext)
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]) and value.data_ptr() == addresses[key], key
-    assert len(optimizer.state) == 4  # made by the warm-up if not before
+    assert len(optimizer.state) == 4 * len(module.saes)  # made by the warm-up if not before
     if not stepped_before:
         assert all(not v.any() for state in optimizer.state.values() for v in state.values())
 
