@@ -93,6 +93,49 @@ def test_an_interrupted_pretrain_resumes_from_its_checkpoint(tmp_path, monkeypat
     assert torch.equal(load_lm(recipe).embed.weight, checkpoint["state_dict"]["model.embed.weight"])
 
 
+TINY = [
+    "text.max_documents=40", "text.heldout_fraction=0.2", "text.context_length=32", "harvest.tokens_per_context=16",
+    "lm.builtin.vocab_size=300", "lm.device=cpu", "pretrain.steps=20", "pretrain.batch_size=8",
+    "pretrain.warmup_steps=5", "pretrain.val_every=10", "pretrain.val_batches=2", "train.wandb.mode=disabled",
+]
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make the next `pretrain` die as a killed run would, just before training step `step`
+    (after the checkpoints of the steps before it)."""
+    import framework.lm.pretrain as stage
+
+    class Killed(stage.LogProgress):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise RuntimeError(f"killed before step {step}")
+
+    monkeypatch.setattr(stage, "LogProgress", Killed)
+
+
+def test_an_interrupted_pretrain_of_another_recipe_is_refused_not_deleted(tmp_path, monkeypatch, caplog):
+    from framework.errors import CheckpointError
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", *TINY])
+    interrupt_at(monkeypatch, 15)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(recipe)
+    monkeypatch.undo()
+    last = recipe.path("lm") / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    assert torch.load(last, weights_only=False)["global_step"] == 10
+
+    other = load_recipe(None, [f"workdir={tmp_path}", *TINY, "pretrain.lr=1e-3"])
+    with pytest.raises(CheckpointError, match=r"different recipe \(pretrain\.lr: 0\.003 there, 0\.001 here\)"
+                                              r".*settings it was started with.*delete .*checkpoints"):
+        pretrain(other)
+    assert last.read_bytes() == saved and not (recipe.path("lm") / "COMPLETE").exists()
+
+    with caplog.at_level("INFO", logger="framework.lm.pretrain"):
+        pretrain(recipe)  # the original settings resume it
+    assert "resuming" in caplog.text and (recipe.path("lm") / "COMPLETE").is_file()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_next_token_loss_is_cross_entropy_with_its_gradient(dtype):
     """The in-place loss gives F.cross_entropy's value and gradient, ignored targets included,

@@ -31,9 +31,15 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from framework.artifacts import atomic_write_text, is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import (
+    atomic_write_text,
+    differences_from,
+    is_complete,
+    mark_complete,
+    stage_fingerprint,
+)
 from framework.config import PretrainConfig, Recipe, save_recipe
-from framework.errors import DataError
+from framework.errors import CheckpointError, DataError
 from framework.lm import resolve_device
 from framework.lm.base import Tokenizer
 from framework.lm.baselines import bigram_loss, unigram_loss
@@ -178,16 +184,43 @@ def pretrain(recipe: Recipe) -> Path:
 
 
 def _resumable(out: Path, recipe: Recipe) -> bool:
-    """True if `out` holds an unfinished run of this very recipe; otherwise start it afresh."""
+    """True if `out` holds an unfinished run of this very recipe, False for a fresh start.
+
+    Raises CheckpointError if `out` holds the checkpoint of an unfinished run of a different
+    recipe (or of an unknown one): starting over would delete it, resuming would mix the two."""
     started = out / STARTED
+    checkpoint = out / "checkpoints" / "last.ckpt"
     fingerprint = json.dumps(stage_fingerprint(recipe, "pretrain"), sort_keys=True, default=str)
-    same = started.is_file() and started.read_text() == fingerprint
-    if same and (out / "tokenizer.json").is_file() and (out / "checkpoints" / "last.ckpt").is_file():
-        log.info("pretrain: resuming the unfinished run in %s", out)
-        return True
+    if checkpoint.is_file():
+        differences = _started_differences(started, recipe)
+        if differences:
+            raise CheckpointError(
+                f"{out} holds an interrupted pretraining run of a different recipe "
+                f"({'; '.join(differences[:5])}), with its checkpoint {checkpoint}. Resuming it would mix "
+                f"two experiments and starting over would delete it: rerun with the settings it was "
+                f"started with to finish it, or delete {checkpoint.parent} to start this recipe from "
+                f"scratch (or pretrain into another workdir or lm.path)."
+            )
+        if (out / "tokenizer.json").is_file():
+            log.info("pretrain: resuming the unfinished run in %s", out)
+            return True
+        log.warning("pretrain: %s has no tokenizer.json, without which its checkpoint cannot be resumed; "
+                    "starting over", out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     atomic_write_text(started, fingerprint)
     return False
+
+
+def _started_differences(started: Path, recipe: Recipe) -> list[str]:
+    """How the recipe that started the unfinished run in `started`'s directory differs from
+    `recipe` ("key: value there, value here" each); empty when it is the same."""
+    try:
+        recorded = json.loads(started.read_text())
+    except FileNotFoundError:
+        return [f"no {STARTED} records which recipe started it"]
+    except (OSError, ValueError) as err:
+        return [f"{started} is unreadable ({type(err).__name__}: {err})"]
+    return differences_from(recorded, recipe, "pretrain")
 
 
 def _train_tokenizer(recipe: Recipe, out: Path) -> Tokenizer:
