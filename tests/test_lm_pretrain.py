@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import pytest
@@ -134,6 +135,59 @@ def test_an_interrupted_pretrain_of_another_recipe_is_refused_not_deleted(tmp_pa
     with caplog.at_level("INFO", logger="framework.lm.pretrain"):
         pretrain(recipe)  # the original settings resume it
     assert "resuming" in caplog.text and (recipe.path("lm") / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize(("every", "killed_at"), [(7, 12), (5, 13)])  # resumed mid-epoch; at an epoch's end
+def test_a_resumed_pretrain_trains_the_same_lm_as_an_uninterrupted_one(tmp_path, monkeypatch, recwarn, every,
+                                                                       killed_at):
+    """Five batches an epoch (43 training contexts, batches of 8), 18 steps, a checkpoint every
+    `every` steps, killed at `killed_at`: the resumed run skips the batches its epoch trained on
+    before the checkpoint and draws the later epochs' orders as the whole run does, so the two
+    LMs are bit for bit the same (a DataLoader replays the epoch from its start instead)."""
+    from safetensors.torch import load_file
+
+    import framework.lm.pretrain as stage
+
+    contexts = stage._contexts
+
+    def few_contexts(recipe, tokenizer):
+        train, heldout = contexts(recipe, tokenizer)
+        return train[:43], heldout
+
+    monkeypatch.setattr(stage, "_contexts", few_contexts)
+    settings = [*TINY, "pretrain.steps=18", f"pretrain.val_every={every}"]
+    whole = load_recipe(None, [f"workdir={tmp_path / 'whole'}", *settings])
+    pretrain(whole)
+    resumed = load_recipe(None, [f"workdir={tmp_path / 'resumed'}", *settings])
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, killed_at)
+        with pytest.raises(RuntimeError, match="killed"):
+            pretrain(resumed)
+    recwarn.clear()
+    pretrain(resumed)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+    expected = load_file(str(whole.path("lm") / "model.safetensors"))
+    got = load_file(str(resumed.path("lm") / "model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_batch_order_is_the_shuffling_dataloaders_and_starts_at_any_step():
+    """Each epoch the order DataLoader(shuffle=True, drop_last=True, generator seeded) gives as
+    Lightning reads it, which pretraining used before (so its results stay reproducible); started at step k it gives the
+    batches from the k-th on, whichever epoch k falls in."""
+    from torch.utils.data import DataLoader
+
+    from framework.lm.pretrain import BatchOrder
+
+    loader = DataLoader(torch.arange(43), 8, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(7))
+    # Lightning takes len(loader) batches an epoch; running the iterator out would draw once more.
+    expected = [batch.tolist() for _ in range(4) for batch in itertools.islice(loader, len(loader))]
+    order = BatchOrder(43, 8, seed=7)
+    assert len(order) == 5 and [batch for _ in range(4) for batch in order] == expected
+    for start in (0, 3, 5, 12):
+        order = BatchOrder(43, 8, seed=7)
+        order.start = start
+        assert [batch for _ in range(4) for batch in order][: 20 - start] == expected[start:20]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from framework.artifacts import (
     atomic_write_text,
@@ -158,6 +158,64 @@ class LogProgress(Callback):
             log.info("pretrain step %d: held-out loss %.4f", trainer.global_step, float(loss))
 
 
+class BatchOrder(Sampler[list[int]]):
+    """The training batches: each epoch a fresh random permutation of the contexts in batches,
+    the last partial batch dropped, in exactly the order DataLoader(shuffle=True, drop_last=True,
+    generator=torch.Generator().manual_seed(seed)) gives under Lightning (one int64 draw for the
+    DataLoader iterator's base seed, then the permutation, per epoch), but a function of (seed,
+    epoch) alone that can start at any batch: `start`, set to the trainer's global step when
+    training starts, is where the next iteration begins (its epoch and the batches it skips).
+    So a resumed run trains on the batches the uninterrupted run would have, where a plain
+    DataLoader replays the interrupted epoch from its beginning."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self.start = 0
+        self._generator: torch.Generator | None = None
+        self._epoch = -1  # the epoch whose permutation self._generator drew last
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._generator is None or epoch <= self._epoch:
+            self._generator, self._epoch = torch.Generator().manual_seed(self.seed), -1
+        while self._epoch < epoch:  # one step per epoch in a run; from the seed on a resume
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)
+            permutation = torch.randperm(self.n, generator=self._generator)
+            self._epoch += 1
+        return permutation
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start, self.per_epoch)
+        self.start += self.per_epoch - skip  # the next iteration starts the next epoch
+        batches = self.permutation(epoch)[: self.per_epoch * self.batch_size].view(self.per_epoch, -1)
+        yield from batches[skip:].tolist()
+
+
+class StartAtGlobalStep(Callback):
+    """Starts the batch order at the trainer's global step (0, or the resumed checkpoint's):
+    one batch per step, as pretraining accumulates no gradients."""
+
+    def __init__(self, order: BatchOrder):
+        self.order = order
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.order.start = trainer.global_step
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable mid-epoch (it warns about any other one):
+    its BatchOrder resumes by itself, from the global step, so the checkpoint records nothing."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 def pretrain(recipe: Recipe) -> Path:
     out = recipe.path("lm")
     if is_complete(out, recipe, "pretrain"):
@@ -249,14 +307,14 @@ def _contexts(recipe: Recipe, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch
 def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: torch.Tensor,
          out: Path, resume: bool) -> None:
     cfg = recipe.pretrain
-    shuffle = torch.Generator().manual_seed(recipe.lm.builtin.seed)
-    train_loader = DataLoader(TensorDataset(train), cfg.batch_size, shuffle=True, drop_last=True, generator=shuffle)
+    order = BatchOrder(len(train), cfg.batch_size, recipe.lm.builtin.seed)
+    train_loader = _ResumableLoader(TensorDataset(train), batch_sampler=order)
     val_loader = DataLoader(TensorDataset(heldout), cfg.batch_size)
     on_tty = sys.stderr.isatty()
     checkpoint = ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.val_every, enable_version_counter=False)
     progress = ProgressBar() if on_tty else LogProgress(cfg, recipe.text.context_length)
-    callbacks: list[Callback] = [checkpoint, progress]
+    callbacks: list[Callback] = [checkpoint, progress, StartAtGlobalStep(order)]
     trainer = L.Trainer(
         max_steps=cfg.steps, max_epochs=-1, val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0, precision=cfg.precision,
