@@ -358,12 +358,36 @@ MINIMUMS: tuple[tuple[str, float, str], ...] = (
     ("train.n_tokens", 1, "rows to train on"),
     ("train.num_workers", 0, "DataLoader processes"),
     ("train.eval_batches", 1, "held-out batches per evaluation"),
+    ("train.resample_sample_size", 1, "rows drawn to choose the new directions of resampled features"),
+    ("train.log_every", 1, "steps between logged metrics"),
+    ("train.density_window", 1, "steps over which feature density is measured"),
+    ("train.checkpoint_every", 0, "steps between checkpoints; 0 = only at the end"),
+    ("train.epochs", 1, "passes over the activation store training may make"),
     ("harvest.n_tokens", 1, "rows to harvest"),
     ("harvest.batch_size", 1, "contexts per forward pass"),
+    ("harvest.tokens_per_context", 1, "positions harvested from each context"),
+    ("harvest.rows_per_sample", 1, "rows in one tar member of a shard"),
+    ("harvest.rows_per_shard", 1, "rows in one shard"),
+    ("eval.n_tokens", 1, "held-out rows the SAE is evaluated on"),
+    ("eval.batch_size", 1, "contexts per forward pass when splicing the SAE into the LM"),
+    ("eval.n_contexts", 1, "contexts for the loss recovered and KL with the LM"),
     ("pretrain.steps", 1, "optimizer steps"),
     ("pretrain.batch_size", 1, "contexts per step"),
 )
 POSITIVE = ("train.lr", "pretrain.lr")
+# The same for each SAE (the `sae` section and every bank entry): (field, smallest, meaning).
+SAE_MINIMUMS: tuple[tuple[str, float, str], ...] = (
+    ("l1_coefficient", 0, "weight of the L1 sparsity penalty; 0 turns it off"),
+)
+# topk / batchtopk only (the other variants ignore these fields).
+TOPK_MINIMUMS: tuple[tuple[str, float, str], ...] = (
+    ("k", 1, "features active per row"),
+    ("aux_k", 1, "dead latents the AuxK loss reconstructs from; to turn AuxK off set aux_k_coefficient=0"),
+)
+
+
+def _too_small(dotted: str, value: Any, minimum: float, meaning: str) -> RecipeError:
+    return RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning}); set {dotted} to {minimum} or more")
 
 
 def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
@@ -377,6 +401,16 @@ def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
             raise _not_a_choice(f"{where}.{key}", value, allowed)
     if cfg.n_features < 1:
         raise RecipeError(f"{where}.n_features={cfg.n_features}: an SAE needs at least one feature")
+    checks = SAE_MINIMUMS + (TOPK_MINIMUMS if cfg.variant in ("topk", "batchtopk") else ())
+    for key, minimum, meaning in checks:
+        if getattr(cfg, key) < minimum:
+            raise _too_small(f"{where}.{key}", getattr(cfg, key), minimum, meaning)
+    if cfg.variant in ("topk", "batchtopk") and cfg.k > cfg.n_features:
+        raise RecipeError(
+            f"{where}.k={cfg.k} exceeds {where}.n_features={cfg.n_features}: a {cfg.variant} SAE keeps the k "
+            f"largest of its n_features latents per row. Set {where}.k to at most {cfg.n_features}, or raise "
+            f"{where}.n_features"
+        )
 
 
 # What a choice field given a YAML boolean most likely meant, where one choice plainly means it.
@@ -401,7 +435,7 @@ def _check_choices(recipe: Recipe) -> None:
     for dotted, minimum, meaning in MINIMUMS:
         value = _lookup(recipe, dotted)
         if value < minimum:
-            raise RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning})")
+            raise _too_small(dotted, value, minimum, meaning)
     n_tokens, batch_size = recipe.train.n_tokens, recipe.train.batch_size
     if n_tokens < batch_size:  # training takes n_tokens // batch_size steps, and at least one
         raise RecipeError(
@@ -429,6 +463,18 @@ def _check_choices(recipe: Recipe) -> None:
             f"harvest.tokens_per_context ({recipe.harvest.tokens_per_context}) + "
             f"harvest.skip_first_tokens ({recipe.harvest.skip_first_tokens}) exceeds "
             f"text.context_length ({recipe.text.context_length}); lower one or raise the other"
+        )
+    betas = recipe.train.adam_betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise RecipeError(
+            f"train.adam_betas={list(betas)} must be two numbers in [0, 1) (Adam's decay rates for the "
+            f"gradient's mean and its square); set e.g. train.adam_betas=[0.9,0.999]"
+        )
+    fraction = recipe.train.lr_decay_fraction
+    if not 0 <= fraction <= 1:
+        raise RecipeError(
+            f"train.lr_decay_fraction={fraction} must lie in [0, 1] (the share of the run, at its end, over "
+            f"which train.lr_decay=linear decays the learning rate to 0); set it between 0 and 1"
         )
     if recipe.train.deepspeed_stage not in (1, 2, 3):
         raise RecipeError(f"train.deepspeed_stage={recipe.train.deepspeed_stage} is not one of 1, 2, 3")
