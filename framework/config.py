@@ -464,6 +464,18 @@ def _check_choices(recipe: Recipe) -> None:
             f"harvest.skip_first_tokens ({recipe.harvest.skip_first_tokens}) exceeds "
             f"text.context_length ({recipe.text.context_length}); lower one or raise the other"
         )
+    # Listed resampling steps the run never reaches were skipped without a word. Checked while
+    # train.resample is on (off, the list is never read), whatever the variants: a bank may mix
+    # them, and a step outside the run is a mistake for any of them.
+    steps = max(1, n_tokens // batch_size)
+    outside = sorted(s for s in recipe.train.resample_steps or [] if not 1 <= s <= steps)
+    if recipe.train.resample and outside:
+        raise RecipeError(
+            f"train.resample_steps lists {outside}, outside the run: it trains {steps:,} steps (train.n_tokens="
+            f"{n_tokens:,} // train.batch_size={batch_size:,}), and resampling happens after steps 1 to {steps}. "
+            f"Set train.resample_steps to steps in that range, raise train.n_tokens, or set train.resample_steps="
+            f"null for the paper's schedule scaled to this run"
+        )
     betas = recipe.train.adam_betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise RecipeError(
