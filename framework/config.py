@@ -501,6 +501,14 @@ def _check_choices(recipe: Recipe) -> None:
         )
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
+    hooks = list(recipe.harvest.hook_points)
+    repeated = sorted({h for h in hooks if hooks.count(h) > 1})
+    if repeated:
+        raise RecipeError(
+            f"harvest.hook_points={hooks} names {', '.join(repeated)} more than once: each listed hook is harvested, "
+            f"so it would be written to disk twice. List each hook once, e.g. harvest.hook_points="
+            f"[{','.join(dict.fromkeys(hooks))}]"
+        )
 
 
 def _lookup(recipe: Recipe, dotted: str) -> Any:

@@ -248,3 +248,10 @@ def test_resample_steps_outside_the_run_are_refused_naming_them_and_the_run_leng
     assert load_recipe(None, [*run, "train.resample_steps=[1,10]"]).train.resample_steps == [1, 10]
     # with resampling off the list is never read
     assert load_recipe(None, [*run, "train.resample=false", "train.resample_steps=[25]"]).train.resample is False
+
+
+def test_a_hook_point_listed_twice_is_refused():
+    """Each listed hook is harvested: a repeat doubled the store on disk."""
+    with pytest.raises(RecipeError, match=r"harvest.hook_points=\['a', 'b', 'a'\] names a more than once.*"
+                                          r"harvest.hook_points=\[a,b\]"):
+        load_recipe(None, ["harvest.hook_points=[a,b,a]"])
