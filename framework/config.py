@@ -501,6 +501,12 @@ def _check_choices(recipe: Recipe) -> None:
         )
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
+    for i, point in enumerate(recipe.sweep.points):
+        if not isinstance(point, dict):
+            raise RecipeError(
+                f"sweep.points[{i}]={point!r} is not a mapping: each point is a set of overrides, key to value, "
+                f"e.g. sweep.points=[{{train.lr: 0.002}}] (in YAML: `- {{train.lr: 0.002}}`)"
+            )
     hooks = list(recipe.harvest.hook_points)
     repeated = sorted({h for h in hooks if hooks.count(h) > 1})
     if repeated:
@@ -637,8 +643,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     if not isinstance(node, DictConfig):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(node).__name__}")
     layers: list[DictConfig] = []
+    key = "base" if "base" in node else "defaults"
     base = node.pop("base", None) or node.pop("defaults", None)
-    for ref in [base] if isinstance(base, str) else list(base or []):
+    refs = [base] if isinstance(base, str) else list(base) if isinstance(base, ListConfig) else base
+    if refs is not None and not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
+        raise RecipeError(
+            f"{path}: `{key}: {OmegaConf.to_container(base) if isinstance(base, (DictConfig, ListConfig)) else base!r}` "
+            f"must name the recipe file this one extends, relative to it (e.g. `{key}: ../quickstart.yaml`), "
+            f"or a list of such files"
+        )
+    for ref in refs or []:
         layers += _read_yaml((path.parent / str(ref)), seen + (path,))
     return layers + [node]
 

@@ -255,3 +255,17 @@ def test_a_hook_point_listed_twice_is_refused():
     with pytest.raises(RecipeError, match=r"harvest.hook_points=\['a', 'b', 'a'\] names a more than once.*"
                                           r"harvest.hook_points=\[a,b\]"):
         load_recipe(None, ["harvest.hook_points=[a,b,a]"])
+
+
+@pytest.mark.parametrize("base, shown", [("5", "5"), ("[a.yaml, 3]", r"\['a.yaml', 3\]"), ("{a: 1}", r"\{'a': 1\}")])
+def test_a_base_that_is_not_a_file_name_is_refused_naming_it(base, shown, tmp_path):
+    """`base: 5` gave "TypeError: 'int' object is not iterable"."""
+    (tmp_path / "r.yaml").write_text(f"base: {base}\nname: child\n")
+    with pytest.raises(RecipeError, match=rf"r.yaml: `base: {shown}` must name the recipe file this one extends"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_sweep_point_that_is_not_a_mapping_is_refused_when_the_recipe_loads():
+    """sweep.points=[5] loaded, then the sweep failed with a TypeError."""
+    with pytest.raises(RecipeError, match=r"sweep.points\[1\]=5 is not a mapping.*sweep.points=\[\{train.lr: 0.002\}\]"):
+        load_recipe(None, ["sweep.points=[{train.lr: 0.002}, 5]"])
