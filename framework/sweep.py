@@ -44,8 +44,25 @@ def expand_points(recipe: Recipe) -> list[dict]:
     if expanded == [{}]:
         raise RecipeError("the sweep is empty: set sweep.grid (key: [values]) or sweep.points")
     for point in expanded:
-        _apply(recipe, point)  # validates every key and value now, not hours into the sweep
-    return expanded
+        _check_not_overridden_by_bank(_apply(recipe, point), point)  # validates every key and value now,
+    return expanded                                                  # not hours into the sweep
+
+
+def _check_not_overridden_by_bank(point_recipe: Recipe, point: dict) -> None:
+    """A swept `sae.*` key that a `train.bank` entry also sets never reaches that SAE: the entry
+    overrides the `sae` section, and the points would train the same dictionaries."""
+    for key in point:
+        if not key.startswith("sae."):
+            continue
+        field_name = key[len("sae."):]
+        setting = [i for i, entry in enumerate(point_recipe.train.bank) if field_name in entry]
+        if setting:
+            raise RecipeError(
+                f"sweep key {key} is overridden by train.bank entries {setting}, which set {field_name} "
+                f"themselves: every point would train the bank's values under different labels. Sweep "
+                f"train.bank instead (sweep.points of {{train.bank: [...]}}), remove {field_name} from those "
+                f"entries, or remove train.bank"
+            )
 
 
 def point_name(point: dict) -> str:

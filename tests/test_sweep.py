@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 import framework.training.train as train_stage
 from framework.config import load_recipe
 from framework.errors import RecipeError
-from framework.sweep import expand_points, point_name, point_stages, sweep
+from framework.sweep import _apply, expand_points, point_name, point_stages, sweep
 
 SMALL = [
     "harvest.n_tokens=8192", "harvest.tokens_per_context=32", "harvest.shuffle_window=4096",
@@ -93,3 +93,16 @@ def test_sweep_over_sae_keys_trains_one_bank_in_one_pass(pretrained_recipe, tmp_
     l0 = [json.loads((bank / n / "metrics.json").read_text())["l0"] for n in names]
     assert l0[0] > l0[1]  # the stronger L1 penalty gives the sparser codes
     assert "l1_coefficient" in (root / "summary.md").read_text()
+
+
+def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
+    """The bank entry overrides `sae`: both points trained the bank's L1 under different labels."""
+    bank = "train.bank=[{name: a, l1_coefficient: 0.01}, {name: b, n_features: 64}]"
+    recipe = load_recipe(None, [bank, "sweep.grid={sae.l1_coefficient: [0.001, 0.002]}"])
+    with pytest.raises(RecipeError, match=r"sweep key sae.l1_coefficient is overridden by train.bank entries \[0\], "
+                                          r"which set l1_coefficient themselves.*remove train.bank"):
+        expand_points(recipe)
+    # a key no entry sets reaches every entry, and is swept
+    swept = load_recipe(None, [bank, "sweep.grid={sae.k: [8, 16]}", "sae.variant=topk"])
+    points = expand_points(swept)
+    assert [[c.k for c in _apply(swept, p).sae_configs()] for p in points] == [[8, 8], [16, 16]]
