@@ -21,13 +21,14 @@ import json
 import logging
 from pathlib import Path
 
-from framework.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, with_overrides
+from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_overrides
 from framework.pipeline import run_stage
 
 log = logging.getLogger(__name__)
 # A point that changes none of these sections reuses the base recipe's LM / activations.
 LM_SECTIONS = ("text.", "lm.", "pretrain.")
-STORE_SECTIONS = ("text.", "lm.", "harvest.")
+# A point with its own LM needs its own store too: activations are refused for other LM weights.
+STORE_SECTIONS = (*LM_SECTIONS, "harvest.")
 SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean", "kl_sae", "dead_fraction",
                    "dense_fraction")
 
@@ -76,10 +77,14 @@ def _apply(recipe: Recipe, point: dict, workdir: Path | None = None) -> Recipe:
     data = recipe_to_dict(recipe)
     data["sweep"] = {}
     if workdir is not None:
-        if not _changes(point, LM_SECTIONS):
-            data["lm"]["path"] = str(recipe.path("lm"))
-        if not _changes(point, STORE_SECTIONS):
-            data["harvest"]["output_dir"] = str(recipe.path("activations"))
+        # Shared: the base's LM and store. Changed: the point's own, in its workdir (not in a
+        # directory the base recipe names, where the base's would be overwritten).
+        data["lm"]["path"] = "" if _changes(point, LM_SECTIONS) else str(recipe.path("lm"))
+        if _changes(point, STORE_SECTIONS):
+            if not is_url(data["harvest"]["output_dir"]):
+                data["harvest"]["output_dir"] = ""
+        else:
+            data["harvest"]["output_dir"] = recipe.store_location()
         data["workdir"] = str(workdir)
         for section in ("train", "eval", "analyze", "export"):
             data[section]["output_dir"] = ""

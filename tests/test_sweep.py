@@ -106,3 +106,20 @@ def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
     swept = load_recipe(None, [bank, "sweep.grid={sae.k: [8, 16]}", "sae.variant=topk"])
     points = expand_points(swept)
     assert [[c.k for c in _apply(swept, p).sae_configs()] for p in points] == [[8, 8], [16, 16]]
+
+
+def test_points_that_change_the_lm_pretrain_and_harvest_their_own(tmp_path):
+    """A point with its own LM trained on the base store, which is refused for other LM weights:
+    it pretrains and harvests in its own directory, never in the base recipe's."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}", f"lm.path={tmp_path}/base_lm",
+                                f"harvest.output_dir={tmp_path}/base_store",
+                                "sweep.points=[{pretrain.steps: 7}, {train.lr: 0.002}]"])
+    own, shared = expand_points(recipe)
+    assert point_stages(recipe, own) == ["pretrain", "harvest", "train", "eval"]
+    assert point_stages(recipe, shared) == ["train", "eval"]
+    root = tmp_path / "sweep"
+    own_recipe = _apply(recipe, own, root / point_name(own))
+    assert own_recipe.path("lm") == root / "steps=7" / "lm"
+    assert own_recipe.path("activations") == root / "steps=7" / "activations"
+    shared_recipe = _apply(recipe, shared, root / point_name(shared))
+    assert (shared_recipe.path("lm"), shared_recipe.path("activations")) == (tmp_path / "base_lm", tmp_path / "base_store")
