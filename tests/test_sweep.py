@@ -123,3 +123,17 @@ def test_points_that_change_the_lm_pretrain_and_harvest_their_own(tmp_path):
     assert own_recipe.path("activations") == root / "steps=7" / "activations"
     shared_recipe = _apply(recipe, shared, root / point_name(shared))
     assert (shared_recipe.path("lm"), shared_recipe.path("activations")) == (tmp_path / "base_lm", tmp_path / "base_store")
+
+
+def test_point_names_keep_colliding_keys_apart_and_repeated_points_are_refused():
+    """point_name kept the last part of each key: train.n_tokens and eval.n_tokens shared one
+    directory; a grid [1.0e-3, 0.001] gave one point twice, and failed after pretrain and harvest."""
+    recipe = load_recipe(None, ["sweep.points=[{train.n_tokens: 8192}, {eval.n_tokens: 8192}]"])
+    points = expand_points(recipe)
+    keys = ["train.n_tokens", "eval.n_tokens"]
+    assert [point_name(p, keys) for p in points] == ["train-n_tokens=8192", "eval-n_tokens=8192"]
+    assert point_name({"sae.l1_coefficient": 0.001, "train.lr": 0.002}) == "l1_coefficient=0p001_lr=0p002"
+    repeated = load_recipe(None, ["sweep.grid={sae.l1_coefficient: [1.0e-3, 0.001]}"])
+    with pytest.raises(RecipeError, match=r"the sweep has the point \{'sae.l1_coefficient': 0.001\} twice "
+                                          r"\(points 0 and 1\).*Remove the repeated value"):
+        expand_points(repeated)
