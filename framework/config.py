@@ -358,12 +358,36 @@ MINIMUMS: tuple[tuple[str, float, str], ...] = (
     ("train.n_tokens", 1, "rows to train on"),
     ("train.num_workers", 0, "DataLoader processes"),
     ("train.eval_batches", 1, "held-out batches per evaluation"),
+    ("train.resample_sample_size", 1, "rows drawn to choose the new directions of resampled features"),
+    ("train.log_every", 1, "steps between logged metrics"),
+    ("train.density_window", 1, "steps over which feature density is measured"),
+    ("train.checkpoint_every", 0, "steps between checkpoints; 0 = only at the end"),
+    ("train.epochs", 1, "passes over the activation store training may make"),
     ("harvest.n_tokens", 1, "rows to harvest"),
     ("harvest.batch_size", 1, "contexts per forward pass"),
+    ("harvest.tokens_per_context", 1, "positions harvested from each context"),
+    ("harvest.rows_per_sample", 1, "rows in one tar member of a shard"),
+    ("harvest.rows_per_shard", 1, "rows in one shard"),
+    ("eval.n_tokens", 1, "held-out rows the SAE is evaluated on"),
+    ("eval.batch_size", 1, "contexts per forward pass when splicing the SAE into the LM"),
+    ("eval.n_contexts", 1, "contexts for the loss recovered and KL with the LM"),
     ("pretrain.steps", 1, "optimizer steps"),
     ("pretrain.batch_size", 1, "contexts per step"),
 )
 POSITIVE = ("train.lr", "pretrain.lr")
+# The same for each SAE (the `sae` section and every bank entry): (field, smallest, meaning).
+SAE_MINIMUMS: tuple[tuple[str, float, str], ...] = (
+    ("l1_coefficient", 0, "weight of the L1 sparsity penalty; 0 turns it off"),
+)
+# topk / batchtopk only (the other variants ignore these fields).
+TOPK_MINIMUMS: tuple[tuple[str, float, str], ...] = (
+    ("k", 1, "features active per row"),
+    ("aux_k", 1, "dead latents the AuxK loss reconstructs from; to turn AuxK off set aux_k_coefficient=0"),
+)
+
+
+def _too_small(dotted: str, value: Any, minimum: float, meaning: str) -> RecipeError:
+    return RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning}); set {dotted} to {minimum} or more")
 
 
 def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
@@ -377,6 +401,16 @@ def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
             raise _not_a_choice(f"{where}.{key}", value, allowed)
     if cfg.n_features < 1:
         raise RecipeError(f"{where}.n_features={cfg.n_features}: an SAE needs at least one feature")
+    checks = SAE_MINIMUMS + (TOPK_MINIMUMS if cfg.variant in ("topk", "batchtopk") else ())
+    for key, minimum, meaning in checks:
+        if getattr(cfg, key) < minimum:
+            raise _too_small(f"{where}.{key}", getattr(cfg, key), minimum, meaning)
+    if cfg.variant in ("topk", "batchtopk") and cfg.k > cfg.n_features:
+        raise RecipeError(
+            f"{where}.k={cfg.k} exceeds {where}.n_features={cfg.n_features}: a {cfg.variant} SAE keeps the k "
+            f"largest of its n_features latents per row. Set {where}.k to at most {cfg.n_features}, or raise "
+            f"{where}.n_features"
+        )
 
 
 # What a choice field given a YAML boolean most likely meant, where one choice plainly means it.
@@ -401,7 +435,7 @@ def _check_choices(recipe: Recipe) -> None:
     for dotted, minimum, meaning in MINIMUMS:
         value = _lookup(recipe, dotted)
         if value < minimum:
-            raise RecipeError(f"{dotted}={value} must be at least {minimum} ({meaning})")
+            raise _too_small(dotted, value, minimum, meaning)
     n_tokens, batch_size = recipe.train.n_tokens, recipe.train.batch_size
     if n_tokens < batch_size:  # training takes n_tokens // batch_size steps, and at least one
         raise RecipeError(
@@ -430,6 +464,30 @@ def _check_choices(recipe: Recipe) -> None:
             f"harvest.skip_first_tokens ({recipe.harvest.skip_first_tokens}) exceeds "
             f"text.context_length ({recipe.text.context_length}); lower one or raise the other"
         )
+    # Listed resampling steps the run never reaches were skipped without a word. Checked while
+    # train.resample is on (off, the list is never read), whatever the variants: a bank may mix
+    # them, and a step outside the run is a mistake for any of them.
+    steps = max(1, n_tokens // batch_size)
+    outside = sorted(s for s in recipe.train.resample_steps or [] if not 1 <= s <= steps)
+    if recipe.train.resample and outside:
+        raise RecipeError(
+            f"train.resample_steps lists {outside}, outside the run: it trains {steps:,} steps (train.n_tokens="
+            f"{n_tokens:,} // train.batch_size={batch_size:,}), and resampling happens after steps 1 to {steps}. "
+            f"Set train.resample_steps to steps in that range, raise train.n_tokens, or set train.resample_steps="
+            f"null for the paper's schedule scaled to this run"
+        )
+    betas = recipe.train.adam_betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise RecipeError(
+            f"train.adam_betas={list(betas)} must be two numbers in [0, 1) (Adam's decay rates for the "
+            f"gradient's mean and its square); set e.g. train.adam_betas=[0.9,0.999]"
+        )
+    fraction = recipe.train.lr_decay_fraction
+    if not 0 <= fraction <= 1:
+        raise RecipeError(
+            f"train.lr_decay_fraction={fraction} must lie in [0, 1] (the share of the run, at its end, over "
+            f"which train.lr_decay=linear decays the learning rate to 0); set it between 0 and 1"
+        )
     if recipe.train.deepspeed_stage not in (1, 2, 3):
         raise RecipeError(f"train.deepspeed_stage={recipe.train.deepspeed_stage} is not one of 1, 2, 3")
     if recipe.train.feature_shards < 0:
@@ -443,6 +501,20 @@ def _check_choices(recipe: Recipe) -> None:
         )
     if not recipe.harvest.hook_points:
         raise RecipeError("harvest.hook_points is empty; name at least one (see `sae hooks MODEL`)")
+    for i, point in enumerate(recipe.sweep.points):
+        if not isinstance(point, dict):
+            raise RecipeError(
+                f"sweep.points[{i}]={point!r} is not a mapping: each point is a set of overrides, key to value, "
+                f"e.g. sweep.points=[{{train.lr: 0.002}}] (in YAML: `- {{train.lr: 0.002}}`)"
+            )
+    hooks = list(recipe.harvest.hook_points)
+    repeated = sorted({h for h in hooks if hooks.count(h) > 1})
+    if repeated:
+        raise RecipeError(
+            f"harvest.hook_points={hooks} names {', '.join(repeated)} more than once: each listed hook is harvested, "
+            f"so it would be written to disk twice. List each hook once, e.g. harvest.hook_points="
+            f"[{','.join(dict.fromkeys(hooks))}]"
+        )
 
 
 def _lookup(recipe: Recipe, dotted: str) -> Any:
@@ -571,8 +643,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     if not isinstance(node, DictConfig):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(node).__name__}")
     layers: list[DictConfig] = []
+    key = "base" if "base" in node else "defaults"
     base = node.pop("base", None) or node.pop("defaults", None)
-    for ref in [base] if isinstance(base, str) else list(base or []):
+    refs = [base] if isinstance(base, str) else list(base) if isinstance(base, ListConfig) else base
+    if refs is not None and not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
+        raise RecipeError(
+            f"{path}: `{key}: {OmegaConf.to_container(base) if isinstance(base, (DictConfig, ListConfig)) else base!r}` "
+            f"must name the recipe file this one extends, relative to it (e.g. `{key}: ../quickstart.yaml`), "
+            f"or a list of such files"
+        )
+    for ref in refs or []:
         layers += _read_yaml((path.parent / str(ref)), seen + (path,))
     return layers + [node]
 

@@ -21,13 +21,14 @@ import json
 import logging
 from pathlib import Path
 
-from framework.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, with_overrides
+from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_overrides
 from framework.pipeline import run_stage
 
 log = logging.getLogger(__name__)
 # A point that changes none of these sections reuses the base recipe's LM / activations.
 LM_SECTIONS = ("text.", "lm.", "pretrain.")
-STORE_SECTIONS = ("text.", "lm.", "harvest.")
+# A point with its own LM needs its own store too: activations are refused for other LM weights.
+STORE_SECTIONS = (*LM_SECTIONS, "harvest.")
 SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean", "kl_sae", "dead_fraction",
                    "dense_fraction")
 
@@ -43,14 +44,66 @@ def expand_points(recipe: Recipe) -> list[dict]:
     expanded = [p | c for p in points for c in combos]
     if expanded == [{}]:
         raise RecipeError("the sweep is empty: set sweep.grid (key: [values]) or sweep.points")
+    for i, point in enumerate(expanded):
+        if point in expanded[:i]:  # 1.0e-3 and 0.001 are one value
+            raise RecipeError(
+                f"the sweep has the point {point} twice (points {expanded.index(point)} and {i}): both would "
+                f"train the same thing in one directory. Remove the repeated value from sweep.grid or sweep.points"
+            )
+    keys = sweep_keys(expanded)
+    names = [point_name(p, keys) for p in expanded]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RecipeError(
+                f"sweep points {expanded[names.index(name)]} and {expanded[i]} would share the directory "
+                f"{name!r}; give them values that differ in more than '/', '.' or spaces"
+            )
     for point in expanded:
-        _apply(recipe, point)  # validates every key and value now, not hours into the sweep
-    return expanded
+        _check_not_overridden_by_bank(_apply(recipe, point), point)  # validates every key and value now,
+    return expanded                                                  # not hours into the sweep
 
 
-def point_name(point: dict) -> str:
-    parts = [f"{key.split('.')[-1]}={value}" for key, value in point.items()]
+def _check_not_overridden_by_bank(point_recipe: Recipe, point: dict) -> None:
+    """A swept `sae.*` key that a `train.bank` entry also sets never reaches that SAE: the entry
+    overrides the `sae` section, and the points would train the same dictionaries."""
+    for key in point:
+        if not key.startswith("sae."):
+            continue
+        field_name = key[len("sae."):]
+        setting = [i for i, entry in enumerate(point_recipe.train.bank) if field_name in entry]
+        if setting:
+            raise RecipeError(
+                f"sweep key {key} is overridden by train.bank entries {setting}, which set {field_name} "
+                f"themselves: every point would train the bank's values under different labels. Sweep "
+                f"train.bank instead (sweep.points of {{train.bank: [...]}}), remove {field_name} from those "
+                f"entries, or remove train.bank"
+            )
+
+
+def sweep_keys(points: list[dict]) -> list[str]:
+    """Every key swept, in order of first appearance."""
+    return list(dict.fromkeys(k for point in points for k in point))
+
+
+def point_name(point: dict, keys: list[str] | None = None) -> str:
+    """The point's directory name: each key by the shortest dotted suffix that no other key of
+    the sweep (`keys`; default the point's own) shares, so that train.n_tokens and eval.n_tokens
+    stay apart while sae.l1_coefficient is l1_coefficient."""
+    labels = _short_labels(list(dict.fromkeys([*(keys or []), *point])))
+    parts = [f"{labels[key]}={value}" for key, value in point.items()]
     return "_".join(parts).replace("/", "-").replace(".", "p").replace(" ", "")
+
+
+def _short_labels(keys: list[str]) -> dict[str, str]:
+    labels = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = parts[-n:]
+            if not any(other != key and other.split(".")[-n:] == suffix for other in keys):
+                break
+        labels[key] = "-".join(suffix)  # the name turns dots into p
+    return labels
 
 
 def _apply(recipe: Recipe, point: dict, workdir: Path | None = None) -> Recipe:
@@ -59,10 +112,14 @@ def _apply(recipe: Recipe, point: dict, workdir: Path | None = None) -> Recipe:
     data = recipe_to_dict(recipe)
     data["sweep"] = {}
     if workdir is not None:
-        if not _changes(point, LM_SECTIONS):
-            data["lm"]["path"] = str(recipe.path("lm"))
-        if not _changes(point, STORE_SECTIONS):
-            data["harvest"]["output_dir"] = str(recipe.path("activations"))
+        # Shared: the base's LM and store. Changed: the point's own, in its workdir (not in a
+        # directory the base recipe names, where the base's would be overwritten).
+        data["lm"]["path"] = "" if _changes(point, LM_SECTIONS) else str(recipe.path("lm"))
+        if _changes(point, STORE_SECTIONS):
+            if not is_url(data["harvest"]["output_dir"]):
+                data["harvest"]["output_dir"] = ""
+        else:
+            data["harvest"]["output_dir"] = recipe.store_location()
         data["workdir"] = str(workdir)
         for section in ("train", "eval", "analyze", "export"):
             data[section]["output_dir"] = ""
@@ -91,7 +148,8 @@ def _is_bank_sweep(recipe: Recipe, points: list[dict]) -> bool:
 
 def _bank_recipe(recipe: Recipe, points: list[dict], workdir: Path) -> Recipe:
     data = recipe_to_dict(_apply(recipe, {}, workdir))
-    data["train"]["bank"] = [{"name": point_name(p), **{k[len("sae."):]: v for k, v in p.items()}} for p in points]
+    keys = sweep_keys(points)
+    data["train"]["bank"] = [{"name": point_name(p, keys), **{k[len("sae."):]: v for k, v in p.items()}} for p in points]
     return recipe_from_dict(data)
 
 
@@ -106,6 +164,7 @@ def _prepare_shared(recipe: Recipe, points: list[dict]) -> None:
 def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
     """Run the sweep (or only point `point_index`, for one SLURM array task); returns its dir."""
     points = expand_points(recipe)
+    keys = sweep_keys(points)
     root = Path(recipe.workdir) / "sweep"
     root.mkdir(parents=True, exist_ok=True)
     if point_index is not None and not 0 <= point_index < len(points):
@@ -116,16 +175,16 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         bank = _bank_recipe(recipe, points, root / "bank")
         for stage in recipe.sweep.stages:
             run_stage(stage, bank)
-        results = [(p, _read_metrics(bank, point_name(p))) for p in points]
+        results = [(p, _read_metrics(bank, point_name(p, keys))) for p in points]
     else:
         selected = [points[point_index]] if point_index is not None else points
         _prepare_shared(recipe, selected)
         for i, point in enumerate(selected):
-            point_recipe = _apply(recipe, point, root / point_name(point))
-            log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point))
+            point_recipe = _apply(recipe, point, root / point_name(point, keys))
+            log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point, keys))
             for stage in point_stages(recipe, point):
                 run_stage(stage, point_recipe)
-        results = [(p, _point_metrics(_apply(recipe, p, root / point_name(p)))) for p in points]
+        results = [(p, _point_metrics(_apply(recipe, p, root / point_name(p, keys)))) for p in points]
     write_summary(root, results)
     return root
 
@@ -143,9 +202,9 @@ def _read_metrics(recipe: Recipe, name: str) -> dict:
 
 
 def write_summary(root: Path, results: list[tuple[dict, dict]]) -> None:
-    keys = list(dict.fromkeys(k for point, _ in results for k in point))
+    keys = sweep_keys([point for point, _ in results])
     header = ["point", *keys, *SUMMARY_METRICS]
-    rows = [[point_name(p), *[p.get(k, "") for k in keys], *[m.get(s, "") for s in SUMMARY_METRICS]] for p, m in results]
+    rows = [[point_name(p, keys), *[p.get(k, "") for k in keys], *[m.get(s, "") for s in SUMMARY_METRICS]] for p, m in results]
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     (root / "summary.csv").write_text(buffer.getvalue())
@@ -167,7 +226,8 @@ def plot_pareto(results: list[tuple[dict, dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     y_key = "loss_explained" if any("loss_explained" in m for _, m in results) else "fvu"
-    points = [(m["l0"], m[y_key], point_name(p)) for p, m in results if "l0" in m and y_key in m]
+    keys = sweep_keys([p for p, _ in results])
+    points = [(m["l0"], m[y_key], point_name(p, keys)) for p, m in results if "l0" in m and y_key in m]
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], color="#3b6ea5")

@@ -183,3 +183,89 @@ def test_fewer_training_tokens_than_one_batch_are_refused_naming_both_values():
 def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(None, [f"train.bank=[{{}}, {entry}]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.resample_sample_size=0", r"train.resample_sample_size=0 must be at least 1 \(rows drawn.*set "
+                                     r"train.resample_sample_size to 1 or more"),
+    ("train.log_every=0", r"train.log_every=0 must be at least 1 \(steps between logged metrics\)"),
+    ("train.density_window=0", r"train.density_window=0 must be at least 1 \(steps over which feature density"),
+    ("train.checkpoint_every=-1", r"train.checkpoint_every=-1 must be at least 0 \(.*0 = only at the end\)"),
+    ("train.epochs=0", r"train.epochs=0 must be at least 1"),
+    ("harvest.tokens_per_context=0", r"harvest.tokens_per_context=0 must be at least 1"),
+    ("harvest.rows_per_sample=0", r"harvest.rows_per_sample=0 must be at least 1"),
+    ("harvest.rows_per_shard=-3", r"harvest.rows_per_shard=-3 must be at least 1"),
+    ("eval.n_tokens=0", r"eval.n_tokens=0 must be at least 1"),
+    ("eval.batch_size=0", r"eval.batch_size=0 must be at least 1"),
+    ("eval.n_contexts=0", r"eval.n_contexts=0 must be at least 1"),
+    ("sae.l1_coefficient=-0.1", r"sae.l1_coefficient=-0.1 must be at least 0 \(weight of the L1"),
+    ("train.lr_decay_fraction=1.5", r"train.lr_decay_fraction=1.5 must lie in \[0, 1\]"),
+    ("train.lr_decay_fraction=-0.1", r"train.lr_decay_fraction=-0.1 must lie in \[0, 1\]"),
+    ("train.adam_betas=[0.9]", r"train.adam_betas=\[0.9\] must be two numbers in \[0, 1\).*train.adam_betas=\[0.9,0.999\]"),
+    ("train.adam_betas=[0.9,1.0]", r"train.adam_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
+    ("train.adam_betas=[-0.1,0.9]", r"train.adam_betas=\[-0.1, 0.9\] must be two numbers"),
+])
+def test_more_numbers_a_run_cannot_use_are_refused_naming_key_value_and_meaning(override, message):
+    """Each of these was accepted and then crashed the run (a division by zero, an empty
+    resampling draw) or silently did something else."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
+def test_the_edges_of_the_numbers_checked_are_accepted():
+    recipe = load_recipe(None, ["train.checkpoint_every=0", "sae.l1_coefficient=0", "train.lr_decay_fraction=0",
+                                "train.adam_betas=[0,0.5]", "sae.variant=topk", "sae.n_features=64", "sae.k=64",
+                                "sae.aux_k=1000"])
+    assert recipe.train.checkpoint_every == 0 and recipe.sae.k == 64
+    assert load_recipe(None, ["train.lr_decay_fraction=1"]).train.lr_decay_fraction == 1
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("setting, message", [
+    ("k: 0", r"{where}.k=0 must be at least 1 \(features active per row\)"),
+    ("k: 65", r"{where}.k=65 exceeds {where}.n_features=64: a {variant} SAE keeps the k largest.*"
+              r"Set {where}.k to at most 64"),
+    ("aux_k: 0", r"{where}.aux_k=0 must be at least 1 \(.*aux_k_coefficient=0\)"),
+])
+def test_a_topk_sparsity_a_run_cannot_use_is_refused_in_the_sae_section_and_in_bank_entries(variant, setting, message):
+    key, _, value = setting.partition(": ")
+    for where, overrides in [
+        ("sae", [f"sae.variant={variant}", "sae.n_features=64", f"sae.{key}={value}"]),
+        (r"train.bank\[1\]", [f"train.bank=[{{}}, {{variant: {variant}, n_features: 64, {setting}}}]"]),
+    ]:
+        with pytest.raises(RecipeError, match=message.format(where=where, variant=variant)):
+            load_recipe(None, overrides)
+    # the other variants ignore k and aux_k
+    assert load_recipe(None, ["sae.variant=paper", f"sae.{key}=0"]).sae.variant == "paper"
+
+
+def test_resample_steps_outside_the_run_are_refused_naming_them_and_the_run_length():
+    """A listed step the run never reaches was skipped without a word: no resampling happened."""
+    run = ["train.n_tokens=40960", "train.batch_size=4096"]  # 10 steps
+    with pytest.raises(RecipeError, match=r"train.resample_steps lists \[0, 11, 25\], outside the run: it trains 10 "
+                                          r"steps \(train.n_tokens=40,960 // train.batch_size=4,096\).*steps 1 to 10"):
+        load_recipe(None, [*run, "train.resample_steps=[25,5,0,11]"])
+    assert load_recipe(None, [*run, "train.resample_steps=[1,10]"]).train.resample_steps == [1, 10]
+    # with resampling off the list is never read
+    assert load_recipe(None, [*run, "train.resample=false", "train.resample_steps=[25]"]).train.resample is False
+
+
+def test_a_hook_point_listed_twice_is_refused():
+    """Each listed hook is harvested: a repeat doubled the store on disk."""
+    with pytest.raises(RecipeError, match=r"harvest.hook_points=\['a', 'b', 'a'\] names a more than once.*"
+                                          r"harvest.hook_points=\[a,b\]"):
+        load_recipe(None, ["harvest.hook_points=[a,b,a]"])
+
+
+@pytest.mark.parametrize("base, shown", [("5", "5"), ("[a.yaml, 3]", r"\['a.yaml', 3\]"), ("{a: 1}", r"\{'a': 1\}")])
+def test_a_base_that_is_not_a_file_name_is_refused_naming_it(base, shown, tmp_path):
+    """`base: 5` gave "TypeError: 'int' object is not iterable"."""
+    (tmp_path / "r.yaml").write_text(f"base: {base}\nname: child\n")
+    with pytest.raises(RecipeError, match=rf"r.yaml: `base: {shown}` must name the recipe file this one extends"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_sweep_point_that_is_not_a_mapping_is_refused_when_the_recipe_loads():
+    """sweep.points=[5] loaded, then the sweep failed with a TypeError."""
+    with pytest.raises(RecipeError, match=r"sweep.points\[1\]=5 is not a mapping.*sweep.points=\[\{train.lr: 0.002\}\]"):
+        load_recipe(None, ["sweep.points=[{train.lr: 0.002}, 5]"])

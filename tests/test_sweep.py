@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 import framework.training.train as train_stage
 from framework.config import load_recipe
 from framework.errors import RecipeError
-from framework.sweep import expand_points, point_name, point_stages, sweep
+from framework.sweep import _apply, expand_points, point_name, point_stages, sweep
 
 SMALL = [
     "harvest.n_tokens=8192", "harvest.tokens_per_context=32", "harvest.shuffle_window=4096",
@@ -93,3 +93,47 @@ def test_sweep_over_sae_keys_trains_one_bank_in_one_pass(pretrained_recipe, tmp_
     l0 = [json.loads((bank / n / "metrics.json").read_text())["l0"] for n in names]
     assert l0[0] > l0[1]  # the stronger L1 penalty gives the sparser codes
     assert "l1_coefficient" in (root / "summary.md").read_text()
+
+
+def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
+    """The bank entry overrides `sae`: both points trained the bank's L1 under different labels."""
+    bank = "train.bank=[{name: a, l1_coefficient: 0.01}, {name: b, n_features: 64}]"
+    recipe = load_recipe(None, [bank, "sweep.grid={sae.l1_coefficient: [0.001, 0.002]}"])
+    with pytest.raises(RecipeError, match=r"sweep key sae.l1_coefficient is overridden by train.bank entries \[0\], "
+                                          r"which set l1_coefficient themselves.*remove train.bank"):
+        expand_points(recipe)
+    # a key no entry sets reaches every entry, and is swept
+    swept = load_recipe(None, [bank, "sweep.grid={sae.k: [8, 16]}", "sae.variant=topk"])
+    points = expand_points(swept)
+    assert [[c.k for c in _apply(swept, p).sae_configs()] for p in points] == [[8, 8], [16, 16]]
+
+
+def test_points_that_change_the_lm_pretrain_and_harvest_their_own(tmp_path):
+    """A point with its own LM trained on the base store, which is refused for other LM weights:
+    it pretrains and harvests in its own directory, never in the base recipe's."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}", f"lm.path={tmp_path}/base_lm",
+                                f"harvest.output_dir={tmp_path}/base_store",
+                                "sweep.points=[{pretrain.steps: 7}, {train.lr: 0.002}]"])
+    own, shared = expand_points(recipe)
+    assert point_stages(recipe, own) == ["pretrain", "harvest", "train", "eval"]
+    assert point_stages(recipe, shared) == ["train", "eval"]
+    root = tmp_path / "sweep"
+    own_recipe = _apply(recipe, own, root / point_name(own))
+    assert own_recipe.path("lm") == root / "steps=7" / "lm"
+    assert own_recipe.path("activations") == root / "steps=7" / "activations"
+    shared_recipe = _apply(recipe, shared, root / point_name(shared))
+    assert (shared_recipe.path("lm"), shared_recipe.path("activations")) == (tmp_path / "base_lm", tmp_path / "base_store")
+
+
+def test_point_names_keep_colliding_keys_apart_and_repeated_points_are_refused():
+    """point_name kept the last part of each key: train.n_tokens and eval.n_tokens shared one
+    directory; a grid [1.0e-3, 0.001] gave one point twice, and failed after pretrain and harvest."""
+    recipe = load_recipe(None, ["sweep.points=[{train.n_tokens: 8192}, {eval.n_tokens: 8192}]"])
+    points = expand_points(recipe)
+    keys = ["train.n_tokens", "eval.n_tokens"]
+    assert [point_name(p, keys) for p in points] == ["train-n_tokens=8192", "eval-n_tokens=8192"]
+    assert point_name({"sae.l1_coefficient": 0.001, "train.lr": 0.002}) == "l1_coefficient=0p001_lr=0p002"
+    repeated = load_recipe(None, ["sweep.grid={sae.l1_coefficient: [1.0e-3, 0.001]}"])
+    with pytest.raises(RecipeError, match=r"the sweep has the point \{'sae.l1_coefficient': 0.001\} twice "
+                                          r"\(points 0 and 1\).*Remove the repeated value"):
+        expand_points(repeated)
