@@ -7,9 +7,11 @@ import importlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from framework.config import load_recipe
+from framework.config import is_url, load_recipe
 from framework.errors import FrameworkError
+from framework.locks import output_locks
 from framework.memory import keep_freed_memory
 
 # stage -> (module, function, what it reads and writes)
@@ -74,6 +76,27 @@ def _call_stage(stage: str, recipe, args) -> object:
     if stage == "sweep" and args.point is not None:
         return function(recipe, point_index=args.point)
     return function(recipe)
+
+
+# stage -> the recipe.path() directory it writes
+OUTPUT_DIRS = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
+               "analyze": "analysis", "export": "export"}
+
+
+def _written_dirs(stage: str, recipe, args) -> list[Path]:
+    """The directories `sae STAGE` writes, to lock against a second process writing them."""
+    if stage == "run":
+        from framework.pipeline import stages_for
+
+        return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
+    if stage == "sweep":
+        # One SLURM array task per --point shares the sweep directory: those are not locked.
+        return [Path(recipe.workdir) / "sweep"] if args.point is None else []
+    if stage == "pretrain" and recipe.lm.name != "builtin":
+        return []  # lm.path is then a model directory it only reads
+    if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
+        return []
+    return [recipe.path(OUTPUT_DIRS[stage])]
 
 
 def _hooks(model: str) -> int:
@@ -142,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hooks":
             return _hooks(args.model)
         recipe = load_recipe(args.recipe, args.overrides)
-        result = _call_stage(args.command, recipe, args)
+        with output_locks(_written_dirs(args.command, recipe, args), args.command):
+            result = _call_stage(args.command, recipe, args)
         if result is not None:
             print(result)
         return 0
