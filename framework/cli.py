@@ -106,6 +106,24 @@ def _hooks(model: str) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A stage's parser: flags may come before, between or after the key=value overrides
+    (`sae harvest RECIPE --verify workdir=...`). argparse's plain parsing ends the positionals at
+    the first flag, so overrides after one were "unrecognized arguments"; and
+    parse_intermixed_args cannot be used on the top-level parser, which has subcommands."""
+
+    _intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixed:  # parse_known_intermixed_args calls this itself
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae",
@@ -114,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sae train recipes/quickstart.yaml sae.n_features=8192",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE", parser_class=_IntermixedParser)
     for stage, (_, _, help_text) in STAGES.items():
         p = sub.add_parser(stage, help=help_text.splitlines()[0], description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("recipe", help="recipe YAML (e.g. recipes/quickstart.yaml)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+        p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides (optional)")
         if stage == "harvest":
             p.add_argument("--verify", action="store_true", help="check shard checksums and exit")
         if stage == "sweep":
@@ -175,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
     except SystemExit as stop:
+        # Lightning turns Ctrl-C during training into a graceful shutdown and then sys.exit(1).
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            return _interrupted(args.command)
         # Lightning turns SIGTERM (a cluster's preemption) into SystemExit(None), which Python
         # reports as success: a job script would go on to the next stage as if this one finished.
         if not _is_sigterm(stop):
@@ -183,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae {args.command}: stopped by SIGTERM before finishing; what was checkpointed is kept, "
               f"and the same command resumes from it", file=sys.stderr)
         return 128 + signal.SIGTERM
+
+
+def _interrupted(command: str) -> int:
+    print(f"sae {command}: interrupted; re-run the same command to resume", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _is_sigterm(stop: SystemExit) -> bool:

@@ -75,3 +75,47 @@ def test_only_global_rank_zero_locks(tmp_path, monkeypatch):
         with pytest.raises(LockedError):
             with output_locks([tmp_path], "train"):
                 pass
+
+
+def interrupt_during_stage(monkeypatch, how: str) -> None:
+    import framework.cli as cli
+
+    def stage(*_):
+        if how == "harvest":  # a KeyboardInterrupt straight from the stage
+            raise KeyboardInterrupt
+        try:  # Lightning's graceful shutdown after Ctrl-C in trainer.fit
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(cli, "_call_stage", stage)
+
+
+@pytest.mark.parametrize("how", ["harvest", "train"])
+def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(how, recipe_file, monkeypatch, capsys):
+    interrupt_during_stage(monkeypatch, how)
+    assert main([how, str(recipe_file)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"sae {how}: interrupted; re-run the same command to resume"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["harvest", "r.yaml", "--verify", "workdir=x"], {"verify": True, "overrides": ["workdir=x"]}),
+    (["sweep", "r.yaml", "--point", "0", "a=1"], {"point": 0, "overrides": ["a=1"]}),
+    (["sweep", "r.yaml", "a=1", "--point", "2", "b=2"], {"point": 2, "overrides": ["a=1", "b=2"]}),
+    (["-v", "eval", "r.yaml"], {"verbose": True, "overrides": []}),
+])
+def test_flags_may_come_before_between_or_after_overrides(argv, expected):
+    from framework.cli import build_parser
+
+    args = vars(build_parser().parse_args(argv))
+    assert args["recipe"] == "r.yaml" and {k: args[k] for k in expected} == expected
+
+
+def test_usage_without_a_recipe_names_only_the_recipe_as_required(capsys):
+    from framework.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval"])
+    err = capsys.readouterr().err
+    assert "required: recipe" in err and "key=value" not in err.split("error:")[1]
