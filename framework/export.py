@@ -92,7 +92,7 @@ def export(recipe: Recipe) -> Path:
         return out
     # The bank, even when eval.sae_path points `sae eval` at an imported SAE.
     bank = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=""))
-    trained = load_trained_saes(bank)
+    trained = load_trained_saes(bank, for_export=True)
     # Which export wrote a directory: a re-run replaces only its own SAEs, never a folder of the user's.
     metadata = saelens_metadata(recipe) | {"framework_export": _digest(stage_fingerprint(recipe, "export"))}
     for sae in trained:
