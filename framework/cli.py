@@ -7,9 +7,11 @@ import importlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from framework.config import load_recipe
+from framework.config import is_url, load_recipe
 from framework.errors import FrameworkError
+from framework.locks import output_locks
 from framework.memory import keep_freed_memory
 
 # stage -> (module, function, what it reads and writes)
@@ -76,11 +78,50 @@ def _call_stage(stage: str, recipe, args) -> object:
     return function(recipe)
 
 
+# stage -> the recipe.path() directory it writes
+OUTPUT_DIRS = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
+               "analyze": "analysis", "export": "export"}
+
+
+def _written_dirs(stage: str, recipe, args) -> list[Path]:
+    """The directories `sae STAGE` writes, to lock against a second process writing them."""
+    if stage == "run":
+        from framework.pipeline import stages_for
+
+        return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
+    if stage == "sweep":
+        # One SLURM array task per --point shares the sweep directory: those are not locked.
+        return [Path(recipe.workdir) / "sweep"] if args.point is None else []
+    if stage == "pretrain" and recipe.lm.name != "builtin":
+        return []  # lm.path is then a model directory it only reads
+    if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
+        return []
+    return [recipe.path(OUTPUT_DIRS[stage])]
+
+
 def _hooks(model: str) -> int:
     from framework.lm import list_hooks
 
     print("\n".join(list_hooks(model)))
     return 0
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A stage's parser: flags may come before, between or after the key=value overrides
+    (`sae harvest RECIPE --verify workdir=...`). argparse's plain parsing ends the positionals at
+    the first flag, so overrides after one were "unrecognized arguments"; and
+    parse_intermixed_args cannot be used on the top-level parser, which has subcommands."""
+
+    _intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixed:  # parse_known_intermixed_args calls this itself
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sae train recipes/quickstart.yaml sae.n_features=8192",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE", parser_class=_IntermixedParser)
     for stage, (_, _, help_text) in STAGES.items():
         p = sub.add_parser(stage, help=help_text.splitlines()[0], description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("recipe", help="recipe YAML (e.g. recipes/quickstart.yaml)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+        p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides (optional)")
         if stage == "harvest":
             p.add_argument("--verify", action="store_true", help="check shard checksums and exit")
         if stage == "sweep":
@@ -142,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hooks":
             return _hooks(args.model)
         recipe = load_recipe(args.recipe, args.overrides)
-        result = _call_stage(args.command, recipe, args)
+        with output_locks(_written_dirs(args.command, recipe, args), args.command):
+            result = _call_stage(args.command, recipe, args)
         if result is not None:
             print(result)
         return 0
@@ -151,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
     except SystemExit as stop:
+        # Lightning turns Ctrl-C during training into a graceful shutdown and then sys.exit(1).
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            return _interrupted(args.command)
         # Lightning turns SIGTERM (a cluster's preemption) into SystemExit(None), which Python
         # reports as success: a job script would go on to the next stage as if this one finished.
         if not _is_sigterm(stop):
@@ -159,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae {args.command}: stopped by SIGTERM before finishing; what was checkpointed is kept, "
               f"and the same command resumes from it", file=sys.stderr)
         return 128 + signal.SIGTERM
+
+
+def _interrupted(command: str) -> int:
+    print(f"sae {command}: interrupted; re-run the same command to resume", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _is_sigterm(stop: SystemExit) -> bool:

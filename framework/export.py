@@ -37,9 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from framework.artifacts import is_complete, mark_complete
+from framework.artifacts import _digest, is_complete, mark_complete, stage_fingerprint
 from framework.config import Recipe, SAEConfig, save_recipe
-from framework.errors import CheckpointError
+from framework.errors import CheckpointError, RecipeError
 from framework.sae import SAE, build_sae
 from framework.saved import TrainedSAE, load_trained_saes
 
@@ -86,19 +86,56 @@ SAELENS_TENSORS: dict[str, tuple[str, ...]] = {
 def export(recipe: Recipe) -> Path:
     """Write every SAE of the trained bank to `{export dir}/<name>/` in SAELens's format."""
     out = recipe.path("export")
+    _check_output_dir(out)
     if is_complete(out, recipe, "export"):
         log.info("export in %s is complete; nothing to do", out)
         return out
     # The bank, even when eval.sae_path points `sae eval` at an imported SAE.
     bank = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=""))
-    trained = load_trained_saes(bank)
-    metadata = saelens_metadata(recipe)
+    trained = load_trained_saes(bank, for_export=True)
+    # Which export wrote a directory: a re-run replaces only its own SAEs, never a folder of the user's.
+    metadata = saelens_metadata(recipe) | {"framework_export": _digest(stage_fingerprint(recipe, "export"))}
     for sae in trained:
         export_sae(sae, out / sae.name, metadata)
         log.info("exported %s to %s", sae.name, out / sae.name)
     save_recipe(recipe, out)
     mark_complete(out, recipe, "export", saes=[s.name for s in trained])
     return out
+
+
+def _check_output_dir(out: Path) -> None:
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise RecipeError(
+                f"export.output_dir is {out}, but {path} is a file, not a directory. Set export.output_dir "
+                f"to a directory (existing or new), or move the file away"
+            )
+
+
+def _foreign_contents(directory: Path, name: str, export_id: str | None) -> str | None:
+    """Why `directory` is not an earlier export of SAE `name` by this export (None when it is one).
+
+    An export writes exactly cfg.json and sae_weights.safetensors, and its cfg.json names the SAE
+    and (when written by `sae export`) the recipe fingerprint of the export."""
+    if directory.is_symlink():
+        return "it is a symbolic link"
+    if not directory.is_dir():
+        return "it is a file, not a directory"
+    entries = [p.name for p in directory.iterdir()]
+    if not entries:
+        return None  # nothing to lose
+    extra = sorted(n for n in entries if n not in (CFG_FILE, WEIGHTS_FILE))
+    if extra:
+        return f"it holds files an export does not write ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})"
+    try:
+        meta = json.loads((directory / CFG_FILE).read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return f"it has no readable {CFG_FILE} written by `sae export`"
+    if meta.get("framework_name") != name:
+        return f"its {CFG_FILE} is not an export of SAE {name!r}"
+    if meta.get("framework_export") != export_id:
+        return "it was exported with a different recipe"
+    return None
 
 
 def saelens_metadata(recipe: Recipe) -> dict[str, Any]:
@@ -113,8 +150,19 @@ def saelens_metadata(recipe: Recipe) -> dict[str, Any]:
 
 
 def export_sae(trained: TrainedSAE, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """One SAE as an SAELens directory that takes raw activations (input_scale folded in)."""
+    """One SAE as an SAELens directory that takes raw activations (input_scale folded in).
+
+    An existing `directory` is replaced only if it is this SAE exported earlier by the same export
+    (same `framework_export` in `metadata`); anything else there is refused, never deleted."""
     directory = Path(directory)
+    if directory.exists() or directory.is_symlink():
+        why = _foreign_contents(directory, trained.name, (metadata or {}).get("framework_export"))
+        if why is not None:
+            raise RecipeError(
+                f"cannot export SAE {trained.name!r} to {directory}: it already exists and {why}, so it is not "
+                f"an earlier export of this recipe and is left as it is. Set export.output_dir to another "
+                f"directory, or move {directory} away (delete it if it is an old export you no longer need)"
+            )
     architecture = ARCHITECTURE[trained.sae.variant]
     cfg = saelens_config(trained, architecture, metadata or {})
     tmp = directory.with_name(f".{directory.name}.tmp")
@@ -122,7 +170,8 @@ def export_sae(trained: TrainedSAE, directory: str | Path, metadata: dict[str, A
     tmp.mkdir(parents=True)
     save_file(saelens_tensors(trained), str(tmp / WEIGHTS_FILE))
     (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
+    if directory.exists():
+        shutil.rmtree(directory)  # checked above: this SAE's own earlier export
     tmp.rename(directory)
     return directory
 

@@ -61,8 +61,9 @@ def load_framework_sae(directory: str | Path, device: str | torch.device = "cpu"
     return TrainedSAE(config["name"], sae.to(device).eval(), config["hook_point"], float(config["input_scale"]))
 
 
-def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> list[TrainedSAE]:
-    """The recipe's trained bank, or the SAELens-format SAE at eval.sae_path."""
+def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu", *, for_export: bool = False) -> list[TrainedSAE]:
+    """The recipe's trained bank, or the SAELens-format SAE at eval.sae_path (`for_export`: only
+    the bank, and an error message that does not suggest eval.sae_path, which export ignores)."""
     if recipe.eval.sae_path:
         from framework.export import load_saelens_sae
 
@@ -74,7 +75,9 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu") -> lis
     if missing:
         raise CheckpointError(
             f"no trained SAE {missing} in {root}; run `sae train RECIPE` first "
-            f"(or set eval.sae_path to an SAELens-format directory)"
+            + ("(export writes the SAEs `sae train` saved there; if they were trained elsewhere, set "
+               "train.output_dir to that directory)" if for_export else
+               "(or set eval.sae_path to an SAELens-format directory)")
         )
     return [load_framework_sae(root / n, device) for n in names]
 

@@ -17,6 +17,43 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from framework.config import Recipe, WandbConfig, recipe_to_dict
+from framework.errors import FrameworkError
+
+# Seconds wandb waits for an online run to start (its own default is 90, and with its retries a
+# node without network failed only after about 2 minutes). WANDB_INIT_TIMEOUT overrides it.
+INIT_TIMEOUT_S = 30.0
+
+
+class TrackingError(FrameworkError):
+    """W&B could not start the run the recipe asks for."""
+
+
+class _CheckedWandbLogger(WandbLogger):
+    """WandbLogger whose run start fails with a TrackingError saying how to go on without the
+    network, not with wandb's traceback (CommError, AuthenticationError)."""
+
+    def __init__(self, *args, why_online: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._why_online = why_online
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        import wandb
+
+        try:
+            return WandbLogger.experiment.fget(self)
+        except wandb.errors.Error as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            key = os.environ.get("WANDB_API_KEY")
+            if key:
+                message = message.replace(key, "<WANDB_API_KEY>")
+            raise TrackingError(
+                f"W&B could not start an online run ({self._why_online}): {type(err).__name__}: {message}. "
+                f"Without network access or a valid key, run offline with train.wandb.mode=offline (or "
+                f"WANDB_MODE=offline; upload later with `wandb sync`), or turn W&B off with "
+                f"train.wandb.mode=disabled; the CSV log is written either way"
+            ) from None
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
@@ -76,8 +113,16 @@ def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job
     cfg = recipe.train.wandb
     mode = wandb_mode(cfg)
     if mode != "disabled":
+        extra = {}
+        if mode == "online" and "WANDB_INIT_TIMEOUT" not in os.environ:
+            import wandb
+
+            extra["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+        why = (f"train.wandb.mode={cfg.mode}" if cfg.mode != "auto" else
+               f"WANDB_MODE={os.environ['WANDB_MODE']}" if os.environ.get("WANDB_MODE") else "train.wandb.mode=auto with WANDB_API_KEY set")
         loggers.append(
-            WandbLogger(
+            _CheckedWandbLogger(
+                why_online=why,
                 name=run_name,
                 project=cfg.project,
                 entity=cfg.entity or None,
@@ -86,6 +131,7 @@ def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job
                 job_type=job_type,
                 tags=list(cfg.tags),
                 config=_public_config(recipe),
+                **extra,
             )
         )
     return loggers

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from framework.config import SAEConfig, load_recipe
-from framework.errors import CheckpointError
+from framework.errors import CheckpointError, RecipeError
 from framework.export import ARCHITECTURE, export, export_sae, load_saelens_sae
 from framework.sae import VARIANTS, build_sae
 from framework.saved import TrainedSAE, load_framework_sae
@@ -224,15 +224,54 @@ def test_export_stage_writes_every_sae_of_the_bank_once(tmp_path):
 
 
 def test_export_stage_without_trained_saes_says_to_train(recipe):
-    with pytest.raises(CheckpointError, match="sae train"):
+    with pytest.raises(CheckpointError, match="sae train") as caught:
         export(recipe)
+    assert "eval.sae_path" not in str(caught.value)  # export ignores it
 
 
-def test_export_replaces_a_partial_earlier_export(recipe, tmp_path):
-    ours = trained("topk", recipe, tmp_path / "sae")
-    target = tmp_path / "export" / ours.name
+def bank_recipe(tmp_path: Path, *overrides: str):
+    """The three-SAE bank recipe with its SAEs saved as `sae train` would."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "recipe.yaml").write_text(BANK_RECIPE)
+    recipe = load_recipe(tmp_path / "recipe.yaml", [f"workdir={tmp_path / 'run'}", *overrides])
+    for cfg in recipe.sae_configs():
+        save_sae(randomized(build_sae(D_IN, cfg)), cfg.name, HOOK, SCALE, recipe, recipe.path("sae") / cfg.name)
+    return recipe
+
+
+def test_export_replaces_its_own_earlier_export_of_the_same_recipe(tmp_path):
+    recipe = bank_recipe(tmp_path)
+    out = export(recipe)
+    (out / "COMPLETE").unlink()  # interrupted before the marker: the SAEs written are its own
+    assert export(recipe) == out and (out / "COMPLETE").is_file()
+    assert load_saelens_sae(out / "topk_small").sae.variant == "topk"
+
+
+@pytest.mark.parametrize("contents", ["notes", "their_saelens_sae", "half_written_cfg", "other_recipe"])
+def test_export_refuses_to_delete_a_directory_it_did_not_write(tmp_path, contents):
+    recipe = bank_recipe(tmp_path)
+    target = recipe.path("export") / "gated_small"
     target.mkdir(parents=True)
-    (target / "cfg.json").write_text("{")  # an interrupted earlier run
-    export_sae(ours, target)
-    assert load_saelens_sae(target).sae.variant == "topk"
-    assert sorted(p.name for p in target.parent.iterdir()) == [ours.name]
+    if contents == "notes":
+        (target / "notes.md").write_text("mine")
+    elif contents == "their_saelens_sae":
+        export_sae(trained("gated", recipe, tmp_path / "elsewhere"), target)  # named gated_test inside
+    elif contents == "half_written_cfg":
+        (target / "cfg.json").write_text("{")
+    else:  # our export of this SAE, by a recipe with another sae.k
+        other = bank_recipe(tmp_path / "other", f"sae.k={K + 1}")
+        other_out = export(other)
+        target.rmdir()
+        (other_out / "gated_small").rename(target)
+    before = sorted((p.name, p.read_bytes()) for p in target.iterdir())
+    with pytest.raises(RecipeError, match=rf"{target}.*export.output_dir.*move"):
+        export(recipe)
+    assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
+
+
+def test_export_names_an_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    recipe = bank_recipe(tmp_path, f"export.output_dir={tmp_path / 'afile'}")
+    with pytest.raises(RecipeError, match=rf"{tmp_path / 'afile'} is a file"):
+        export(recipe)
+    assert (tmp_path / "afile").read_text() == "x"

@@ -562,3 +562,17 @@ def test_a_run_stopped_while_writing_its_outputs_resumes_from_its_last_step_chec
         assert torch.equal(value, trained[key]), key
     # the held-out metrics too, which the skipped last step's evaluation would have produced
     assert json.loads((out / name / "metrics.json").read_text()) == pytest.approx(metrics)
+
+
+@pytest.mark.parametrize("mode", ["auto", "online"])
+def test_wandb_online_that_cannot_start_says_to_run_offline_without_printing_the_key(mode, tmp_path, monkeypatch):
+    from framework.tracking import TrackingError, make_loggers
+
+    key = "not-a-real-key"  # malformed: wandb refuses it at once, as it refuses a real key with no network
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    recipe = load_recipe(None, [f"workdir={tmp_path}", f"train.wandb.mode={mode}"])
+    wandb_logger = make_loggers(recipe, tmp_path / "logs", run_name="t", job_type="train")[-1]
+    with pytest.raises(TrackingError, match=r"train\.wandb\.mode=offline.*WANDB_MODE=offline") as caught:
+        wandb_logger.experiment
+    assert key not in str(caught.value) and f"train.wandb.mode={mode}" in str(caught.value)

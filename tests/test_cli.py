@@ -1,0 +1,121 @@
+"""The `sae` command itself: output-directory locks, argument parsing, interrupts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framework.cli import main
+from framework.locks import LOCK_FILE, LockedError, output_locks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sae(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`sae ARGS` in a fresh process, with this checkout's framework."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "framework.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=environ, cwd=ROOT)
+
+
+@pytest.fixture
+def recipe_file(tmp_path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"name: locked\nworkdir: {tmp_path / 'run'}\n")
+    return path
+
+
+def test_a_second_process_writing_the_same_directory_is_refused_naming_it_and_the_holder(recipe_file, tmp_path):
+    export_dir = tmp_path / "run" / "export"
+    with output_locks([export_dir], "export"):
+        result = sae("export", str(recipe_file))
+    assert result.returncode == 2, result.stderr
+    assert f"{export_dir} is being written by another sae process (pid {os.getpid()}" in result.stderr
+    assert "Wait for it to finish" in result.stderr and "Traceback" not in result.stderr
+    # Released: the same command now reaches the stage (which has nothing trained to export).
+    result = sae("export", str(recipe_file))
+    assert result.returncode == 2 and "another sae process" not in result.stderr
+    assert "sae train" in result.stderr
+
+
+def test_sae_run_locks_every_directory_it_writes(recipe_file, tmp_path):
+    with output_locks([tmp_path / "run" / "sae"], "train"):
+        result = sae("run", str(recipe_file), "lm.name=builtin")
+    assert result.returncode == 2 and f"{tmp_path / 'run' / 'sae'} is being written" in result.stderr
+
+
+def test_lock_is_released_when_its_holder_dies(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from framework.locks import output_locks\n"
+         f"with output_locks([__import__('pathlib').Path({str(tmp_path)!r})], 'train'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"pid {holder.pid}, `sae train`"):
+            with output_locks([tmp_path], "train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_locks([tmp_path], "train"):
+        assert (tmp_path / LOCK_FILE).is_file()
+
+
+def test_only_global_rank_zero_locks(tmp_path, monkeypatch):
+    with output_locks([tmp_path], "train"):
+        monkeypatch.setenv("RANK", "1")
+        with output_locks([tmp_path], "train"):  # another rank of the same job
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(LockedError):
+            with output_locks([tmp_path], "train"):
+                pass
+
+
+def interrupt_during_stage(monkeypatch, how: str) -> None:
+    import framework.cli as cli
+
+    def stage(*_):
+        if how == "harvest":  # a KeyboardInterrupt straight from the stage
+            raise KeyboardInterrupt
+        try:  # Lightning's graceful shutdown after Ctrl-C in trainer.fit
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(cli, "_call_stage", stage)
+
+
+@pytest.mark.parametrize("how", ["harvest", "train"])
+def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(how, recipe_file, monkeypatch, capsys):
+    interrupt_during_stage(monkeypatch, how)
+    assert main([how, str(recipe_file)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"sae {how}: interrupted; re-run the same command to resume"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["harvest", "r.yaml", "--verify", "workdir=x"], {"verify": True, "overrides": ["workdir=x"]}),
+    (["sweep", "r.yaml", "--point", "0", "a=1"], {"point": 0, "overrides": ["a=1"]}),
+    (["sweep", "r.yaml", "a=1", "--point", "2", "b=2"], {"point": 2, "overrides": ["a=1", "b=2"]}),
+    (["-v", "eval", "r.yaml"], {"verbose": True, "overrides": []}),
+])
+def test_flags_may_come_before_between_or_after_overrides(argv, expected):
+    from framework.cli import build_parser
+
+    args = vars(build_parser().parse_args(argv))
+    assert args["recipe"] == "r.yaml" and {k: args[k] for k in expected} == expected
+
+
+def test_usage_without_a_recipe_names_only_the_recipe_as_required(capsys):
+    from framework.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval"])
+    err = capsys.readouterr().err
+    assert "required: recipe" in err and "key=value" not in err.split("error:")[1]
