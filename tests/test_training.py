@@ -574,5 +574,5 @@ def test_wandb_online_that_cannot_start_says_to_run_offline_without_printing_the
     recipe = load_recipe(None, [f"workdir={tmp_path}", f"train.wandb.mode={mode}"])
     wandb_logger = make_loggers(recipe, tmp_path / "logs", run_name="t", job_type="train")[-1]
     with pytest.raises(TrackingError, match=r"train\.wandb\.mode=offline.*WANDB_MODE=offline") as caught:
-        wandb_logger.experiment
+        _ = wandb_logger.experiment  # starting the run
     assert key not in str(caught.value) and f"train.wandb.mode={mode}" in str(caught.value)
