@@ -2,8 +2,9 @@
 
 Two processes writing the same directory corrupt each other's files (a training CSV log with two
 writers, two harvests renaming the same `.partial` shards). The CLI takes an advisory lock
-(`fcntl.flock`, non-blocking) on `LOCK_FILE` inside each directory a command writes, for as long
-as the command runs. The kernel drops it when the process exits, crashed or killed, so a stale lock
+(`fcntl.flock`, non-blocking) on a lock file beside each directory a command writes
+(`lock_path`: `.NAME.sae.lock` in its parent, so that a refused or failing stage still leaves
+no output directory behind), for as long as the command runs. The kernel drops it when the process exits, crashed or killed, so a stale lock
 never blocks a re-run; the file itself stays (empty of meaning once unlocked) and records the pid
 of the last holder for the message a second process prints.
 
@@ -21,8 +22,10 @@ from pathlib import Path
 
 from framework.errors import FrameworkError
 
-# Hidden, and matching no pattern a stage lists (shards, `.*.partial`, `.*.tmp`, COMPLETE).
-LOCK_FILE = ".sae.lock"
+
+def lock_path(directory: Path) -> Path:
+    """The lock file of `directory`: hidden, beside it, matching no pattern a stage lists."""
+    return directory.parent / f".{directory.name}.sae.lock"
 
 
 class LockedError(FrameworkError):
@@ -35,10 +38,11 @@ def _is_rank_zero() -> bool:
 
 @contextlib.contextmanager
 def output_locks(directories: list[Path], command: str) -> Iterator[None]:
-    """Hold the lock of every directory in `directories` (created if missing) while the body runs.
+    """Hold the lock of every directory in `directories` while the body runs (their parents are
+    created if missing; the directories themselves are the stages' to create).
 
-    A directory that cannot be created (a file in its place) is not locked: the stage reports that
-    itself, with a message for its own setting."""
+    Where the lock file cannot be made (a file where a parent should be), nothing is locked: the
+    stage reports the problem itself, with a message for its own setting."""
     with contextlib.ExitStack() as stack:
         if _is_rank_zero():
             seen: set[Path] = set()
@@ -52,9 +56,10 @@ def output_locks(directories: list[Path], command: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _lock(directory: Path, command: str) -> Iterator[None]:
+    path = lock_path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         yield
         return
@@ -65,7 +70,7 @@ def _lock(directory: Path, command: str) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             raise LockedError(
                 f"{directory} is being written by another sae process ({holder or 'pid unknown'}; "
-                f"lock file {directory / LOCK_FILE}). Wait for it to finish, or point this command at "
+                f"lock file {path}). Wait for it to finish, or point this command at "
                 f"another directory (workdir=... or the stage's output_dir=...)"
             ) from None
         os.ftruncate(fd, 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from framework.cli import main
-from framework.locks import LOCK_FILE, LockedError, output_locks
+from framework.locks import LockedError, lock_path, output_locks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,9 @@ def test_lock_is_released_when_its_holder_dies(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with output_locks([tmp_path], "train"):
-        assert (tmp_path / LOCK_FILE).is_file()
+    with output_locks([tmp_path / "out"], "train"):
+        assert lock_path(tmp_path / "out").is_file()
+        assert not (tmp_path / "out").exists()  # the stage's to create: a refused stage leaves none
 
 
 def test_only_global_rank_zero_locks(tmp_path, monkeypatch):
