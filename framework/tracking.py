@@ -112,6 +112,10 @@ def make_loggers(recipe: Recipe, save_dir: str | os.PathLike, run_name: str, job
     loggers: list[Logger] = [_ResumableCSVLogger(save_dir, name="csv", version="")]
     cfg = recipe.train.wandb
     mode = wandb_mode(cfg)
+    if mode != "disabled" and "WANDB_MODE" in os.environ and not os.environ["WANDB_MODE"].strip():
+        # Set but empty (`WANDB_MODE= sae train ...`, a job template's blank): wandb_mode reads it
+        # as unset, while wandb itself refuses "" as a mode when the run starts.
+        del os.environ["WANDB_MODE"]
     if mode != "disabled":
         extra = {}
         if mode == "online" and "WANDB_INIT_TIMEOUT" not in os.environ:

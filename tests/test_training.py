@@ -576,3 +576,17 @@ def test_wandb_online_that_cannot_start_says_to_run_offline_without_printing_the
     with pytest.raises(TrackingError, match=r"train\.wandb\.mode=offline.*WANDB_MODE=offline") as caught:
         _ = wandb_logger.experiment  # starting the run
     assert key not in str(caught.value) and f"train.wandb.mode={mode}" in str(caught.value)
+
+
+def test_an_empty_wandb_mode_in_the_environment_counts_as_unset(tmp_path, monkeypatch):
+    """`WANDB_MODE= sae train ...` (a job template's blank): wandb itself refused "" as a mode."""
+    from framework.tracking import make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "train.wandb.mode=auto"])
+    wandb_logger = make_loggers(recipe, tmp_path / "logs", run_name="t", job_type="train")[-1]
+    _ = wandb_logger.experiment  # starts an offline run
+    wandb_logger.experiment.finish()
+    assert list((tmp_path / "logs").rglob("offline-run-*"))
