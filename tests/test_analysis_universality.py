@@ -122,3 +122,16 @@ def test_universality_mode_compares_two_runs_and_writes_its_report(pretrained_re
     written = (out / "universality.json").stat().st_mtime_ns
     assert analyze(recipe) == out and (out / "universality.json").stat().st_mtime_ns == written
     assert Path(out / "COMPLETE").is_file()
+
+
+def test_universality_without_trained_saes_leaves_no_output_directory(pretrained_recipe, tmp_path):
+    from framework.errors import CheckpointError
+
+    recipe = copy.deepcopy(pretrained_recipe)
+    recipe.workdir = str(tmp_path / "a")
+    recipe.lm.path = str(pretrained_recipe.path("lm"))
+    save_recipe(recipe, tmp_path / "b")
+    recipe.analyze.mode, recipe.analyze.other_workdir = "universality", str(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="no trained SAE"):
+        analyze(recipe)
+    assert not (tmp_path / "a" / "analysis").exists()
