@@ -117,7 +117,8 @@ def compare_universality(recipe: Recipe) -> Path:
     bank = load_saes_for_lm(recipe, model_a)
     sae_a = pick_sae(bank, cfg.sae_name)
     model_b = load_lm(other)
-    sae_b = pick_sae(load_saes_for_lm(other, model_b, device=model_a.device), cfg.other_sae_name)
+    sae_b = pick_sae(load_saes_for_lm(other, model_b, device=model_a.device), cfg.other_sae_name,
+                     "analyze.other_sae_name")
     if model_a.tokenizer.fingerprint != model_b.tokenizer.fingerprint:
         raise RecipeError(f"{cfg.other_workdir}'s LM tokenizes differently from this recipe's, so the two "
                           f"cannot be compared on the same tokens; compare runs with the same text and vocabulary")
