@@ -14,6 +14,7 @@ from pathlib import Path
 from framework.config import Recipe, save_recipe
 
 log = logging.getLogger(__name__)
+LIVE_HARVEST = "(live: generated while training)"  # harvest's output with harvest.mode=live
 
 STAGE_FUNCTIONS = {
     "pretrain": ("framework.lm.pretrain", "pretrain"),
@@ -39,11 +40,14 @@ def run(recipe: Recipe) -> Path:
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, workdir)
-    outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL
+    outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL, or LIVE_HARVEST
     for stage in stages_for(recipe):
         log.info("== %s ==", stage)
         start = time.perf_counter()
-        outputs[stage] = (run_stage(stage, recipe), time.perf_counter() - start)
+        output = run_stage(stage, recipe)
+        if stage == "harvest" and recipe.harvest.mode == "live":
+            output = LIVE_HARVEST  # nothing was written: training generates its activations itself
+        outputs[stage] = (output, time.perf_counter() - start)
     report = workdir / "report.md"
     report.write_text(pipeline_report(recipe, outputs))
     print(summary_text(outputs, report))
