@@ -33,3 +33,18 @@ def test_live_harvest_is_not_listed_as_a_directory(stub_stages, tmp_path, capsys
     assert "harvest   (live: generated while training)" in summary
     assert str(tmp_path / "activations") not in summary
     assert str(tmp_path / "activations") not in (tmp_path / "report.md").read_text()
+
+
+def test_running_fewer_stages_keeps_the_earlier_stages_sections_of_report_md(stub_stages, tmp_path):
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}"]))
+    full = (tmp_path / "report.md").read_text()
+    for stage in ("pretrain", "train", "eval", "analyze"):
+        assert f"## {stage} report" in full
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}", "run.stages=[eval]"]))
+    report = (tmp_path / "report.md").read_text()
+    for stage in ("pretrain", "train", "analyze"):
+        assert f"## {stage} report\n\nnumbers of {stage}" in report
+        assert f"| {stage} | `{tmp_path}/" in report
+    assert report.count("| earlier run |") == 3
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections == ["## pretrain report", "## train report", "## eval report", "## analyze report"]
