@@ -14,6 +14,7 @@ from pathlib import Path
 from framework.config import Recipe, save_recipe
 
 log = logging.getLogger(__name__)
+LIVE_HARVEST = "(live: generated while training)"  # harvest's output with harvest.mode=live
 
 STAGE_FUNCTIONS = {
     "pretrain": ("framework.lm.pretrain", "pretrain"),
@@ -39,11 +40,14 @@ def run(recipe: Recipe) -> Path:
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, workdir)
-    outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL
+    outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL, or LIVE_HARVEST
     for stage in stages_for(recipe):
         log.info("== %s ==", stage)
         start = time.perf_counter()
-        outputs[stage] = (run_stage(stage, recipe), time.perf_counter() - start)
+        output = run_stage(stage, recipe)
+        if stage == "harvest" and recipe.harvest.mode == "live":
+            output = LIVE_HARVEST  # nothing was written: training generates its activations itself
+        outputs[stage] = (output, time.perf_counter() - start)
     report = workdir / "report.md"
     report.write_text(pipeline_report(recipe, outputs))
     print(summary_text(outputs, report))
@@ -57,17 +61,42 @@ def summary_text(outputs: dict[str, tuple[Path | str, float]], report: Path) -> 
     return "\n".join(lines)
 
 
-def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> str:
-    """One markdown page linking each stage's own report, with the headline numbers inline."""
-    workdir = Path(recipe.workdir).resolve()
-    lines = [f"# {recipe.name}", "", "| stage | output | time |", "|---|---|---|"]
-    for stage, (path, seconds) in outputs.items():
-        lines.append(f"| {stage} | `{path}` | {seconds:.0f}s |")
-    for stage in ("pretrain", "train", "eval", "analyze"):
-        if stage not in outputs:
+REPORTED_STAGES = {"pretrain": "lm", "train": "sae", "eval": "eval", "analyze": "analysis"}  # stage -> its directory
+
+
+def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> dict[str, Path]:
+    """The reports of stages that did not run this time but whose output an earlier run left
+    (`run.stages=[eval]` after a full run): report.md keeps their sections."""
+    earlier = {}
+    for stage, name in REPORTED_STAGES.items():
+        if stage in outputs or (stage == "pretrain" and recipe.lm.name != "builtin"):
             continue
-        directory = Path(outputs[stage][0])
-        directory = directory if directory.is_dir() else directory.parent
+        directory = recipe.path(name)
+        if (directory / "report.md").is_file():
+            earlier[stage] = directory
+    return earlier
+
+
+def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> str:
+    """One markdown page linking each stage's own report, with the headline numbers inline: the
+    stages run now and, from earlier runs, those whose output is there."""
+    workdir = Path(recipe.workdir).resolve()
+    earlier = earlier_outputs(recipe, outputs)
+    lines = [f"# {recipe.name}", "", "| stage | output | time |", "|---|---|---|"]
+    for stage in STAGE_FUNCTIONS:
+        if stage in outputs:
+            path, seconds = outputs[stage]
+            lines.append(f"| {stage} | `{path}` | {seconds:.0f}s |")
+        elif stage in earlier:
+            lines.append(f"| {stage} | `{earlier[stage]}` | earlier run |")
+    for stage in REPORTED_STAGES:
+        if stage in outputs:
+            directory = Path(outputs[stage][0])
+            directory = directory if directory.is_dir() else directory.parent
+        elif stage in earlier:
+            directory = earlier[stage]
+        else:
+            continue
         sub = directory / "report.md"
         if sub.is_file():
             text = sub.read_text()

@@ -114,3 +114,45 @@ def test_splitting_mode_draws_the_tree_as_escaped_html_and_png(pretrained_recipe
             assert chip(token) in page  # escaped, whitespace drawn
     assert (out / f"tree_{root}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"tree_{root}.png" in (out / "report.md").read_text()
+
+
+def test_an_out_of_range_split_feature_is_refused_before_any_work_and_keeps_the_last_output(
+        pretrained_recipe, tmp_path, monkeypatch):
+    from framework.analysis import splitting
+    from framework.artifacts import MARKER
+    from framework.config import RecipeError
+    from framework.training.train import save_sae
+
+    width = load_lm(pretrained_recipe).hook_points()[HOOK]
+    recipe = copy.deepcopy(pretrained_recipe)
+    recipe.train.output_dir = str(tmp_path / "sae")
+    recipe.train.bank = [{"name": "small", "n_features": 16}, {"name": "large", "n_features": 32}]
+    recipe.analyze.output_dir = str(tmp_path / "analysis")
+    recipe.analyze.mode, recipe.analyze.split_feature = "splitting", 9999
+    for name, n in (("small", 16), ("large", 32)):
+        save_sae(build_sae(width, SAEConfig(n_features=n)).eval(), name, HOOK, 1.0, recipe, tmp_path / "sae" / name)
+    previous = tmp_path / "analysis" / "splitting"
+    previous.mkdir(parents=True)
+    for name in (MARKER, "splitting.json", "tree_3.html"):
+        (previous / name).write_text("{}")  # the last run's output, made with other settings
+
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("the corpus was read before split_feature was checked")
+
+    monkeypatch.setattr(splitting, "analysis_corpus", no_corpus)
+    with pytest.raises(RecipeError, match=r"analyze.split_feature=9999 .*smallest dictionary \(16 features\).* 0 to 15"):
+        analyze(recipe)
+    assert sorted(p.name for p in previous.iterdir()) == sorted([MARKER, "splitting.json", "tree_3.html"])
+
+
+def test_splitting_without_trained_saes_leaves_no_output_directory(pretrained_recipe, tmp_path):
+    from framework.errors import CheckpointError
+
+    recipe = copy.deepcopy(pretrained_recipe)
+    recipe.train.output_dir = str(tmp_path / "sae")
+    recipe.train.bank = [{"name": "small", "n_features": 16}, {"name": "large", "n_features": 32}]
+    recipe.analyze.output_dir = str(tmp_path / "analysis")
+    recipe.analyze.mode = "splitting"
+    with pytest.raises(CheckpointError, match="no trained SAE"):
+        analyze(recipe)
+    assert not (tmp_path / "analysis").exists()

@@ -122,3 +122,39 @@ def test_universality_mode_compares_two_runs_and_writes_its_report(pretrained_re
     written = (out / "universality.json").stat().st_mtime_ns
     assert analyze(recipe) == out and (out / "universality.json").stat().st_mtime_ns == written
     assert Path(out / "COMPLETE").is_file()
+
+
+def test_universality_without_trained_saes_leaves_no_output_directory(pretrained_recipe, tmp_path):
+    from framework.errors import CheckpointError
+
+    recipe = copy.deepcopy(pretrained_recipe)
+    recipe.workdir = str(tmp_path / "a")
+    recipe.lm.path = str(pretrained_recipe.path("lm"))
+    save_recipe(recipe, tmp_path / "b")
+    recipe.analyze.mode, recipe.analyze.other_workdir = "universality", str(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="no trained SAE"):
+        analyze(recipe)
+    assert not (tmp_path / "a" / "analysis").exists()
+
+
+def test_an_unknown_other_sae_name_is_reported_under_its_own_key(pretrained_recipe, tmp_path):
+    from framework.config import RecipeError
+
+    model = load_lm(pretrained_recipe)
+    width = model.hook_points()[HOOK]
+    runs = {}
+    for name in ("a", "b"):
+        sae = build_sae(width, SAEConfig(n_features=16, init="transpose"))
+        export_sae(TrainedSAE(f"sae_{name}", sae.eval(), HOOK, 1.0), tmp_path / name / "export")
+        recipe = copy.deepcopy(pretrained_recipe)
+        recipe.workdir = str(tmp_path / name)
+        recipe.lm.path = str(pretrained_recipe.path("lm"))
+        recipe.eval.sae_path = str(tmp_path / name / "export")
+        save_recipe(recipe, tmp_path / name)
+        runs[name] = recipe
+    recipe = runs["a"]
+    recipe.analyze.mode, recipe.analyze.other_workdir = "universality", str(tmp_path / "b")
+    recipe.analyze.other_sae_name = "nope"
+    with pytest.raises(RecipeError, match=r"^analyze\.other_sae_name='nope' is not a trained SAE; the bank has sae_b"):
+        analyze(recipe)
+    assert not (tmp_path / "a" / "analysis").exists()

@@ -279,6 +279,22 @@ def test_eval_metrics_are_those_of_every_heldout_row_in_activation_units(trained
     assert m["dead_fraction"] == pytest.approx(1 - (features > 0).any(0).float().mean().item())
 
 
+def test_eval_records_the_heldout_rows_it_used_and_warns_when_fewer_than_asked(trained_recipe, evaluated, model,
+                                                                               token_batches, caplog):
+    name = trained_recipe.sae_configs()[0].name
+    assert json.loads((evaluated / "metrics.json").read_text())[name]["heldout_rows"] == HELDOUT_ROWS
+    trained = load_framework_sae(trained_recipe.path("sae") / name)
+    with caplog.at_level("WARNING", logger=eval_stage.__name__):
+        eval_stage.evaluate_one(trained_recipe, model, trained, token_batches[:1])
+    assert f"eval.n_tokens={trained_recipe.eval.n_tokens}, but the held-out split has only {HELDOUT_ROWS} rows" \
+        in caplog.text
+    caplog.clear()
+    fewer = dataclasses.replace(trained_recipe, eval=dataclasses.replace(trained_recipe.eval, n_tokens=1000))
+    with caplog.at_level("WARNING", logger=eval_stage.__name__):
+        result = eval_stage.evaluate_one(fewer, model, trained, token_batches[:1])
+    assert result["metrics"]["heldout_rows"] == 1000 and "held-out split" not in caplog.text
+
+
 def test_rerunning_a_complete_eval_does_nothing(trained_recipe, evaluated, monkeypatch):
     files = {p: p.stat().st_mtime_ns for p in evaluated.iterdir()}
 

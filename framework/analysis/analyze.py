@@ -102,14 +102,15 @@ def analyze_features(recipe: Recipe) -> Path:
     return out
 
 
-def pick_sae(saes: list[TrainedSAE], name: str) -> TrainedSAE:
-    """`analyze.sae_name`, or the first SAE of the bank when it is empty."""
+def pick_sae(saes: list[TrainedSAE], name: str, key: str = "analyze.sae_name") -> TrainedSAE:
+    """The SAE called `name`, or the first SAE of the bank when it is empty; `key` is the recipe key
+    that gave the name, for the error."""
     if not name:
         return saes[0]
     for trained in saes:
         if trained.name == name:
             return trained
-    raise RecipeError(f"analyze.sae_name={name!r} is not a trained SAE; the bank has {', '.join(s.name for s in saes)}")
+    raise RecipeError(f"{key}={name!r} is not a trained SAE; the bank has {', '.join(s.name for s in saes)}")
 
 
 @torch.no_grad()

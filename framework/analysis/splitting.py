@@ -142,9 +142,14 @@ def split(recipe: Recipe) -> Path:
     if markers.is_done(out, recipe, settings):
         log.info("splitting in %s is complete; nothing to do", out)
         return out
-    markers.start(out)
     model = load_lm(recipe)
     saes = dictionaries_by_size(load_saes_for_lm(recipe, model))
+    n_smallest = saes[0].sae.W_dec.shape[0]
+    if cfg.split_feature >= n_smallest:
+        raise RecipeError(f"analyze.split_feature={cfg.split_feature} is not a feature of {saes[0].name}, the "
+                          f"smallest dictionary ({n_smallest} features): give 0 to {n_smallest - 1}, or -1 for "
+                          f"its most-split feature")
+    markers.start(out)  # inputs loaded and checked: only now does the previous output stop counting
     candidates, cosines = zip(*(decoder_candidates(s.sae.W_dec.detach(), b.sae.W_dec.detach(), cfg.split_candidates)
                                 for s, b in zip(saes, saes[1:])))
     corpus = analysis_corpus(recipe.text, model.tokenizer, cfg.n_tokens, recipe.harvest.skip_first_tokens)
@@ -154,9 +159,6 @@ def split(recipe: Recipe) -> Path:
     densities = [t.a.density.cpu() for t in trackers] + [trackers[-1].b.density.cpu()]
     children = [level.children() for level in levels]
     root = cfg.split_feature if cfg.split_feature >= 0 else most_split(children, densities[0])
-    if not 0 <= root < saes[0].sae.W_dec.shape[0]:
-        raise RecipeError(f"analyze.split_feature={root} is not a feature of {saes[0].name} "
-                          f"({saes[0].sae.W_dec.shape[0]} features)")
     describe = NodeDescriber(saes, densities, tops, corpus, TokenNames(model.tokenizer))
     tree = build_tree(root, 0, children, describe)
     data = {"saes": [s.name for s in saes], "n_features": [s.sae.W_dec.shape[0] for s in saes],

@@ -113,16 +113,17 @@ def compare_universality(recipe: Recipe) -> Path:
     if markers.is_done(out, recipe, settings):
         log.info("universality in %s is complete; nothing to do", out)
         return out
-    markers.start(out)
     model_a = load_lm(recipe)
     bank = load_saes_for_lm(recipe, model_a)
     sae_a = pick_sae(bank, cfg.sae_name)
     model_b = load_lm(other)
-    sae_b = pick_sae(load_saes_for_lm(other, model_b, device=model_a.device), cfg.other_sae_name)
+    sae_b = pick_sae(load_saes_for_lm(other, model_b, device=model_a.device), cfg.other_sae_name,
+                     "analyze.other_sae_name")
     if model_a.tokenizer.fingerprint != model_b.tokenizer.fingerprint:
         raise RecipeError(f"{cfg.other_workdir}'s LM tokenizes differently from this recipe's, so the two "
                           f"cannot be compared on the same tokens; compare runs with the same text and vocabulary")
     ceiling = _ceiling_sae(cfg.ceiling_sae, bank, model_a.device)
+    markers.start(out)  # inputs loaded and checked: only now does the previous output stop counting
     corpus = analysis_corpus(recipe.text, model_a.tokenizer, cfg.n_tokens, recipe.harvest.skip_first_tokens)
     results = universality((model_a, sae_a), (model_b, sae_b), corpus, cfg.batch_size, ceiling)
     data = {

@@ -62,8 +62,14 @@ def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[t
 def evaluate_one(recipe: Recipe, model, trained: TrainedSAE, token_batches) -> dict:
     device = next(trained.sae.parameters()).device  # store rows arrive on the CPU
     rows = heldout_activations(recipe, model, trained.hook_point, recipe.eval.n_tokens)
+    n_rows = sum(len(b) for b in rows)
+    if n_rows < recipe.eval.n_tokens:
+        log.warning("eval.n_tokens=%d, but the held-out split has only %d rows of %s: %s's activation metrics "
+                    "use those %d (raise harvest.heldout_tokens, or text.heldout_fraction, for more)",
+                    recipe.eval.n_tokens, n_rows, trained.hook_point, trained.name, n_rows)
     batches = [b.to(device) * trained.input_scale for b in rows]
     metrics = evaluate_sae(trained.sae, batches)
+    metrics["heldout_rows"] = n_rows  # the rows the activation metrics are over (eval.n_tokens at most)
     # The SAE sees x * input_scale; report MSE in the activations' own units, so that it does
     # not depend on train.normalize_activations, and an SAE scores the same after `sae export`
     # (which folds the scale into the weights) and a re-import through eval.sae_path.

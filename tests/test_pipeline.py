@@ -1,0 +1,50 @@
+"""`sae run`: its summary and its report.md, with the stages themselves stubbed out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from framework import pipeline
+from framework.config import Recipe, load_recipe
+
+
+@pytest.fixture
+def stub_stages(monkeypatch):
+    """Each stage writes only `{output}/report.md` with a heading naming it."""
+    directories = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
+                   "analyze": "analysis", "export": "export"}
+
+    def run_stage(stage: str, recipe: Recipe) -> Path:
+        out = recipe.path(directories[stage])
+        out.mkdir(parents=True, exist_ok=True)
+        if stage in ("pretrain", "train", "eval", "analyze"):
+            (out / "report.md").write_text(f"# {stage} report\n\nnumbers of {stage}\n")
+        return out
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+
+
+def test_live_harvest_is_not_listed_as_a_directory(stub_stages, tmp_path, capsys):
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "harvest.mode=live", "run.stages=[harvest,train]"])
+    pipeline.run(recipe)
+    summary = capsys.readouterr().out
+    assert "harvest   (live: generated while training)" in summary
+    assert str(tmp_path / "activations") not in summary
+    assert str(tmp_path / "activations") not in (tmp_path / "report.md").read_text()
+
+
+def test_running_fewer_stages_keeps_the_earlier_stages_sections_of_report_md(stub_stages, tmp_path):
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}"]))
+    full = (tmp_path / "report.md").read_text()
+    for stage in ("pretrain", "train", "eval", "analyze"):
+        assert f"## {stage} report" in full
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}", "run.stages=[eval]"]))
+    report = (tmp_path / "report.md").read_text()
+    for stage in ("pretrain", "train", "analyze"):
+        assert f"## {stage} report\n\nnumbers of {stage}" in report
+        assert f"| {stage} | `{tmp_path}/" in report
+    assert report.count("| earlier run |") == 3
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections == ["## pretrain report", "## train report", "## eval report", "## analyze report"]
