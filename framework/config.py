@@ -362,6 +362,8 @@ MINIMUMS: tuple[tuple[str, float, str], ...] = (
     ("train.log_every", 1, "steps between logged metrics"),
     ("train.density_window", 1, "steps over which feature density is measured"),
     ("train.checkpoint_every", 0, "steps between checkpoints; 0 = only at the end"),
+    ("train.eval_every", 0, "steps between held-out evaluations; 0 = only at the end"),
+    ("train.dead_window", 0, "steps a feature must stay silent to count as dead; 0 = the paper's, scaled"),
     ("train.epochs", 1, "passes over the activation store training may make"),
     ("harvest.n_tokens", 1, "rows to harvest"),
     ("harvest.batch_size", 1, "contexts per forward pass"),

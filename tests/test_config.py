@@ -191,6 +191,8 @@ def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
     ("train.log_every=0", r"train.log_every=0 must be at least 1 \(steps between logged metrics\)"),
     ("train.density_window=0", r"train.density_window=0 must be at least 1 \(steps over which feature density"),
     ("train.checkpoint_every=-1", r"train.checkpoint_every=-1 must be at least 0 \(.*0 = only at the end\)"),
+    ("train.eval_every=-3", r"train.eval_every=-3 must be at least 0 \(.*held-out evaluations; 0 = only at the end\)"),
+    ("train.dead_window=-2", r"train.dead_window=-2 must be at least 0 \(.*silent to count as dead"),
     ("train.epochs=0", r"train.epochs=0 must be at least 1"),
     ("harvest.tokens_per_context=0", r"harvest.tokens_per_context=0 must be at least 1"),
     ("harvest.rows_per_sample=0", r"harvest.rows_per_sample=0 must be at least 1"),
