@@ -37,9 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from framework.artifacts import _digest, is_complete, mark_complete, stage_fingerprint
-from framework.config import Recipe, SAEConfig, save_recipe
-from framework.errors import CheckpointError, RecipeError
+from framework.artifacts import _digest, differences_from, is_complete, mark_complete, stage_fingerprint
+from framework.config import Recipe, RecipeError, SAEConfig, load_recipe, save_recipe
+from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
 from framework.saved import TrainedSAE, load_trained_saes
 
@@ -90,6 +90,7 @@ def export(recipe: Recipe) -> Path:
     if is_complete(out, recipe, "export"):
         log.info("export in %s is complete; nothing to do", out)
         return out
+    _check_recipe_file(out, recipe)
     # The bank, even when eval.sae_path points `sae eval` at an imported SAE.
     bank = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=""))
     trained = load_trained_saes(bank, for_export=True)
@@ -101,6 +102,24 @@ def export(recipe: Recipe) -> Path:
     save_recipe(recipe, out)
     mark_complete(out, recipe, "export", saes=[s.name for s in trained])
     return out
+
+
+def _check_recipe_file(out: Path, recipe: Recipe) -> None:
+    """Refuse, before writing anything, to replace a recipe.yaml in export.output_dir that no
+    export of this recipe wrote (the user's own file, or another recipe's); an interrupted export
+    of this recipe left one that is replaced."""
+    path = out / "recipe.yaml"
+    if not path.is_file():
+        return
+    try:
+        differences = differences_from(stage_fingerprint(load_recipe(path, []), "export"), recipe, "export")
+    except RecipeError as err:
+        differences = [f"it is not a recipe ({str(err).splitlines()[0]})"]
+    if differences:
+        raise RecipeError(
+            f"{path} exists and was not written by an export of this recipe ({'; '.join(differences[:3])}); "
+            f"the export writes its recipe there. Set export.output_dir to another directory, or move the file away"
+        )
 
 
 def _check_output_dir(out: Path) -> None:

@@ -269,6 +269,29 @@ def test_export_refuses_to_delete_a_directory_it_did_not_write(tmp_path, content
     assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
 
 
+@pytest.mark.parametrize("contents", ["notes", "other_recipe"])
+def test_export_refuses_to_overwrite_a_recipe_yaml_it_did_not_write(tmp_path, contents):
+    from framework.config import recipe_to_yaml
+
+    recipe = bank_recipe(tmp_path)
+    out = recipe.path("export")
+    out.mkdir(parents=True)
+    other = bank_recipe(tmp_path / "other", f"sae.k={K + 1}")
+    text = "my notes: the 4k run\n" if contents == "notes" else recipe_to_yaml(other)  # as an export saves it
+    (out / "recipe.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=rf"{out / 'recipe.yaml'} exists and was not written by an export of this "
+                                          rf"recipe.*export.output_dir"):
+        export(recipe)
+    assert (out / "recipe.yaml").read_text() == text and sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+
+
+def test_an_interrupted_export_with_its_recipe_written_is_finished(tmp_path):
+    recipe = bank_recipe(tmp_path)
+    out = export(recipe)
+    (out / "COMPLETE").unlink()  # stopped between writing recipe.yaml and the marker
+    assert export(recipe) == out and (out / "COMPLETE").is_file()
+
+
 def test_export_names_an_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     recipe = bank_recipe(tmp_path, f"export.output_dir={tmp_path / 'afile'}")
