@@ -78,16 +78,11 @@ def _call_stage(stage: str, recipe, args) -> object:
     return function(recipe)
 
 
-# stage -> the recipe.path() directory it writes
-OUTPUT_DIRS = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
-               "analyze": "analysis", "export": "export"}
-
-
 def _written_dirs(stage: str, recipe, args) -> list[Path]:
     """The directories `sae STAGE` writes, to lock against a second process writing them."""
-    if stage == "run":
-        from framework.pipeline import stages_for
+    from framework.pipeline import STAGE_OUTPUTS, stages_for
 
+    if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
         # One SLURM array task per --point shares the sweep directory: those are not locked.
@@ -96,7 +91,7 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
         return []  # lm.path is then a model directory it only reads
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
         return []
-    return [recipe.path(OUTPUT_DIRS[stage])]
+    return [recipe.path(STAGE_OUTPUTS[stage])]
 
 
 def _hooks(model: str) -> int:

@@ -26,6 +26,12 @@ STAGE_FUNCTIONS = {
 }
 
 
+# stage -> the recipe.path() directory it writes
+STAGE_OUTPUTS = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
+                 "analyze": "analysis", "export": "export"}
+REPORTED_STAGES = ("pretrain", "train", "eval", "analyze")  # those that write a report.md of their own
+
+
 def run_stage(stage: str, recipe: Recipe) -> Path | str:
     module_name, function_name = STAGE_FUNCTIONS[stage]
     return getattr(importlib.import_module(module_name), function_name)(recipe)
@@ -61,17 +67,14 @@ def summary_text(outputs: dict[str, tuple[Path | str, float]], report: Path) -> 
     return "\n".join(lines)
 
 
-REPORTED_STAGES = {"pretrain": "lm", "train": "sae", "eval": "eval", "analyze": "analysis"}  # stage -> its directory
-
-
 def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> dict[str, Path]:
     """The reports of stages that did not run this time but whose output an earlier run left
     (`run.stages=[eval]` after a full run): report.md keeps their sections."""
     earlier = {}
-    for stage, name in REPORTED_STAGES.items():
+    for stage in REPORTED_STAGES:
         if stage in outputs or (stage == "pretrain" and recipe.lm.name != "builtin"):
             continue
-        directory = recipe.path(name)
+        directory = recipe.path(STAGE_OUTPUTS[stage])
         if (directory / "report.md").is_file():
             earlier[stage] = directory
     return earlier
