@@ -39,7 +39,8 @@ from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 # A harvest re-run redoes the window of any shard that is missing or not at its recorded size.
-REHARVEST = "Delete it and re-run `sae harvest RECIPE`, which harvests that shard's window again, identically."
+RERUN_HARVEST = "re-run `sae harvest RECIPE`, which harvests that shard's window again, identically"
+REHARVEST = f"Delete it and {RERUN_HARVEST}."
 
 
 def member_url(location: str, name: str) -> str:
@@ -166,8 +167,7 @@ class ActivationStore:
             raise
         except FileNotFoundError:
             raise DataError(
-                f"shard {info.name} listed in {self.location}/{MANIFEST} is missing; re-run "
-                f"`sae harvest RECIPE`, which harvests that shard's window again, identically"
+                f"shard {info.name} listed in {self.location}/{MANIFEST} is missing; {RERUN_HARVEST}"
             ) from None
         except Exception as err:  # tarfile / numpy errors on a damaged file
             raise DataError(
@@ -180,29 +180,29 @@ class ActivationStore:
                 f"it is truncated. {REHARVEST}"
             )
 
-    def shard_sha256(self, index: int) -> str | None:
-        """The shard's sha256 as it is now; None when it is missing."""
+    def checksum_problem(self, index: int) -> str | None:
+        """What is wrong with the shard's bytes ("missing", or another sha256 than the manifest's);
+        None when they are the ones harvested."""
+        info = self.manifest.shards[index]
         digest = hashlib.sha256()
         try:
             with open_url(self.shard_url(index)) as stream:
                 for chunk in iter(lambda: stream.read(1 << 22), b""):
                     digest.update(chunk)
         except FileNotFoundError:
-            return None
-        return digest.hexdigest()
+            return "missing"
+        if digest.hexdigest() != info.sha256:
+            return (f"fails its checksum (sha256 {digest.hexdigest()[:12]}..., manifest {info.sha256[:12]}...): "
+                    f"changed or damaged after harvesting")
+        return None
 
     def verify_shard(self, index: int) -> None:
-        info = self.manifest.shards[index]
-        digest = self.shard_sha256(index)
-        if digest is None:
-            raise DataError(f"shard {info.name} is missing from {self.location}; re-run `sae harvest RECIPE`, "
-                            f"which harvests that shard's window again, identically")
-        if digest != info.sha256:
-            raise DataError(
-                f"shard {info.name} in {self.location} fails its checksum (sha256 {digest[:12]}..., "
-                f"manifest {info.sha256[:12]}...): it was changed or damaged after harvesting. "
-                f"{REHARVEST}"
-            )
+        problem = self.checksum_problem(index)
+        if problem == "missing":
+            raise DataError(f"shard {self.manifest.shards[index].name} is missing from {self.location}; "
+                            f"{RERUN_HARVEST}")
+        if problem:
+            raise DataError(f"shard {self.manifest.shards[index].name} in {self.location} {problem}. {REHARVEST}")
 
     def shard_order(self, epoch: int, seed: int, shuffle: bool) -> list[int]:
         if not shuffle:

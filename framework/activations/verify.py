@@ -44,12 +44,9 @@ def verify_store(recipe: Recipe) -> str:
 def shard_problem(store: ActivationStore, index: int) -> str | None:
     """What is wrong with one shard (missing, another checksum, another row count); None if nothing."""
     info = store.manifest.shards[index]
-    digest = store.shard_sha256(index)
-    if digest is None:
-        return "missing"
-    if digest != info.sha256:
-        return (f"fails its checksum (sha256 {digest[:12]}..., manifest {info.sha256[:12]}...): changed or "
-                f"damaged after harvesting")
+    problem = store.checksum_problem(index)
+    if problem:
+        return problem
     try:
         rows = sum(len(block) for block in store.iter_shard(index, verify=False))  # hashed just above
     except DataError as err:
