@@ -15,12 +15,28 @@ from torch import nn
 
 
 def files_sha256(paths: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        with path.open("rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """One sha256 over the files' bytes, in path order. Within a process a file unchanged since
+    (same inode, size and modification times) is not read again: one `sae run` asks for the same LM's
+    hash at every stage that loads or checks the LM (about 100 MB to read for SmolLM2)."""
+    paths = sorted(paths)
+    key = tuple((str(p.resolve()), *_version(p.stat())) for p in paths)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        for path in paths:
+            with path.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+_HASHED: dict[tuple, str] = {}  # files_sha256's results, by the files' paths and _version
+
+
+def _version(stat) -> tuple[int, ...]:
+    """What changes when a file is rewritten: a new file renamed over it (another inode), or
+    bytes written in place (its size or modification time)."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def parameters_sha256(model: nn.Module) -> str:
