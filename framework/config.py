@@ -469,7 +469,7 @@ def _check_choices(recipe: Recipe) -> None:
     # Listed resampling steps the run never reaches were skipped without a word. Checked while
     # train.resample is on (off, the list is never read), whatever the variants: a bank may mix
     # them, and a step outside the run is a mistake for any of them.
-    steps = max(1, n_tokens // batch_size)
+    steps = total_steps(recipe)
     outside = sorted(s for s in recipe.train.resample_steps or [] if not 1 <= s <= steps)
     if recipe.train.resample and outside:
         raise RecipeError(
@@ -517,6 +517,11 @@ def _check_choices(recipe: Recipe) -> None:
             f"so it would be written to disk twice. List each hook once, e.g. harvest.hook_points="
             f"[{','.join(dict.fromkeys(hooks))}]"
         )
+
+
+def total_steps(recipe: Recipe) -> int:
+    """The training run's optimizer steps: one per batch of train.n_tokens."""
+    return max(1, recipe.train.n_tokens // recipe.train.batch_size)
 
 
 def _lookup(recipe: Recipe, dotted: str) -> Any:

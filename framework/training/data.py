@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.activations.reader import ActivationStore, ActivationStream, heldout_split_present, sub_store
-from framework.config import Recipe
+from framework.config import Recipe, total_steps
 from framework.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ActivationDataModule(L.LightningDataModule):
                 f"data-parallel ranks; use a multiple of {self.world_size}"
             )
         self.rank_batch = cfg.batch_size // self.world_size
-        self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
+        self.total_steps = total_steps(recipe)
         self.live_model = model if recipe.harvest.mode == "live" else None
         if self.live_model is not None and cfg.num_workers > 0:
             raise RecipeError(

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from framework.config import Recipe, SAEConfig
+from framework.config import Recipe, SAEConfig, total_steps
 from framework.errors import TrainingError
 from framework.sae import build_sae
 from framework.tracking import log_metrics
@@ -421,10 +421,6 @@ def any_non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
     return (~torch.isfinite(total)).double().view(1)
-
-
-def total_steps(recipe: Recipe) -> int:
-    return max(1, recipe.train.n_tokens // recipe.train.batch_size)
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
