@@ -112,6 +112,63 @@ def test_shards_are_plain_tar_files_of_npy_members(harvested):
     assert len(names) == 5 * (1024 // 256)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_shard_is_byte_for_byte_what_tarfile_and_np_save_write(tmp_path, dtype):
+    """write_shard encodes members straight from the arrays' memory; the plain encoding (each
+    .npy saved by numpy, the archive written by tarfile) must give the same file."""
+    import io
+    import tarfile
+
+    from framework.activations.format import Rows, to_storage, write_shard
+
+    generator = torch.Generator().manual_seed(0)
+    rows = Rows([torch.randn(1000, 48, generator=generator), torch.randn(1000, 7, generator=generator)],
+                token=torch.randint(0, 4096, (1000,), generator=generator),
+                context=torch.randint(0, 10**9, (1000,), generator=generator),
+                position=torch.randint(0, 128, (1000,), generator=generator))
+    info = write_shard(tmp_path / "shard-000003.tar", 3, rows, dtype, rows_per_sample=300)
+
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for k, start in enumerate(range(0, 1000, 300)):
+            block = slice(start, start + 300)
+            members = {f"acts{h}.npy": to_storage(a[block], dtype) for h, a in enumerate(rows.acts)}
+            members.update({"token.npy": rows.token[block].numpy().astype(np.int32),
+                            "context.npy": rows.context[block].numpy(),
+                            "position.npy": rows.position[block].numpy().astype(np.int16)})
+            for ext, array in members.items():
+                data = io.BytesIO()
+                np.save(data, array, allow_pickle=False)
+                member = tarfile.TarInfo(f"000003_{k:06d}.{ext}")
+                member.size = data.tell()
+                data.seek(0)
+                tar.addfile(member, data)
+    written = (tmp_path / "shard-000003.tar").read_bytes()
+    assert written == plain.getvalue()
+    assert info.sha256 == hashlib.sha256(written).hexdigest() and info.bytes == len(written) and info.rows == 1000
+
+
+def test_several_shard_writers_write_the_store_one_writer_writes(pretrained_recipe, harvested, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("SAE_SHARD_WRITERS", "3")
+    recipe = store_recipe(pretrained_recipe, tmp_path, "harvest.heldout_tokens=0")
+    harvest(recipe)
+    store, expected = recipe.path("activations"), harvested.path("activations")
+    assert shard_digests(store) == shard_digests(expected)
+    ours, theirs = (json.loads((s / "manifest.json").read_text()) for s in (store, expected))
+    assert ours["shards"] == theirs["shards"] and ours["normalisation"] == theirs["normalisation"]
+
+
+@pytest.mark.parametrize("setting", ["0", "two"])
+def test_a_shard_writer_count_that_is_not_a_positive_number_is_refused(setting, monkeypatch):
+    from framework.activations.harvest import shard_writers
+    from framework.errors import FrameworkError
+
+    monkeypatch.setenv("SAE_SHARD_WRITERS", setting)
+    with pytest.raises(FrameworkError, match=f"SAE_SHARD_WRITERS='{setting}'.*whole number"):
+        shard_writers()
+
+
 def test_two_ranks_read_disjoint_rows_that_cover_the_store(harvested):
     location = str(harvested.path("activations"))
     ranks = [all_rows(location, rank, 2) for rank in (0, 1)]
@@ -529,8 +586,10 @@ def test_harvest_with_other_lm_weights_into_a_store_is_refused_and_the_store_is_
     assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
 
 
-def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path):
-    """RLIMIT_FSIZE makes the write fail with EFBIG, as a full disk fails with ENOSPC."""
+@pytest.mark.parametrize("writers", ["1", "3"])
+def test_full_disk_stops_with_a_message_and_keeps_nothing_partial(pretrained_recipe, tmp_path, writers):
+    """RLIMIT_FSIZE makes the write fail with EFBIG, as a full disk fails with ENOSPC; with
+    several writer threads, every write in flight fails or finishes before the harvest stops."""
     script = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -542,7 +601,8 @@ sys.exit(main(["harvest", sys.argv[1], *sys.argv[2:]]))
     recipe_file.write_text("{}\n")
     args = [sys.executable, "-c", script, str(recipe_file), *TINY_PRETRAIN, f"workdir={tmp_path}",
             f"lm.path={pretrained_recipe.path('lm')}", *SMALL_STORE]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, SAE_SHARD_WRITERS=writers))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "disk full while writing shard-000000.tar" in result.stderr
     store = tmp_path / "activations"

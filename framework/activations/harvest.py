@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from framework.activations.format import (
 from framework.artifacts import MARKER, differences_from, is_complete, mark_complete, stage_fingerprint
 from framework.config import HarvestConfig, Recipe, RecipeError, is_url, recipe_to_dict
 from framework.distributed import barrier, current_rank, init_process_group
-from framework.errors import DataError
+from framework.errors import DataError, FrameworkError
 from framework.lm import BaseLM, load_lm, weights_sha256
 from framework.progress import Progress
 from framework.text import count_contexts, iter_context_batches
@@ -110,17 +110,11 @@ def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> Harve
 
 @dataclass
 class Window:
-    """One window's rows in the order they were sampled, the shuffle to apply, and the sums the
-    store's normalisation statistics are merged from. Shuffled row i is `rows.take(order[i])`;
-    the harvest applies `order` shard by shard while converting to the store dtype, so the
-    window is copied once instead of once to shuffle and once more to cut and convert."""
+    """One window's rows, already shuffled (exactly as its shards hold them, cut in order), and
+    the sums the store's normalisation statistics are merged from."""
 
     rows: Rows
-    order: torch.Tensor
     stats: list[dict]
-
-    def shuffled(self) -> Rows:
-        return self.rows.take(self.order)
 
 
 @torch.no_grad()
@@ -131,9 +125,17 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     n_contexts = math.ceil(n_rows / plan.tokens_per_context)
     first = window * plan.contexts_per_window
     generator = torch.Generator().manual_seed(hash_seed(plan.seed, plan.split, window))
+    # The window's random draws, made up front in the order they have always been made (each
+    # batch's positions, then the shuffle), so that each sampled row can be put straight into
+    # its shuffled place: shards are then cut from the window without a gather pass over it.
+    batch_sizes = [min(cfg.batch_size, n_contexts - b) for b in range(0, n_contexts, cfg.batch_size)]
+    candidates = recipe.text.context_length - cfg.skip_first_tokens
+    position_draws = [torch.rand(b, candidates, generator=generator) for b in batch_sizes]
+    order = torch.randperm(n_rows, generator=generator)  # shuffled row i is sampled row order[i]
+    destination = torch.empty_like(order)
+    destination[order] = torch.arange(n_rows)  # sampled row j goes to shuffled place destination[j]
     stop_at = model.last_hook(cfg.hook_points)
     widths = model.hook_points()
-    # Filled batch by batch (no list of blocks to concatenate at the end).
     rows = Rows(
         acts=[torch.empty(n_rows, widths[h], dtype=torch.float32) for h in cfg.hook_points],
         token=torch.empty(n_rows, dtype=torch.int64),
@@ -143,40 +145,43 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     sums = [torch.zeros(widths[h], dtype=torch.float64) for h in cfg.hook_points]
     norm_sums = [0.0 for _ in cfg.hook_points]
     filled = 0
-    for context_ids, tokens in iter_context_batches(
-        recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first, stop=first + n_contexts
-    ):
+    batches = iter_context_batches(recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first,
+                                   stop=first + n_contexts)
+    for draw, (context_ids, tokens) in zip(position_draws, batches):
+        if len(tokens) != len(draw):
+            break  # the corpus ended early: reported below
         out = model.run(tokens.to(model.device), capture=cfg.hook_points, stop_at=stop_at)
-        block = _sample_positions(out.activations, cfg, context_ids, tokens, generator)
+        block = _sample_positions(out.activations, cfg, context_ids, tokens, draw)
         k = min(len(block), n_rows - filled)
-        here = slice(filled, filled + k)
+        places = destination[filled:filled + k]
         for h, acts in enumerate(block.acts):
             acts = acts[:k]
-            rows.acts[h][here] = acts
+            rows.acts[h].index_copy_(0, places, acts)
             # Statistics per batch (float32 over a batch, float64 across batches): the store's
             # mean and mean norm without a float64 copy of the whole window. Summing with
             # dtype=float64 directly is ~5x slower on CPU.
             sums[h] += acts.sum(0).double()
             norm_sums[h] += torch.linalg.vector_norm(acts, dim=1).sum().item()
-        rows.token[here], rows.context[here], rows.position[here] = block.token[:k], block.context[:k], block.position[:k]
+        for column, values in ((rows.token, block.token), (rows.context, block.context), (rows.position, block.position)):
+            column.index_copy_(0, places, values[:k])
         filled += k
     if filled != n_rows:
         raise DataError(f"window {window} of the {plan.split} split produced {filled} rows, {n_rows} expected; "
                         f"the text source changed while harvesting. Re-run `sae harvest` on a fixed corpus.")
     stats = [{"sum": s.tolist(), "norm_sum": n, "count": n_rows} for s, n in zip(sums, norm_sums)]
-    return Window(rows, torch.randperm(n_rows, generator=generator), stats)
+    return Window(rows, stats)
 
 
 def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
     """All rows of one window, shuffled, exactly as its shards hold them."""
-    return collect_window(model, recipe, plan, window).shuffled()
+    return collect_window(model, recipe, plan, window).rows
 
 
-def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, generator) -> Rows:
-    """`tokens_per_context` distinct random positions from each context (batch, ctx) -> rows."""
-    batch, length = tokens.shape
-    candidates = length - cfg.skip_first_tokens
-    order = torch.rand(batch, candidates, generator=generator).argsort(dim=1)
+def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, draw: torch.Tensor) -> Rows:
+    """`tokens_per_context` distinct random positions from each context (batch, ctx) -> rows;
+    `draw` holds a uniform number per candidate position (batch, ctx - skip_first_tokens)."""
+    batch = tokens.shape[0]
+    order = draw.argsort(dim=1)
     positions = order[:, : cfg.tokens_per_context] + cfg.skip_first_tokens  # (batch, tpc)
     rows_of = torch.arange(batch).unsqueeze(1).expand_as(positions)
     acts = [activations[h][rows_of.to(activations[h].device), positions.to(activations[h].device)]
@@ -211,13 +216,11 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
     """Write one window's shards, then its record (which marks the window complete); rows written."""
     infos = []
     for i, shard in enumerate(plan.window_shards(window)):
-        # Shuffle while cutting: shard i holds shuffled rows i * rows_per_shard onwards.
-        piece = collected.rows.take(collected.order[i * plan.rows_per_shard:(i + 1) * plan.rows_per_shard])
+        piece = collected.rows.take(slice(i * plan.rows_per_shard, (i + 1) * plan.rows_per_shard))
         try:
             infos.append(write_shard(store / shard_name(shard), shard, piece, recipe.harvest.dtype,
                                      recipe.harvest.rows_per_sample))
-        except OSError as err:
-            _remove_partials(store)
+        except OSError as err:  # write_shard removed its partial file
             if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 free = shutil.disk_usage(store).free
                 raise DataError(
@@ -231,6 +234,25 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
     tmp.write_text(json.dumps(record))
     tmp.replace(store / f"window-{window:06d}.json")
     return len(collected.rows)
+
+
+def shard_writers() -> int:
+    """Threads writing windows beside the LM: encoding, hashing and writing a window is CPU work
+    of its own (about as much as a bare forward pass of a one-layer LM on 2 cores), and on a GPU
+    machine one thread of it caps a harvest's rows/s well below what the device produces. One
+    per 4 cores, at most 4 (each waiting window holds its rows in memory); SAE_SHARD_WRITERS
+    overrides."""
+    configured = os.environ.get("SAE_SHARD_WRITERS", "").strip()
+    if configured:
+        try:
+            writers = int(configured)
+        except ValueError:
+            writers = 0
+        if writers < 1:
+            raise FrameworkError(f"SAE_SHARD_WRITERS={configured!r}: set it to a whole number of writer threads, "
+                                 f"1 or more, or unset it (one per 4 cores, at most 4)")
+        return writers
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _remove_partials(store: Path) -> None:
@@ -338,20 +360,24 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     progress = Progress(f"harvest {split}", sum(plan.window_row_count(w) for w in todo), "rows")
     # Fault-injection tests set this to hold the harvest between windows while they kill it.
     pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
-    # Window w is written (shuffle, encode, hash, fsync) on a writer thread while the LM runs
-    # window w + 1: on a GPU the writing overlaps the device's work, on a CPU it fills the gaps.
-    # At most one window waits to be written, so memory holds two windows, and a write error
-    # (a full disk) surfaces before the next window is handed over.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        pending = None
+    # Windows are written (encode, hash, fsync) by writer threads while the LM runs the next
+    # window: on a GPU the writing overlaps the device's work, on a CPU it fills the gaps. At
+    # most one window per writer waits to be written, so memory holds writers + 1 windows, and a
+    # write error (a full disk) surfaces before many more windows are handed over.
+    writers = shard_writers()
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer") as pool:
+        # On an error the pool's exit still waits for every write in flight to finish or fail
+        # (each removes its own partial file): nothing half-written stays behind.
+        pending: list[Future] = []
         for window in todo:
             collected = collect_window(model, recipe, plan, window)
-            if pending is not None:
-                progress.update(pending.result())
-            pending = writer.submit(_write_window, store, plan, window, collected, recipe)
+            while len(pending) >= writers:
+                progress.update(pending.pop(0).result())
+            pending.append(pool.submit(_write_window, store, plan, window, collected, recipe))
+            del collected  # the writer holds the only reference: freed once written
             time.sleep(pause)
-        if pending is not None:
-            progress.update(pending.result())
+        while pending:
+            progress.update(pending.pop(0).result())
     barrier()
     if not rank.is_main:
         return None
