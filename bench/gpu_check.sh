@@ -10,10 +10,11 @@
 # machine returns at most eight.
 #
 # PARTS picks the sections (default: "tests strategies paper bench loop profile"; "compile", the
-# torch.compile contenders of bench/train_step.py, and "graphs", a short check of train.cuda_graphs'
-# step alone, only when named); each has its own timeout in seconds (TEST_S, STRATEGY_S,
-# PAPER_S, BENCH_S, COMPILE_S, GRAPHS_S, LOOP_S for each of its runs of LOOP_STEPS steps,
-# PROFILE_S), so one call fits a
+# torch.compile contenders of bench/train_step.py, "graphs", a short check of train.cuda_graphs'
+# step alone, and "harvest", bench/activations.py with the LM on the GPU (harvest against the bare
+# forward, the shard writer alone per thread count, the reader), only when named); each has its
+# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, COMPILE_S, GRAPHS_S, HARVEST_S,
+# LOOP_S for each of its runs of LOOP_STEPS steps, PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
 #   PARTS="tests strategies bench profile" bash bench/gpu_check.sh     # one call, ~8 minutes
@@ -92,6 +93,14 @@ timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --cuda-graphs
   | tail -n 6 | tee -a "$LOG"
 timeout "${PROFILE_S:-60}" python3 bench/step_profile.py --device cuda --case topk-graphs:16384:bf16 --rows 25 2>&1 \
   | grep -v "^USDT\|^STAGE" >> "$LOG"
+fi
+
+if part harvest; then
+echo "== harvest with the LM on the GPU: against the bare forward, the shard writer alone, the reader" | tee -a "$LOG"
+start=$(date +%s)
+timeout "${HARVEST_S:-240}" python3 bench/activations.py --device cuda --out "$OUT/harvest" > "$OUT/harvest.md" 2>&1
+echo "harvest bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+grep -v "INFO\|^USDT\|^STAGE" "$OUT/harvest.md" | head -n 40 | tee -a "$LOG"
 fi
 
 if part loop; then

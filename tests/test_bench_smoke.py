@@ -59,6 +59,7 @@ def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp
     assert all(_finite(h["tokens_per_s"]) for h in acts["harvest"].values())
     assert all(_finite(r["rows_per_s"]) for r in acts["reader"].values())
     assert acts["bytes_per_row"]["float16"] < acts["bytes_per_row"]["float32"]
+    assert 1 in acts["writer_rows_per_s"] and all(map(_finite, acts["writer_rows_per_s"].values()))
 
     loop = results["train_loop"]["rows"]
     assert {(r["variant"], r["precision"]) for r in loop} == {(v, p) for v in ("topk", "paper") for p in ("fp32", "bf16")}
