@@ -237,11 +237,10 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
 
 
 def shard_writers() -> int:
-    """Threads writing windows beside the LM: encoding, hashing and writing a window is CPU work
-    of its own (about as much as a bare forward pass of a one-layer LM on 2 cores), and on a GPU
-    machine one thread of it caps a harvest's rows/s well below what the device produces. One
-    per 4 cores, at most 4 (each waiting window holds its rows in memory); SAE_SHARD_WRITERS
-    overrides."""
+    """Threads writing windows beside the LM. Encoding, hashing (sha256: about 1 GB/s per core)
+    and writing a window is CPU work of its own, and on a GPU machine one thread of it can cap a
+    harvest's rows/s below what the device produces. One per 4 cores, at most 4 (each window
+    waiting for a writer holds its rows in memory); SAE_SHARD_WRITERS overrides."""
     configured = os.environ.get("SAE_SHARD_WRITERS", "").strip()
     if configured:
         try:
