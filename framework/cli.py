@@ -85,8 +85,11 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        # One SLURM array task per --point shares the sweep directory: those are not locked.
-        return [Path(recipe.workdir) / "sweep"] if args.point is None else []
+        # One SLURM array task per --point shares the sweep directory: those are not locked (the
+        # shared LM and store they may make, each task waits for: framework.sweep).
+        from framework.sweep import shared_outputs
+
+        return [Path(recipe.workdir) / "sweep", *shared_outputs(recipe)] if args.point is None else []
     if stage == "pretrain" and recipe.lm.name != "builtin":
         return []  # lm.path is then a model directory it only reads
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
