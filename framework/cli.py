@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run only point N (0-based; one SLURM array task per point)")
     hooks = sub.add_parser("hooks", help="List a base LM's hook points and their widths.",
                            description="List a model's hook points with widths. MODEL is "
-                           "builtin (needs a pretrained recipe: pass the recipe path), smollm2, "
-                           "a local Hugging Face model directory, or a recipe YAML.")
+                           "builtin (its default shape; for a recipe's own shape pass the recipe), "
+                           "smollm2, a local Hugging Face model directory or hub id, or a recipe YAML.")
     hooks.add_argument("model")
     return parser
 
