@@ -85,8 +85,11 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        # One SLURM array task per --point shares the sweep directory: those are not locked.
-        return [Path(recipe.workdir) / "sweep"] if args.point is None else []
+        # One SLURM array task per --point shares the sweep directory: those are not locked (the
+        # shared LM and store they may make, each task waits for: framework.sweep).
+        from framework.sweep import shared_outputs
+
+        return [Path(recipe.workdir) / "sweep", *shared_outputs(recipe)] if args.point is None else []
     if stage == "pretrain" and recipe.lm.name != "builtin":
         return []  # lm.path is then a model directory it only reads
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
@@ -140,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run only point N (0-based; one SLURM array task per point)")
     hooks = sub.add_parser("hooks", help="List a base LM's hook points and their widths.",
                            description="List a model's hook points with widths. MODEL is "
-                           "builtin (needs a pretrained recipe: pass the recipe path), smollm2, "
-                           "a local Hugging Face model directory, or a recipe YAML.")
+                           "builtin (its default shape; for a recipe's own shape pass the recipe), "
+                           "smollm2, a local Hugging Face model directory or hub id, or a recipe YAML.")
     hooks.add_argument("model")
     return parser
 

@@ -9,18 +9,22 @@ never blocks a re-run; the file itself stays (empty of meaning once unlocked) an
 of the last holder for the message a second process prints.
 
 Under torchrun every rank runs the stage: only global rank 0 locks, so one job's ranks do not
-refuse each other.
+refuse each other. `sae sweep --point N` (one SLURM array task per point) waits for the shared
+LM and store's locks instead of refusing them (`wait=True`): the first task makes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from framework.errors import FrameworkError
+
+log = logging.getLogger(__name__)
 
 
 def lock_path(directory: Path) -> Path:
@@ -37,9 +41,10 @@ def _is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def output_locks(directories: list[Path], command: str) -> Iterator[None]:
+def output_locks(directories: list[Path], command: str, wait: bool = False) -> Iterator[None]:
     """Hold the lock of every directory in `directories` while the body runs (their parents are
-    created if missing; the directories themselves are the stages' to create).
+    created if missing; the directories themselves are the stages' to create). A directory
+    another process holds is refused, or with `wait`, waited for (saying so in the log).
 
     Where the lock file cannot be made (a file where a parent should be), nothing is locked: the
     stage reports the problem itself, with a message for its own setting."""
@@ -50,12 +55,12 @@ def output_locks(directories: list[Path], command: str) -> Iterator[None]:
                 key = Path(os.path.abspath(directory))
                 if key not in seen:
                     seen.add(key)
-                    stack.enter_context(_lock(key, command))
+                    stack.enter_context(_lock(key, command, wait))
         yield
 
 
 @contextlib.contextmanager
-def _lock(directory: Path, command: str) -> Iterator[None]:
+def _lock(directory: Path, command: str, wait: bool = False) -> Iterator[None]:
     path = lock_path(directory)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,17 +69,27 @@ def _lock(directory: Path, command: str) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        held = _try_lock(fd)
+        if not held:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise LockedError(
-                f"{directory} is being written by another sae process ({holder or 'pid unknown'}; "
-                f"lock file {path}). Wait for it to finish, or point this command at "
-                f"another directory (workdir=... or the stage's output_dir=...)"
-            ) from None
+            if not wait:
+                raise LockedError(
+                    f"{directory} is being written by another sae process ({holder or 'pid unknown'}; "
+                    f"lock file {path}). Wait for it to finish, or point this command at "
+                    f"another directory (workdir=... or the stage's output_dir=...)"
+                )
+            log.info("waiting for another sae process (%s) to finish writing %s", holder or "pid unknown", directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, `sae {command}`\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_overrides
+from framework.locks import output_locks
 from framework.pipeline import run_stage
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,31 @@ def _bank_recipe(recipe: Recipe, points: list[dict], workdir: Path) -> Recipe:
     return recipe_from_dict(data)
 
 
+def _shared_stages(recipe: Recipe, points: list[dict]) -> list[str]:
+    """The base recipe's stages that these points share: pretraining (the built-in LM) and the
+    harvest, each when at least one point does not make its own."""
+    stages = []
+    if recipe.lm.name == "builtin" and any(not _changes(p, LM_SECTIONS) for p in points):
+        stages.append("pretrain")
+    if recipe.harvest.mode == "shards" and any(not _changes(p, STORE_SECTIONS) for p in points):
+        stages.append("harvest")
+    return stages
+
+
+def shared_outputs(recipe: Recipe, points: list[dict] | None = None) -> list[Path]:
+    """The directories outside `{workdir}/sweep` that a sweep writes: the base recipe's LM and
+    activation store, which its points share (a store given as a URL is only read)."""
+    stages = _shared_stages(recipe, expand_points(recipe) if points is None else points)
+    dirs = [recipe.path("lm")] if "pretrain" in stages else []
+    if "harvest" in stages and not is_url(recipe.harvest.output_dir):
+        dirs.append(recipe.path("activations"))
+    return dirs
+
+
 def _prepare_shared(recipe: Recipe, points: list[dict]) -> None:
     """Pretrain and harvest once, for the points that share the base recipe's."""
-    if recipe.lm.name == "builtin" and any(not _changes(p, LM_SECTIONS) for p in points):
-        run_stage("pretrain", recipe)
-    if recipe.harvest.mode == "shards" and any(not _changes(p, STORE_SECTIONS) for p in points):
-        run_stage("harvest", recipe)
+    for stage in _shared_stages(recipe, points):
+        run_stage(stage, recipe)
 
 
 def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
@@ -178,7 +198,14 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         results = [(p, _read_metrics(bank, point_name(p, keys))) for p in points]
     else:
         selected = [points[point_index]] if point_index is not None else points
-        _prepare_shared(recipe, selected)
+        if point_index is None:  # the CLI holds the locks of the shared LM and store
+            _prepare_shared(recipe, selected)
+        else:
+            # One SLURM array task per point: every task would pretrain and harvest the shared LM
+            # and store at once, into the same directories. The first makes them; the others
+            # wait for its lock, then find them complete.
+            with output_locks(shared_outputs(recipe, selected), "sweep", wait=True):
+                _prepare_shared(recipe, selected)
         for i, point in enumerate(selected):
             point_recipe = _apply(recipe, point, root / point_name(point, keys))
             log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point, keys))

@@ -48,6 +48,44 @@ def test_sae_run_locks_every_directory_it_writes(recipe_file, tmp_path):
     assert result.returncode == 2 and f"{tmp_path / 'run' / 'sae'} is being written" in result.stderr
 
 
+def sweep_file(tmp_path: Path) -> Path:
+    """A sweep over sae.* keys on the built-in LM; its text source matches no file, so pretraining
+    the shared LM fails at once, naming text.source, when nothing stops it first."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: locked\nworkdir: {tmp_path / 'run'}\ntext: {{source: '{tmp_path}/none/*.txt'}}\n"
+                    "sweep:\n  grid: {sae.l1_coefficient: [0.001, 0.002]}\n")
+    return path
+
+
+@pytest.mark.parametrize("shared", ["lm", "activations"])
+def test_sae_sweep_locks_the_shared_lm_and_store_it_writes(shared, tmp_path):
+    # The sweep pretrains and harvests the base recipe's LM and store, outside {workdir}/sweep:
+    # a `sae run` or `sae harvest` writing them at the same time is not to be written over.
+    with output_locks([tmp_path / "run" / shared], "harvest"):
+        result = sae("sweep", str(sweep_file(tmp_path)))
+    assert result.returncode == 2, result.stderr
+    assert f"{tmp_path / 'run' / shared} is being written by another sae process (pid {os.getpid()}" in result.stderr
+
+
+def test_sweep_point_tasks_wait_for_the_shared_lm_rather_than_write_it_at_once(tmp_path):
+    # One SLURM array task per point: the first makes the shared LM, the others wait for it.
+    lm = tmp_path / "run" / "lm"
+    with output_locks([lm], "sweep"):
+        task = subprocess.Popen([sys.executable, "-m", "framework.cli", "sweep", str(sweep_file(tmp_path)), "--point", "1"],
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            waiting = next((line for line in task.stderr if "waiting for another sae process" in line), "")
+            assert f"(pid {os.getpid()}, `sae sweep`) to finish writing {lm}" in waiting
+            assert task.poll() is None and not lm.exists()  # it waits, and has written nothing
+        except BaseException:
+            task.kill()
+            raise
+    # Released: the task goes on to pretrain the shared LM itself (which fails here on the text).
+    _, err = task.communicate(timeout=120)
+    assert task.returncode == 2 and "matches no .txt/.jsonl/.parquet files" in err, err
+
+
 def test_lock_is_released_when_its_holder_dies(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from framework.locks import output_locks\n"

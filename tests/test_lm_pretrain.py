@@ -53,6 +53,14 @@ def test_load_lm_reads_the_pretrained_builtin_model(pretrained_recipe):
     assert lm.next_token_loss(heldout).item() < metrics["unigram_heldout_loss"]
 
 
+def test_pretrain_of_a_ready_made_lm_does_nothing_and_says_so(tmp_path):
+    # The text matches no file: pretraining anything would fail on it at once.
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", f"text.source={tmp_path}/none/*.txt"])
+    result = pretrain(recipe)
+    assert "nothing to pretrain: lm.name='smollm2' is loaded ready-made" in result
+    assert list(tmp_path.iterdir()) == []  # no built-in LM trained into {workdir}/lm
+
+
 def test_loading_the_builtin_lm_before_pretraining_says_to_run_sae_pretrain(tmp_path):
     recipe = load_recipe(None, [f"workdir={tmp_path}"])
     with pytest.raises(DataError, match="no pretrained built-in LM.*sae pretrain RECIPE"):

@@ -1,11 +1,11 @@
 """Initialisation: on a small budget, where the weights start decides what the features become.
 
-A CPU run sees about a million activations where the paper's saw billions (DESIGN.md, "Learning
-on a small budget"). With the paper's Kaiming init and zero encoder bias about half the features
-fire on every token at step 0, and the L1 penalty spends the run shrinking them; with decoder rows
-drawn from the data, the encoder tied to them, and each encoder bias set so its feature fires on
-about init_target_l0 / n_features of the tokens, the run starts at its target sparsity and the
-features move within minutes.
+A CPU run sees about a million activations where the paper's saw billions (docs/training.md,
+"Initialisation that learns on a small budget"). With the paper's Kaiming init and zero encoder
+bias about half the features fire on every token at step 0, and the L1 penalty spends the run
+shrinking them; with decoder rows drawn from the data, the encoder tied to them, and each encoder
+bias set so its feature fires on about init_target_l0 / n_features of the tokens, the run starts
+at its target sparsity and the features move within minutes.
 
 Recipe fields (SAEConfig):
   init               "kaiming": PyTorch's default Kaiming-uniform, encoder and decoder untied (the
