@@ -105,7 +105,11 @@ class _IntermixedParser(argparse.ArgumentParser):
     """A stage's parser: flags may come before, between or after the key=value overrides
     (`sae harvest RECIPE --verify workdir=...`). argparse's plain parsing ends the positionals at
     the first flag, so overrides after one were "unrecognized arguments"; and
-    parse_intermixed_args cannot be used on the top-level parser, which has subcommands."""
+    parse_intermixed_args cannot be used on the top-level parser, which has subcommands.
+
+    Arguments it does not know are an error of this parser, not left over: argparse hands a
+    subcommand's leftovers to the top-level parser, whose error read `sae: error: unrecognized
+    arguments` with the top-level usage, naming neither the stage nor its flags."""
 
     _intermixed = False
 
@@ -114,9 +118,15 @@ class _IntermixedParser(argparse.ArgumentParser):
             return super().parse_known_args(args, namespace)
         self._intermixed = True
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixed = False
+        if extras:
+            flags = ", ".join("/".join(action.option_strings) for action in self._actions if action.option_strings)
+            overrides = any(action.dest == "overrides" for action in self._actions)
+            self.error(f"unrecognized arguments: {' '.join(extras)} (the flags of {self.prog}: {flags}"
+                       f"{'; recipe overrides are key=value' if overrides else ''})")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,3 +120,21 @@ def test_usage_without_a_recipe_names_only_the_recipe_as_required(capsys):
         build_parser().parse_args(["eval"])
     err = capsys.readouterr().err
     assert "required: recipe" in err and "key=value" not in err.split("error:")[1]
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["train", "r.yaml", "--bogus"], "-h/--help; recipe overrides are key=value"),
+    (["harvest", "r.yaml", "a=1", "--bogus"], "-h/--help, --verify; recipe overrides are key=value"),
+    (["hooks", "smollm2", "--bogus"], "-h/--help)"),
+])
+def test_an_unknown_flag_after_a_stage_is_reported_by_that_stage_with_its_flags(argv, flags, capsys):
+    from framework.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    stage = argv[0]
+    assert f"usage: sae {stage} [-h]" in err
+    assert f"sae {stage}: error: unrecognized arguments: --bogus (the flags of sae {stage}: {flags}" in err
+    assert "sae: error" not in err
