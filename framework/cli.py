@@ -85,12 +85,20 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        # One SLURM array task per --point shares the sweep directory: those are not locked.
-        return [Path(recipe.workdir) / "sweep"] if args.point is None else []
-    if stage == "pretrain" and recipe.lm.name != "builtin":
-        return []  # lm.path is then a model directory it only reads
+        if args.point is None:
+            return [Path(recipe.workdir) / "sweep"]
+        # SLURM array tasks (one --point each) share the sweep directory, so it is not locked;
+        # the point's own directory, where its stages write, is: a second process running the
+        # same point is refused, other points run side by side.
+        from framework.sweep import point_directory
+
+        return [point_directory(recipe, args.point)]
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
+        # Nothing to lock: with a URL, harvest (and --verify) only reads the store's manifest and
+        # shards; it writes no local file, not even a cache (framework/activations/harvest.py).
         return []
+    # pretrain is locked whatever lm.name says: it trains the built-in LM into recipe.path("lm")
+    # even for a recipe that names another LM (which `sae run` and sweeps never pretrain).
     return [recipe.path(STAGE_OUTPUTS[stage])]
 
 

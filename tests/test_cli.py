@@ -48,6 +48,37 @@ def test_sae_run_locks_every_directory_it_writes(recipe_file, tmp_path):
     assert result.returncode == 2 and f"{tmp_path / 'run' / 'sae'} is being written" in result.stderr
 
 
+def test_sae_sweep_point_locks_its_point_directory_not_the_sweep_directory(tmp_path):
+    recipe = tmp_path / "sweep.yaml"
+    # No shared work before the points (an LM that is not pretrained, live activations) and a
+    # point stage that fails at once, with nothing trained: what is checked is who gets that far.
+    recipe.write_text(f"name: swept\nworkdir: {tmp_path / 'run'}\nlm: {{name: smollm2}}\n"
+                      "harvest: {mode: live}\n"
+                      "sweep: {grid: {sae.l1_coefficient: [0.001, 0.002]}, stages: [export]}\n")
+    sweep_dir = tmp_path / "run" / "sweep"
+    with output_locks([sweep_dir / "l1_coefficient=0p001"], "sweep"):
+        same = sae("sweep", str(recipe), "--point", "0")
+        other = sae("sweep", str(recipe), "--point", "1")
+    assert same.returncode == 2
+    assert f"{sweep_dir / 'l1_coefficient=0p001'} is being written by another sae process" in same.stderr
+    assert other.returncode == 2 and "another sae process" not in other.stderr, other.stderr
+    assert "l1_coefficient=0p002/sae; run `sae train RECIPE` first" in other.stderr  # it ran its point
+    with output_locks([sweep_dir], "sweep"):  # another array task's point, or a whole sweep
+        result = sae("sweep", str(recipe), "--point", "0")
+    assert result.returncode == 2 and "another sae process" not in result.stderr, result.stderr
+    result = sae("sweep", str(recipe), "--point", "2")
+    assert result.returncode == 2 and "--point 2 is out of range: the sweep has 2 points" in result.stderr
+
+
+def test_sae_pretrain_locks_the_lm_directory_it_writes_whatever_lm_name_says(recipe_file, tmp_path):
+    # `sae pretrain` trains the built-in LM into {workdir}/lm (or lm.path) even when the recipe
+    # names another LM, so that directory is locked then too.
+    # (A text source that is not there: unlocked, the stage fails at once instead of pretraining.)
+    with output_locks([tmp_path / "run" / "lm"], "pretrain"):
+        result = sae("pretrain", str(recipe_file), "lm.name=smollm2", f"text.source={tmp_path / 'none' / '*.txt'}")
+    assert result.returncode == 2 and f"{tmp_path / 'run' / 'lm'} is being written" in result.stderr, result.stderr
+
+
 def test_lock_is_released_when_its_holder_dies(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from framework.locks import output_locks\n"
