@@ -56,7 +56,11 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
     return picked
 
 
-def _digest(fingerprint: dict) -> str:
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short, stable name of a fingerprint (`stage_fingerprint`): the first 16 hex digits of the
+    sha256 of its JSON with sorted keys. The `digest` a COMPLETE marker records, and what other
+    outputs carry to say which recipe made them (an export's `metadata.framework_export`, the
+    analysis's resumable stream state), so that all of them agree."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,7 +91,7 @@ def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **in
     fingerprint = stage_fingerprint(recipe, stage)
     marker = directory / MARKER
     tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"stage": stage, "digest": _digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
+    tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
     tmp.replace(marker)
     return marker
 
@@ -102,7 +106,7 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
         return False
     saved = json.loads(marker.read_text())
     fingerprint = stage_fingerprint(recipe, stage)
-    if saved.get("digest") == _digest(fingerprint):
+    if saved.get("digest") == fingerprint_digest(fingerprint):
         return True
     differences = _diff(fingerprint, saved.get("fingerprint", {}))
     raise RecipeError(

@@ -85,14 +85,20 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        # One SLURM array task per --point shares the sweep directory: those are not locked (the
-        # shared LM and store they may make, each task waits for: framework.sweep).
-        from framework.sweep import shared_outputs
+        from framework.sweep import point_directory, shared_outputs
 
-        return [Path(recipe.workdir) / "sweep", *shared_outputs(recipe)] if args.point is None else []
+        if args.point is None:
+            return [Path(recipe.workdir) / "sweep", *shared_outputs(recipe)]
+        # SLURM array tasks (one --point each) share the sweep directory, so it is not locked;
+        # the point's own directory, where its stages write, is: a second process running the
+        # same point is refused, other points run side by side. The shared LM and store they may
+        # make, each task waits for (framework.sweep).
+        return [point_directory(recipe, args.point)]
     if stage == "pretrain" and recipe.lm.name != "builtin":
-        return []  # lm.path is then a model directory it only reads
+        return []  # it writes nothing then: only the built-in LM is pretrained (lm/pretrain.py)
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
+        # Nothing to lock: with a URL, harvest (and --verify) only reads the store's manifest and
+        # shards; it writes no local file, not even a cache (framework/activations/harvest.py).
         return []
     return [recipe.path(STAGE_OUTPUTS[stage])]
 
@@ -108,7 +114,11 @@ class _IntermixedParser(argparse.ArgumentParser):
     """A stage's parser: flags may come before, between or after the key=value overrides
     (`sae harvest RECIPE --verify workdir=...`). argparse's plain parsing ends the positionals at
     the first flag, so overrides after one were "unrecognized arguments"; and
-    parse_intermixed_args cannot be used on the top-level parser, which has subcommands."""
+    parse_intermixed_args cannot be used on the top-level parser, which has subcommands.
+
+    Arguments it does not know are an error of this parser, not left over: argparse hands a
+    subcommand's leftovers to the top-level parser, whose error read `sae: error: unrecognized
+    arguments` with the top-level usage, naming neither the stage nor its flags."""
 
     _intermixed = False
 
@@ -117,9 +127,15 @@ class _IntermixedParser(argparse.ArgumentParser):
             return super().parse_known_args(args, namespace)
         self._intermixed = True
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixed = False
+        if extras:
+            flags = ", ".join("/".join(action.option_strings) for action in self._actions if action.option_strings)
+            overrides = any(action.dest == "overrides" for action in self._actions)
+            self.error(f"unrecognized arguments: {' '.join(extras)} (the flags of {self.prog}: {flags}"
+                       f"{'; recipe overrides are key=value' if overrides else ''})")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

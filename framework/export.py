@@ -37,7 +37,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from framework.artifacts import _digest, differences_from, is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import (
+    differences_from,
+    fingerprint_digest,
+    is_complete,
+    mark_complete,
+    stage_fingerprint,
+)
 from framework.config import Recipe, RecipeError, SAEConfig, load_recipe, save_recipe
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
@@ -95,7 +101,7 @@ def export(recipe: Recipe) -> Path:
     bank = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=""))
     trained = load_trained_saes(bank, for_export=True)
     # Which export wrote a directory: a re-run replaces only its own SAEs, never a folder of the user's.
-    metadata = saelens_metadata(recipe) | {"framework_export": _digest(stage_fingerprint(recipe, "export"))}
+    metadata = saelens_metadata(recipe) | {"framework_export": fingerprint_digest(stage_fingerprint(recipe, "export"))}
     for sae in trained:
         export_sae(sae, out / sae.name, metadata)
         log.info("exported %s to %s", sae.name, out / sae.name)

@@ -11,7 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from framework.config import Recipe, save_recipe
+from framework.artifacts import is_complete
+from framework.config import Recipe, RecipeError, save_recipe
 
 log = logging.getLogger(__name__)
 LIVE_HARVEST = "(live: generated while training)"  # harvest's output with harvest.mode=live
@@ -30,6 +31,7 @@ STAGE_FUNCTIONS = {
 STAGE_OUTPUTS = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
                  "analyze": "analysis", "export": "export"}
 REPORTED_STAGES = ("pretrain", "train", "eval", "analyze")  # those that write a report.md of their own
+EARLIER = "earlier run"  # report.md's time column for a complete output of an earlier run
 
 
 def run_stage(stage: str, recipe: Recipe) -> Path | str:
@@ -67,16 +69,24 @@ def summary_text(outputs: dict[str, tuple[Path | str, float]], report: Path) -> 
     return "\n".join(lines)
 
 
-def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> dict[str, Path]:
-    """The reports of stages that did not run this time but whose output an earlier run left
-    (`run.stages=[eval]` after a full run): report.md keeps their sections."""
+def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]) -> dict[str, tuple[Path, str]]:
+    """The directories of stages that did not run this time but that an earlier run left
+    (`run.stages=[eval]` after a full run), each with its state: "earlier run" when its COMPLETE
+    marker is this recipe's, whose report.md keeps its section; otherwise why it is not
+    reported (a stage stopped before its marker can leave a report.md of a half-written output,
+    and another recipe's output is not this recipe's result)."""
     earlier = {}
     for stage in REPORTED_STAGES:
         if stage in outputs or (stage == "pretrain" and recipe.lm.name != "builtin"):
             continue
         directory = recipe.path(STAGE_OUTPUTS[stage])
-        if (directory / "report.md").is_file():
-            earlier[stage] = directory
+        if not directory.is_dir():
+            continue
+        try:
+            state = EARLIER if is_complete(directory, recipe, stage) else "incomplete (no COMPLETE marker): not reported"
+        except RecipeError:
+            state = "made by a different recipe: not reported"
+        earlier[stage] = (directory, state)
     return earlier
 
 
@@ -91,13 +101,14 @@ def pipeline_report(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]
             path, seconds = outputs[stage]
             lines.append(f"| {stage} | `{path}` | {seconds:.0f}s |")
         elif stage in earlier:
-            lines.append(f"| {stage} | `{earlier[stage]}` | earlier run |")
+            directory, state = earlier[stage]
+            lines.append(f"| {stage} | `{directory}` | {state} |")
     for stage in REPORTED_STAGES:
         if stage in outputs:
             directory = Path(outputs[stage][0])
             directory = directory if directory.is_dir() else directory.parent
-        elif stage in earlier:
-            directory = earlier[stage]
+        elif stage in earlier and earlier[stage][1] == EARLIER:
+            directory = earlier[stage][0]
         else:
             continue
         sub = directory / "report.md"

@@ -187,8 +187,8 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
     keys = sweep_keys(points)
     root = Path(recipe.workdir) / "sweep"
     root.mkdir(parents=True, exist_ok=True)
-    if point_index is not None and not 0 <= point_index < len(points):
-        raise RecipeError(f"--point {point_index} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})")
+    if point_index is not None:
+        _check_point_index(point_index, points)
     if point_index is None and _is_bank_sweep(recipe, points):
         log.info("sweep: %d points over sae.* keys train as one bank in a single pass", len(points))
         _prepare_shared(recipe, points)
@@ -214,6 +214,20 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         results = [(p, _point_metrics(_apply(recipe, p, root / point_name(p, keys)))) for p in points]
     write_summary(root, results)
     return root
+
+
+def point_directory(recipe: Recipe, point_index: int) -> Path:
+    """The directory of point `point_index` (0-based), where `sae sweep --point N` runs the
+    point's stages; the CLI locks it, so that two processes running the same point refuse each
+    other while array tasks running other points share the sweep directory."""
+    points = expand_points(recipe)
+    _check_point_index(point_index, points)
+    return Path(recipe.workdir) / "sweep" / point_name(points[point_index], sweep_keys(points))
+
+
+def _check_point_index(point_index: int, points: list[dict]) -> None:
+    if not 0 <= point_index < len(points):
+        raise RecipeError(f"--point {point_index} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})")
 
 
 def _point_metrics(recipe: Recipe) -> dict:

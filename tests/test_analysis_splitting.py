@@ -85,7 +85,9 @@ def test_planted_splits_are_recovered_as_a_tree_across_three_sizes(tiny: TinySet
     assert tops[2].values.shape == (large.n_features, 10)
 
 
-def test_splitting_mode_draws_the_tree_as_escaped_html_and_png(pretrained_recipe, tmp_path):
+def planted_bank(pretrained_recipe, tmp_path):
+    """A splitting recipe over a saved bank of two sizes whose larger SAE splits each feature of
+    the smaller in three; returns it and small feature -> its copies."""
     from framework.training.train import save_sae
 
     model = load_lm(pretrained_recipe)
@@ -101,6 +103,11 @@ def test_splitting_mode_draws_the_tree_as_escaped_html_and_png(pretrained_recipe
     large, planted = split_planted(small, n_silent=8, seed=3)
     for name, sae in (("small", small), ("large", large)):
         save_sae(sae, name, HOOK, 1.0, recipe, tmp_path / "sae" / name)
+    return recipe, planted
+
+
+def test_splitting_mode_draws_the_tree_as_escaped_html_and_png(pretrained_recipe, tmp_path):
+    recipe, planted = planted_bank(pretrained_recipe, tmp_path)
     out = analyze(recipe)
     data = json.loads((out / "splitting.json").read_text())
     root = data["root"]
@@ -114,6 +121,23 @@ def test_splitting_mode_draws_the_tree_as_escaped_html_and_png(pretrained_recipe
             assert chip(token) in page  # escaped, whitespace drawn
     assert (out / f"tree_{root}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"tree_{root}.png" in (out / "report.md").read_text()
+
+
+def test_a_run_with_another_split_feature_leaves_only_its_own_tree(pretrained_recipe, tmp_path):
+    recipe, _ = planted_bank(pretrained_recipe, tmp_path)
+    out = analyze(recipe)
+    first = json.loads((out / "splitting.json").read_text())["root"]
+    foreign = {"tree_notes.html": "mine", "notes.md": "mine", "tree_7.txt": "mine"}  # not the stage's names
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    recipe.analyze.split_feature = (first + 1) % 16
+    assert analyze(recipe) == out
+    second = json.loads((out / "splitting.json").read_text())["root"]
+    assert second == recipe.analyze.split_feature != first
+    trees = sorted(p.name for p in out.glob("tree_*") if p.name not in foreign)
+    assert trees == [f"tree_{second}.html", f"tree_{second}.png"]
+    assert all((out / name).read_text() == text for name, text in foreign.items())
+    assert f"tree_{second}.html" in (out / "report.md").read_text()
 
 
 def test_an_out_of_range_split_feature_is_refused_before_any_work_and_keeps_the_last_output(

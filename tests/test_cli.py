@@ -86,6 +86,37 @@ def test_sweep_point_tasks_wait_for_the_shared_lm_rather_than_write_it_at_once(t
     assert task.returncode == 2 and "matches no .txt/.jsonl/.parquet files" in err, err
 
 
+def test_sae_sweep_point_locks_its_point_directory_not_the_sweep_directory(tmp_path):
+    recipe = tmp_path / "sweep.yaml"
+    # No shared work before the points (an LM that is not pretrained, live activations) and a
+    # point stage that fails at once, with nothing trained: what is checked is who gets that far.
+    recipe.write_text(f"name: swept\nworkdir: {tmp_path / 'run'}\nlm: {{name: smollm2}}\n"
+                      "harvest: {mode: live}\n"
+                      "sweep: {grid: {sae.l1_coefficient: [0.001, 0.002]}, stages: [export]}\n")
+    sweep_dir = tmp_path / "run" / "sweep"
+    with output_locks([sweep_dir / "l1_coefficient=0p001"], "sweep"):
+        same = sae("sweep", str(recipe), "--point", "0")
+        other = sae("sweep", str(recipe), "--point", "1")
+    assert same.returncode == 2
+    assert f"{sweep_dir / 'l1_coefficient=0p001'} is being written by another sae process" in same.stderr
+    assert other.returncode == 2 and "another sae process" not in other.stderr, other.stderr
+    assert "l1_coefficient=0p002/sae; run `sae train RECIPE` first" in other.stderr  # it ran its point
+    with output_locks([sweep_dir], "sweep"):  # another array task's point, or a whole sweep
+        result = sae("sweep", str(recipe), "--point", "0")
+    assert result.returncode == 2 and "another sae process" not in result.stderr, result.stderr
+    result = sae("sweep", str(recipe), "--point", "2")
+    assert result.returncode == 2 and "--point 2 is out of range: the sweep has 2 points" in result.stderr
+
+
+def test_sae_pretrain_of_a_ready_made_lm_writes_and_locks_nothing(recipe_file, tmp_path):
+    # Only the built-in LM is pretrained; for another, `sae pretrain` says so and writes nothing,
+    # so a process writing lm/ does not stop it.
+    with output_locks([tmp_path / "run" / "lm"], "pretrain"):
+        result = sae("pretrain", str(recipe_file), "lm.name=smollm2")
+    assert result.returncode == 0 and "nothing to pretrain" in result.stdout, result.stderr
+    assert not (tmp_path / "run" / "lm").exists()
+
+
 def test_lock_is_released_when_its_holder_dies(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from framework.locks import output_locks\n"
@@ -158,3 +189,21 @@ def test_usage_without_a_recipe_names_only_the_recipe_as_required(capsys):
         build_parser().parse_args(["eval"])
     err = capsys.readouterr().err
     assert "required: recipe" in err and "key=value" not in err.split("error:")[1]
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["train", "r.yaml", "--bogus"], "-h/--help; recipe overrides are key=value"),
+    (["harvest", "r.yaml", "a=1", "--bogus"], "-h/--help, --verify; recipe overrides are key=value"),
+    (["hooks", "smollm2", "--bogus"], "-h/--help)"),
+])
+def test_an_unknown_flag_after_a_stage_is_reported_by_that_stage_with_its_flags(argv, flags, capsys):
+    from framework.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    stage = argv[0]
+    assert f"usage: sae {stage} [-h]" in err
+    assert f"sae {stage}: error: unrecognized arguments: --bogus (the flags of sae {stage}: {flags}" in err
+    assert "sae: error" not in err

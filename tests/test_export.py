@@ -298,3 +298,17 @@ def test_export_names_an_output_dir_that_is_a_file(tmp_path):
     with pytest.raises(RecipeError, match=rf"{tmp_path / 'afile'} is a file"):
         export(recipe)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_metadata_names_its_recipe_by_the_digest_of_the_complete_marker(tmp_path):
+    from framework.artifacts import fingerprint_digest, stage_fingerprint
+
+    recipe = bank_recipe(tmp_path)
+    out = export(recipe)
+    marker = json.loads((out / "COMPLETE").read_text())
+    for cfg in recipe.sae_configs():
+        metadata = json.loads((out / cfg.name / "cfg.json").read_text())["metadata"]
+        assert metadata["framework_export"] == marker["digest"] == fingerprint_digest(stage_fingerprint(recipe, "export"))
+    # The value earlier versions wrote: markers and exports already on disk keep matching.
+    fingerprint = {"train": {"lr": 0.001, "bank": [{"name": "a"}]}, "lm": {"name": "builtin"}, "path": Path("/x")}
+    assert fingerprint_digest(fingerprint) == "c9ba1996e0b4ab7e"

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 from framework import pipeline
+from framework.artifacts import MARKER, mark_complete
 from framework.config import Recipe, load_recipe
 
 
 @pytest.fixture
 def stub_stages(monkeypatch):
-    """Each stage writes only `{output}/report.md` with a heading naming it."""
+    """Each stage writes only `{output}/report.md` with a heading naming it, then its COMPLETE
+    marker, as the stages do."""
     directories = {"pretrain": "lm", "harvest": "activations", "train": "sae", "eval": "eval",
                    "analyze": "analysis", "export": "export"}
 
@@ -21,6 +23,7 @@ def stub_stages(monkeypatch):
         out.mkdir(parents=True, exist_ok=True)
         if stage in ("pretrain", "train", "eval", "analyze"):
             (out / "report.md").write_text(f"# {stage} report\n\nnumbers of {stage}\n")
+        mark_complete(out, recipe, stage)
         return out
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
@@ -48,3 +51,19 @@ def test_running_fewer_stages_keeps_the_earlier_stages_sections_of_report_md(stu
     assert report.count("| earlier run |") == 3
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert sections == ["## pretrain report", "## train report", "## eval report", "## analyze report"]
+
+
+def test_report_md_leaves_out_an_earlier_stage_whose_output_is_not_complete_for_this_recipe(stub_stages, tmp_path):
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}"]))
+    (tmp_path / "sae" / MARKER).unlink()  # a re-train stopped after its report.md, before COMPLETE
+    # eval and analyze ran with another eval / analyze setting: not this recipe's results
+    pipeline.run(load_recipe(None, [f"workdir={tmp_path}", "eval.n_tokens=1000", "analyze.n_tokens=1000",
+                                    "run.stages=[pretrain]"]))
+    report = (tmp_path / "report.md").read_text()
+    assert "## pretrain report" in report  # ran now
+    for stage in ("train", "eval", "analyze"):
+        assert f"## {stage} report" not in report and f"numbers of {stage}" not in report
+    assert f"| train | `{tmp_path / 'sae'}` | incomplete (no COMPLETE marker): not reported |" in report
+    assert f"| eval | `{tmp_path / 'eval'}` | made by a different recipe: not reported |" in report
+    assert f"| analyze | `{tmp_path / 'analysis'}` | made by a different recipe: not reported |" in report
+    assert "earlier run" not in report

@@ -24,7 +24,6 @@ made on the same tokens with the same tools.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -54,7 +53,13 @@ from framework.analysis.records import (
 from framework.analysis.report import write_report
 from framework.analysis.revisit import revisit
 from framework.analysis.units import Units, units_for
-from framework.artifacts import atomic_write_text, is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import (
+    atomic_write_text,
+    fingerprint_digest,
+    is_complete,
+    mark_complete,
+    stage_fingerprint,
+)
 from framework.config import AnalyzeConfig, Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM
@@ -94,8 +99,7 @@ def analyze_features(recipe: Recipe) -> Path:
     model = load_lm(recipe)
     trained = pick_sae(load_saes_for_lm(recipe, model), recipe.analyze.sae_name)
     corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
-    fingerprint = json.dumps(stage_fingerprint(recipe, "analyze"), sort_keys=True, default=str)
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    digest = fingerprint_digest(stage_fingerprint(recipe, "analyze"))
     analyze_sae(model, trained, corpus, recipe.analyze, out, digest, recipe.seed)
     save_recipe(recipe, out)
     mark_complete(out, recipe, "analyze", sae=trained.name)

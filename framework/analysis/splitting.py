@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,10 +169,20 @@ def split(recipe: Recipe) -> Path:
     atomic_write_text(out / "splitting.json", json.dumps(data))
     write_tree_html(out / f"tree_{root}.html", data)
     write_tree_png(out / f"tree_{root}.png", data)
+    remove_other_trees(out, root)
     atomic_write_text(out / "report.md", report_text(data))
     save_recipe(recipe, out)
     markers.mark_done(out, recipe, settings)
     return out
+
+
+def remove_other_trees(out: Path, root: int) -> None:
+    """Delete the trees an earlier run drew of another root (another analyze.split_feature):
+    they would sit beside this run's as if current. Only names this stage writes are touched
+    (`tree_<feature>.html` / `.png`); any other file in the directory is left alone."""
+    for path in out.glob("tree_*"):
+        if re.fullmatch(r"tree_\d+\.(html|png)", path.name) and path.name not in (f"tree_{root}.html", f"tree_{root}.png"):
+            path.unlink()
 
 
 def dictionaries_by_size(bank: list[TrainedSAE]) -> list[TrainedSAE]:
