@@ -69,8 +69,7 @@ def _lock(directory: Path, command: str, wait: bool = False) -> Iterator[None]:
         yield
         return
     try:
-        held = _try_lock(fd)
-        if not held:
+        if not _try_lock(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             if not wait:
                 raise LockedError(
