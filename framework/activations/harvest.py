@@ -110,11 +110,17 @@ def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> Harve
 
 @dataclass
 class Window:
-    """One window's rows, already shuffled (exactly as its shards hold them, cut in order), and
-    the sums the store's normalisation statistics are merged from."""
+    """One window's rows in the order they were sampled, the shuffle to apply, and the sums the
+    store's normalisation statistics are merged from. Shuffled row i is `rows.take(order[i])`;
+    the harvest applies `order` shard by shard while converting to the store dtype, so the
+    window is copied once instead of once to shuffle and once more to cut and convert."""
 
     rows: Rows
+    order: torch.Tensor
     stats: list[dict]
+
+    def shuffled(self) -> Rows:
+        return self.rows.take(self.order)
 
 
 @torch.no_grad()
@@ -125,17 +131,9 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     n_contexts = math.ceil(n_rows / plan.tokens_per_context)
     first = window * plan.contexts_per_window
     generator = torch.Generator().manual_seed(hash_seed(plan.seed, plan.split, window))
-    # The window's random draws, made up front in the order they have always been made (each
-    # batch's positions, then the shuffle), so that each sampled row can be put straight into
-    # its shuffled place: shards are then cut from the window without a gather pass over it.
-    batch_sizes = [min(cfg.batch_size, n_contexts - b) for b in range(0, n_contexts, cfg.batch_size)]
-    candidates = recipe.text.context_length - cfg.skip_first_tokens
-    position_draws = [torch.rand(b, candidates, generator=generator) for b in batch_sizes]
-    order = torch.randperm(n_rows, generator=generator)  # shuffled row i is sampled row order[i]
-    destination = torch.empty_like(order)
-    destination[order] = torch.arange(n_rows)  # sampled row j goes to shuffled place destination[j]
     stop_at = model.last_hook(cfg.hook_points)
     widths = model.hook_points()
+    # Filled batch by batch (no list of blocks to concatenate at the end).
     rows = Rows(
         acts=[torch.empty(n_rows, widths[h], dtype=torch.float32) for h in cfg.hook_points],
         token=torch.empty(n_rows, dtype=torch.int64),
@@ -145,43 +143,40 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     sums = [torch.zeros(widths[h], dtype=torch.float64) for h in cfg.hook_points]
     norm_sums = [0.0 for _ in cfg.hook_points]
     filled = 0
-    batches = iter_context_batches(recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first,
-                                   stop=first + n_contexts)
-    for draw, (context_ids, tokens) in zip(position_draws, batches):
-        if len(tokens) != len(draw):
-            break  # the corpus ended early: reported below
+    for context_ids, tokens in iter_context_batches(
+        recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first, stop=first + n_contexts
+    ):
         out = model.run(tokens.to(model.device), capture=cfg.hook_points, stop_at=stop_at)
-        block = _sample_positions(out.activations, cfg, context_ids, tokens, draw)
+        block = _sample_positions(out.activations, cfg, context_ids, tokens, generator)
         k = min(len(block), n_rows - filled)
-        places = destination[filled:filled + k]
+        here = slice(filled, filled + k)
         for h, acts in enumerate(block.acts):
             acts = acts[:k]
-            rows.acts[h].index_copy_(0, places, acts)
+            rows.acts[h][here] = acts
             # Statistics per batch (float32 over a batch, float64 across batches): the store's
             # mean and mean norm without a float64 copy of the whole window. Summing with
             # dtype=float64 directly is ~5x slower on CPU.
             sums[h] += acts.sum(0).double()
             norm_sums[h] += torch.linalg.vector_norm(acts, dim=1).sum().item()
-        for column, values in ((rows.token, block.token), (rows.context, block.context), (rows.position, block.position)):
-            column.index_copy_(0, places, values[:k])
+        rows.token[here], rows.context[here], rows.position[here] = block.token[:k], block.context[:k], block.position[:k]
         filled += k
     if filled != n_rows:
         raise DataError(f"window {window} of the {plan.split} split produced {filled} rows, {n_rows} expected; "
                         f"the text source changed while harvesting. Re-run `sae harvest` on a fixed corpus.")
     stats = [{"sum": s.tolist(), "norm_sum": n, "count": n_rows} for s, n in zip(sums, norm_sums)]
-    return Window(rows, stats)
+    return Window(rows, torch.randperm(n_rows, generator=generator), stats)
 
 
 def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
     """All rows of one window, shuffled, exactly as its shards hold them."""
-    return collect_window(model, recipe, plan, window).rows
+    return collect_window(model, recipe, plan, window).shuffled()
 
 
-def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, draw: torch.Tensor) -> Rows:
-    """`tokens_per_context` distinct random positions from each context (batch, ctx) -> rows;
-    `draw` holds a uniform number per candidate position (batch, ctx - skip_first_tokens)."""
-    batch = tokens.shape[0]
-    order = draw.argsort(dim=1)
+def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, generator) -> Rows:
+    """`tokens_per_context` distinct random positions from each context (batch, ctx) -> rows."""
+    batch, length = tokens.shape
+    candidates = length - cfg.skip_first_tokens
+    order = torch.rand(batch, candidates, generator=generator).argsort(dim=1)
     positions = order[:, : cfg.tokens_per_context] + cfg.skip_first_tokens  # (batch, tpc)
     rows_of = torch.arange(batch).unsqueeze(1).expand_as(positions)
     acts = [activations[h][rows_of.to(activations[h].device), positions.to(activations[h].device)]
@@ -216,7 +211,10 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
     """Write one window's shards, then its record (which marks the window complete); rows written."""
     infos = []
     for i, shard in enumerate(plan.window_shards(window)):
-        piece = collected.rows.take(slice(i * plan.rows_per_shard, (i + 1) * plan.rows_per_shard))
+        # Shuffle while cutting: shard i holds shuffled rows i * rows_per_shard onwards. (On the
+        # writer thread: putting rows in their shuffled places as the LM produced them, an
+        # index_copy_ per batch, measured up to 2x slower on 2 busy cores, in the LM's thread.)
+        piece = collected.rows.take(collected.order[i * plan.rows_per_shard:(i + 1) * plan.rows_per_shard])
         try:
             infos.append(write_shard(store / shard_name(shard), shard, piece, recipe.harvest.dtype,
                                      recipe.harvest.rows_per_sample))
@@ -359,7 +357,7 @@ def harvest_split(model: BaseLM, recipe: Recipe, store: Path, split: str, n_toke
     progress = Progress(f"harvest {split}", sum(plan.window_row_count(w) for w in todo), "rows")
     # Fault-injection tests set this to hold the harvest between windows while they kill it.
     pause = float(os.environ.get("SAE_HARVEST_WINDOW_DELAY_S", 0))
-    # Windows are written (encode, hash, fsync) by writer threads while the LM runs the next
+    # Windows are written (shuffle, encode, hash, fsync) by writer threads while the LM runs the next
     # window: on a GPU the writing overlaps the device's work, on a CPU it fills the gaps. At
     # most one window per writer waits to be written, so memory holds writers + 1 windows, and a
     # write error (a full disk) surfaces before many more windows are handed over.
