@@ -112,42 +112,6 @@ def test_shards_are_plain_tar_files_of_npy_members(harvested):
     assert len(names) == 5 * (1024 // 256)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_shard_is_byte_for_byte_what_tarfile_and_np_save_write(tmp_path, dtype):
-    """write_shard encodes members straight from the arrays' memory; the plain encoding (each
-    .npy saved by numpy, the archive written by tarfile) must give the same file."""
-    import io
-    import tarfile
-
-    from framework.activations.format import Rows, to_storage, write_shard
-
-    generator = torch.Generator().manual_seed(0)
-    rows = Rows([torch.randn(1000, 48, generator=generator), torch.randn(1000, 7, generator=generator)],
-                token=torch.randint(0, 4096, (1000,), generator=generator),
-                context=torch.randint(0, 10**9, (1000,), generator=generator),
-                position=torch.randint(0, 128, (1000,), generator=generator))
-    info = write_shard(tmp_path / "shard-000003.tar", 3, rows, dtype, rows_per_sample=300)
-
-    plain = io.BytesIO()
-    with tarfile.open(fileobj=plain, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, start in enumerate(range(0, 1000, 300)):
-            block = slice(start, start + 300)
-            members = {f"acts{h}.npy": to_storage(a[block], dtype) for h, a in enumerate(rows.acts)}
-            members.update({"token.npy": rows.token[block].numpy().astype(np.int32),
-                            "context.npy": rows.context[block].numpy(),
-                            "position.npy": rows.position[block].numpy().astype(np.int16)})
-            for ext, array in members.items():
-                data = io.BytesIO()
-                np.save(data, array, allow_pickle=False)
-                member = tarfile.TarInfo(f"000003_{k:06d}.{ext}")
-                member.size = data.tell()
-                data.seek(0)
-                tar.addfile(member, data)
-    written = (tmp_path / "shard-000003.tar").read_bytes()
-    assert written == plain.getvalue()
-    assert info.sha256 == hashlib.sha256(written).hexdigest() and info.bytes == len(written) and info.rows == 1000
-
-
 def test_several_shard_writers_write_the_store_one_writer_writes(pretrained_recipe, harvested, tmp_path,
                                                                  monkeypatch):
     monkeypatch.setenv("SAE_SHARD_WRITERS", "3")
