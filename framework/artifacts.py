@@ -118,8 +118,12 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `path` under a temporary name and rename it: a reader sees the old file or the new
+    one, never a half-written one. The temporary name is the process's own, so two processes
+    writing the same file (array tasks rewriting a sweep's summary) do not write into each
+    other's temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
     return path
@@ -130,7 +134,7 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # the suffix tells savefig the format
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells savefig the format
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)

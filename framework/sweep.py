@@ -21,6 +21,7 @@ import json
 import logging
 from pathlib import Path
 
+from framework.artifacts import atomic_save_figure, atomic_write_text
 from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_overrides
 from framework.locks import output_locks
 from framework.pipeline import run_stage
@@ -211,9 +212,19 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
             log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point, keys))
             for stage in point_stages(recipe, point):
                 run_stage(stage, point_recipe)
-        results = [(p, _point_metrics(_apply(recipe, p, root / point_name(p, keys)))) for p in points]
+        results = [(p, _point_result(recipe, points, p, root)) for p in points]
     write_summary(root, results)
     return root
+
+
+def _point_result(recipe: Recipe, points: list[dict], point: dict, root: Path) -> dict:
+    """A point's metrics: from its own directory, or, for a point only an earlier bank sweep
+    trained (a `--point N` run after it), from the bank's, so that its summary row stays filled."""
+    keys = sweep_keys(points)
+    own = _point_metrics(_apply(recipe, point, root / point_name(point, keys)))
+    if own or not (root / "bank").is_dir() or not _is_bank_sweep(recipe, points):
+        return own
+    return _read_metrics(_bank_recipe(recipe, points, root / "bank"), point_name(point, keys))
 
 
 def point_directory(recipe: Recipe, point_index: int) -> Path:
@@ -248,11 +259,13 @@ def write_summary(root: Path, results: list[tuple[dict, dict]]) -> None:
     rows = [[point_name(p, keys), *[p.get(k, "") for k in keys], *[m.get(s, "") for s in SUMMARY_METRICS]] for p, m in results]
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
-    (root / "summary.csv").write_text(buffer.getvalue())
+    # Written under a temporary name and renamed: SLURM array tasks (`--point N`) finishing
+    # together each rewrite the summary, and a reader never sees a half-written one.
+    atomic_write_text(root / "summary.csv", buffer.getvalue())
     lines = ["# Sweep summary", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     lines += ["", "![L0 vs loss explained](pareto.png)", ""]
-    (root / "summary.md").write_text("\n".join(lines))
+    atomic_write_text(root / "summary.md", "\n".join(lines))
     plot_pareto(results, root / "pareto.png")
 
 
@@ -281,9 +294,7 @@ def plot_pareto(results: list[tuple[dict, dict]], path: Path) -> Path:
     ax.set_xlabel("L0 (features active per token)")
     ax.set_ylabel(y_key.replace("_", " "))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def _pareto_front(points: list[tuple[float, float]], maximise_y: bool) -> list[tuple[float, float]]:

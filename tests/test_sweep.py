@@ -94,6 +94,16 @@ def test_sweep_over_sae_keys_trains_one_bank_in_one_pass(pretrained_recipe, tmp_
     assert l0[0] > l0[1]  # the stronger L1 penalty gives the sparser codes
     assert "l1_coefficient" in (root / "summary.md").read_text()
 
+    # One point again on its own (as a SLURM array task would): the other point's row keeps the
+    # bank's metrics, where it was left blank.
+    sweep(recipe, point_index=1)
+    rows = {row.split(",")[0]: row.split(",") for row in (root / "summary.csv").read_text().splitlines()[1:]}
+    header = (root / "summary.csv").read_text().splitlines()[0].split(",")
+    assert float(rows[names[0]][header.index("l0")]) == pytest.approx(l0[0])
+    (own_metrics,) = (root / names[1] / "sae").glob("*/metrics.json")
+    own = json.loads(own_metrics.read_text())["l0"]
+    assert float(rows[names[1]][header.index("l0")]) == pytest.approx(own)
+
 
 def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
     """The bank entry overrides `sae`: both points trained the bank's L1 under different labels."""
