@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         with output_locks(_written_dirs(args.command, recipe, args), args.command):
             result = _call_stage(args.command, recipe, args)
-        if result is not None:
+        # Once per job (not once per torchrun rank); `sae run` has printed its summary, which
+        # ends with the report it returns.
+        from framework.distributed import current_rank  # here: `sae --help` need not import torch
+
+        if result is not None and args.command != "run" and current_rank().is_main:
             print(result)
         return 0
     except FrameworkError as err:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from framework.artifacts import is_complete
 from framework.config import Recipe, RecipeError, save_recipe
+from framework.distributed import current_rank
 
 log = logging.getLogger(__name__)
 LIVE_HARVEST = "(live: generated while training)"  # harvest's output with harvest.mode=live
@@ -57,8 +58,9 @@ def run(recipe: Recipe) -> Path:
             output = LIVE_HARVEST  # nothing was written: training generates its activations itself
         outputs[stage] = (output, time.perf_counter() - start)
     report = workdir / "report.md"
-    report.write_text(pipeline_report(recipe, outputs))
-    print(summary_text(outputs, report))
+    if current_rank().is_main:  # under torchrun every rank ran the stages; one writes and prints
+        report.write_text(pipeline_report(recipe, outputs))
+        print(summary_text(outputs, report))
     return report
 
 

@@ -67,3 +67,17 @@ def test_report_md_leaves_out_an_earlier_stage_whose_output_is_not_complete_for_
     assert f"| eval | `{tmp_path / 'eval'}` | made by a different recipe: not reported |" in report
     assert f"| analyze | `{tmp_path / 'analysis'}` | made by a different recipe: not reported |" in report
     assert "earlier run" not in report
+
+
+def test_sae_run_names_its_report_once_and_only_on_the_first_rank(stub_stages, tmp_path, monkeypatch, capsys):
+    from framework.cli import main
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"workdir: {tmp_path / 'run'}\n")
+    assert main(["run", str(recipe_file)]) == 0
+    report = tmp_path / "run" / "report.md"
+    assert capsys.readouterr().out.count(str(report)) == 1
+    report.unlink()
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: it ran the stages, rank 0 reports
+    assert main(["run", str(recipe_file)]) == 0
+    assert str(report) not in capsys.readouterr().out and not report.exists()
