@@ -88,7 +88,7 @@ def harvest_s(model, recipe, store: Path) -> float:
 
 
 def writer_rows_per_s(model, recipe, tmp: Path, passes: int) -> dict[int, float]:
-    """The shard writer alone (encode, sha256, write, fsync, rename) on windows already collected,
+    """The shard writer alone (shuffle, encode, sha256, write, fsync, rename) on windows already collected,
     with 1, 2, 4 threads (up to the machine's cores): the rate a harvest cannot exceed however
     fast the LM runs (on a GPU, where the LM is fast, this is what bounds a harvest)."""
     from concurrent.futures import ThreadPoolExecutor
