@@ -178,6 +178,32 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
     assert logged[1] == logged[0] and len(logged[0]) == 8  # log_every 2 over 16 steps
 
 
+def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pretrained_recipe, store_dir, tmp_path,
+                                                                              monkeypatch, caplog):
+    """A directory checkpoint (fsdp, feature_sharded, deepspeed) cannot replace last.ckpt in one
+    rename: a process killed between removing the old one and renaming the new one into place
+    leaves step-N.ckpt, written just before, and no last.ckpt. The run resumes from step-N; it
+    used to start over."""
+    import logging
+
+    extra = ("train.checkpoint_every=6",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    with monkeypatch.context() as patch:
+        inject(patch, CrashAt(8))
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train_stage.train(broken)
+    (tmp_path / "broken" / "checkpoints" / "last.ckpt").unlink()  # what the kill leaves: step-6.ckpt alone
+    with caplog.at_level(logging.INFO, logger="framework.training"):
+        train_stage.train(broken)
+    assert "resuming the activation stream at step 6" in caplog.text
+    name = whole.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_checkpoint_of_another_recipe_is_refused(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     first = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
     inject(monkeypatch, CrashAt(5))
