@@ -178,6 +178,44 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
     assert logged[1] == logged[0] and len(logged[0]) == 8  # log_every 2 over 16 steps
 
 
+class RecordPath(Callback):
+    """Which fast path (sparse codes or dense) the SAE's forward takes at each step."""
+
+    def __init__(self):
+        self.sparse: dict[int, bool | None] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.sparse[trainer.global_step] = next(iter(module.saes.values())).sparse_codes
+
+
+def test_a_resumed_run_takes_the_fast_path_the_uninterrupted_one_took(pretrained_recipe, store_dir, tmp_path,
+                                                                      monkeypatch):
+    """A ReLU SAE chooses its next step's path (dense or sparse codes) from the last step's
+    density. Resumed, it chose afresh from its first batch's pre-activations, and near the
+    threshold chose the other one: the same math summed in another order, which resampling
+    amplified to 1e-4 in W_enc 190 steps later (a run killed at step 64 of 256)."""
+    extra = ("train.checkpoint_every=6",)
+    whole_path = RecordPath()
+    with monkeypatch.context() as patch:
+        inject(patch, whole_path)
+        train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra))
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    with monkeypatch.context() as patch:
+        inject(patch, CrashAt(8))
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train_stage.train(broken)
+    resumed_path = RecordPath()
+    with monkeypatch.context() as patch:
+        inject(patch, resumed_path)
+        train_stage.train(broken)
+    assert whole_path.sparse[6] is not None
+    assert {step: whole_path.sparse[step] for step in resumed_path.sparse} == resumed_path.sparse
+    name = broken.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pretrained_recipe, store_dir, tmp_path,
                                                                               monkeypatch, caplog):
     """A directory checkpoint (fsdp, feature_sharded, deepspeed) cannot replace last.ckpt in one
