@@ -242,6 +242,35 @@ def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pret
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_a_run_stopped_after_a_checkpoint_keeps_the_row_of_the_step_before_it(pretrained_recipe, store_dir,
+                                                                              tmp_path, monkeypatch):
+    """The checkpoint at step 6 is saved among the callbacks at the end of batch 5, and the rows
+    of batch 5 were written after them: a run that died in between resumed at step 6 and its
+    log never held step 5. Here the run dies as it writes step 5's row."""
+    import framework.training.module as module_file
+
+    extra = ("train.checkpoint_every=6",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    original = module_file.log_metrics
+
+    def dies_at_step_5(trainer, metrics, step):
+        if step == 5:
+            raise RuntimeError("killed writing the log of step 5")
+        original(trainer, metrics, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module_file, "log_metrics", dies_at_step_5)
+        with pytest.raises(RuntimeError, match="killed writing"):
+            train_stage.train(broken)
+    train_stage.train(broken)
+    name = whole.sae_configs()[0].name
+    logged = [[r["step"] for r in csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")) if r.get(f"{name}/mse")]
+              for out in (tmp_path / "whole", tmp_path / "broken")]
+    assert logged[1] == logged[0] and "5" in logged[0]
+
+
 def test_checkpoint_of_another_recipe_is_refused(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     first = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
     inject(monkeypatch, CrashAt(5))

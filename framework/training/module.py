@@ -354,6 +354,10 @@ class SAEModule(L.LightningModule):
         from framework.artifacts import stage_fingerprint
 
         self.resolve_finite_check()  # raising here writes nothing: the last good checkpoint stays
+        # The step's metrics reach the log before the checkpoint that comes after the step: a
+        # checkpoint is saved among the callbacks, before this module's on_train_batch_end writes
+        # them, and a run killed in between resumed after the step and never logged it again.
+        self._write_step_metrics()
 
         # As an eager run saves them, also after train.cuda_graphs made the learning rates device
         # tensors (even once its graphs are released): resumable with graphs or without
