@@ -281,6 +281,46 @@ def test_torchrun_restarts_a_killed_feature_sharded_job_from_its_last_checkpoint
     assert_same_weights(reference(tuple(SHARDED_PAPER), False), tmp_path / "sae", SHARDED_PAPER_SAE)
 
 
+# `sae train` under torchrun in which rank 0 SIGKILLs itself while the step-8 last.ckpt is being
+# written: after every rank's shards (torch.distributed.checkpoint), before Lightning's meta.pt.
+KILLED_WRITING_LAST = """
+import os
+import signal
+from pathlib import Path
+
+import lightning.pytorch.strategies.model_parallel as model_parallel
+
+original = model_parallel._distributed_checkpoint_save
+saves = []
+
+
+def save(state, path):
+    original(state, path)
+    if "last.ckpt" in Path(path).name:
+        saves.append(path)
+        if len(saves) == 2 and int(os.environ["RANK"]) == 0:
+            print("injected fault: rank 0 killed writing last.ckpt", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+model_parallel._distributed_checkpoint_save = save
+"""
+
+
+def test_a_job_killed_while_rewriting_a_directory_checkpoint_resumes_to_the_same_weights(
+        recipe_file, overrides, reference, tmp_path):
+    """A sharded last.ckpt was rewritten in place: killed there, it held step 8's shards beside
+    step 4's meta.pt, and the rerun resumed step 4's loop with step 8's weights (max weight
+    difference 0.5 from the uninterrupted run), without a word."""
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=fsdp")
+    killed = torchrun(recipe_file, args, entry=train_entry(tmp_path, KILLED_WRITING_LAST))
+    assert killed.returncode != 0 and "injected fault: rank 0 killed writing last.ckpt" in killed.stdout
+    rerun = torchrun(recipe_file, args)
+    assert succeeded(rerun) and "resuming the activation stream at step 4" in rerun.stderr
+    assert_same_weights(reference(tuple(PAPER), True), tmp_path / "sae", PAPER_SAE)
+    assert not list((tmp_path / "sae" / "checkpoints").glob(".*"))  # no partial checkpoint left behind
+
+
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_instead_of_hanging(
         recipe_file, overrides, tmp_path):
     args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")

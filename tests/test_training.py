@@ -178,6 +178,99 @@ def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_d
     assert logged[1] == logged[0] and len(logged[0]) == 8  # log_every 2 over 16 steps
 
 
+class RecordPath(Callback):
+    """Which fast path (sparse codes or dense) the SAE's forward takes at each step."""
+
+    def __init__(self):
+        self.sparse: dict[int, bool | None] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.sparse[trainer.global_step] = next(iter(module.saes.values())).sparse_codes
+
+
+def test_a_resumed_run_takes_the_fast_path_the_uninterrupted_one_took(pretrained_recipe, store_dir, tmp_path,
+                                                                      monkeypatch):
+    """A ReLU SAE chooses its next step's path (dense or sparse codes) from the last step's
+    density. Resumed, it chose afresh from its first batch's pre-activations, and near the
+    threshold chose the other one: the same math summed in another order, which resampling
+    amplified to 1e-4 in W_enc 190 steps later (a run killed at step 64 of 256)."""
+    extra = ("train.checkpoint_every=6",)
+    whole_path = RecordPath()
+    with monkeypatch.context() as patch:
+        inject(patch, whole_path)
+        train_stage.train(make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra))
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    with monkeypatch.context() as patch:
+        inject(patch, CrashAt(8))
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train_stage.train(broken)
+    resumed_path = RecordPath()
+    with monkeypatch.context() as patch:
+        inject(patch, resumed_path)
+        train_stage.train(broken)
+    assert whole_path.sparse[6] is not None
+    assert {step: whole_path.sparse[step] for step in resumed_path.sparse} == resumed_path.sparse
+    name = broken.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pretrained_recipe, store_dir, tmp_path,
+                                                                              monkeypatch, caplog):
+    """A directory checkpoint (fsdp, feature_sharded, deepspeed) cannot replace last.ckpt in one
+    rename: a process killed between removing the old one and renaming the new one into place
+    leaves step-N.ckpt, written just before, and no last.ckpt. The run resumes from step-N; it
+    used to start over."""
+    import logging
+
+    extra = ("train.checkpoint_every=6",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    with monkeypatch.context() as patch:
+        inject(patch, CrashAt(8))
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train_stage.train(broken)
+    (tmp_path / "broken" / "checkpoints" / "last.ckpt").unlink()  # what the kill leaves: step-6.ckpt alone
+    with caplog.at_level(logging.INFO, logger="framework.training"):
+        train_stage.train(broken)
+    assert "resuming the activation stream at step 6" in caplog.text
+    name = whole.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_run_stopped_after_a_checkpoint_keeps_the_row_of_the_step_before_it(pretrained_recipe, store_dir,
+                                                                              tmp_path, monkeypatch):
+    """The checkpoint at step 6 is saved among the callbacks at the end of batch 5, and the rows
+    of batch 5 were written after them: a run that died in between resumed at step 6 and its
+    log never held step 5. Here the run dies as it writes step 5's row."""
+    import framework.training.module as module_file
+
+    extra = ("train.checkpoint_every=6",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    original = module_file.log_metrics
+
+    def dies_at_step_5(trainer, metrics, step):
+        if step == 5:
+            raise RuntimeError("killed writing the log of step 5")
+        original(trainer, metrics, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module_file, "log_metrics", dies_at_step_5)
+        with pytest.raises(RuntimeError, match="killed writing"):
+            train_stage.train(broken)
+    train_stage.train(broken)
+    name = whole.sae_configs()[0].name
+    logged = [[r["step"] for r in csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")) if r.get(f"{name}/mse")]
+              for out in (tmp_path / "whole", tmp_path / "broken")]
+    assert logged[1] == logged[0] and "5" in logged[0]
+
+
 def test_checkpoint_of_another_recipe_is_refused(pretrained_recipe, store_dir, tmp_path, monkeypatch):
     first = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.checkpoint_every=4")
     inject(monkeypatch, CrashAt(5))

@@ -354,6 +354,10 @@ class SAEModule(L.LightningModule):
         from framework.artifacts import stage_fingerprint
 
         self.resolve_finite_check()  # raising here writes nothing: the last good checkpoint stays
+        # The step's metrics reach the log before the checkpoint that comes after the step: a
+        # checkpoint is saved among the callbacks, before this module's on_train_batch_end writes
+        # them, and a run killed in between resumed after the step and never logged it again.
+        self._write_step_metrics()
 
         # As an eager run saves them, also after train.cuda_graphs made the learning rates device
         # tensors (even once its graphs are released): resumable with graphs or without
@@ -368,7 +372,17 @@ class SAEModule(L.LightningModule):
             "layout": self.layout.name,
             "hook_points": self.hook_points,
             "input_scales": self.input_scales,
+            # Which fast path (dense or sparse codes) each ReLU SAE's next forward takes, chosen
+            # from the previous step's density. A resumed run without it chose afresh from its
+            # first batch, and near the threshold chose the other path: the same math summed in
+            # another order, weights 1e-4 from the uninterrupted run's a few hundred steps on.
+            "sparse_codes": {name: sae.sparse_codes for name, sae in self.saes.items() if hasattr(sae, "sparse_codes")},
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name, sparse in checkpoint.get("sae_framework", {}).get("sparse_codes", {}).items():
+            if name in self.saes and hasattr(self.saes[name], "sparse_codes"):
+                self.saes[name].sparse_codes = sparse
 
 
 class PendingCheck:

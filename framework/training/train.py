@@ -17,6 +17,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,6 +81,56 @@ def check_store_recipe(recipe: Recipe, location: str) -> None:
             f"harvested with these settings."
         )
     check_harvested_lm(Path(location), recipe, weights_sha256(recipe))
+
+
+class WholeCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose checkpoints appear under their name whole or not at all.
+
+    Lightning writes a one-file checkpoint atomically, but the sharded strategies (fsdp,
+    feature_sharded, deepspeed) write a directory in place: rewriting last.ckpt put the new
+    step's shards beside the old step's meta.pt, so a process killed in between left a
+    last.ckpt that loaded without complaint and resumed the older step's loop with the newer
+    step's weights (a different result). Every checkpoint is now written under a hidden
+    temporary name and renamed into place once every rank has written its part. A directory
+    cannot replace another in one rename: killed between removing the old last.ckpt and the
+    rename, the run resumes from the step-N checkpoint written just before (`resume_checkpoint`).
+    """
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        path = Path(filepath)
+        partial = path.with_name(f".{path.name}.partial")
+        if trainer.is_global_zero:
+            _remove(partial)  # left by a process killed while writing it
+        trainer.strategy.barrier()
+        super()._save_checkpoint(trainer, str(partial))
+        trainer.strategy.barrier()  # every rank has written its shards
+        if trainer.is_global_zero:
+            if partial.is_dir():
+                _remove(path)
+            os.replace(partial, path)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = str(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def resume_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint a run resumes from: last.ckpt, or where a process killed while replacing
+    a directory checkpoint left none, the latest step-N.ckpt; None when there is neither."""
+    last = directory / "last.ckpt"
+    if last.exists():
+        return last
+    steps = {}
+    for path in directory.glob("step-*.ckpt"):  # step-N.ckpt, or step-N-vK.ckpt
+        match = re.fullmatch(r"step-(\d+)(?:-v(\d+))?\.ckpt", path.name)
+        if match:
+            steps[path] = (int(match[1]), int(match[2] or 0))
+    return max(steps, key=steps.get) if steps else None
 
 
 class _TrackLastCheckpoint(Callback):
@@ -153,7 +205,7 @@ def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main
 def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Trainer:
     cfg = recipe.train
     total = total_steps(recipe)
-    checkpoint = ModelCheckpoint(
+    checkpoint = WholeCheckpoint(
         # step-16.ckpt: Lightning would otherwise insert the metric's name (step-step=16.ckpt)
         dirpath=out / "checkpoints", filename="step-{step}", auto_insert_metric_name=False,
         save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint_every or total,
@@ -212,13 +264,14 @@ def train(recipe: Recipe) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(recipe, out, data)
     last = out / "checkpoints" / "last.ckpt"  # a file, or a directory for sharded strategies
-    if last.exists():
-        check_checkpoint(last, recipe)
-        log.info("resuming from %s", last)
+    resume = resume_checkpoint(last.parent)
+    if resume is not None:
+        check_checkpoint(resume, recipe)
+        log.info("resuming from %s", resume)
     else:
         initialize(module, data, out, trainer.is_global_zero)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None, weights_only=True)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except Exception as err:
         if world_size(recipe) > 1:
             log.error(
@@ -226,7 +279,7 @@ def train(recipe: Recipe) -> Path:
                 "for SAE_DIST_TIMEOUT_S=%ss, its own log says why. The last checkpoint is kept (%s): "
                 "run the same command again to resume from it.", trainer.global_rank, trainer.global_step,
                 type(err).__name__, err, os.environ.get("SAE_DIST_TIMEOUT_S", 1800),
-                last if last.exists() else "none written yet; set train.checkpoint_every",
+                resume_checkpoint(last.parent) or "none written yet; set train.checkpoint_every",
             )
         raise
     finally:
@@ -234,7 +287,7 @@ def train(recipe: Recipe) -> Path:
     if trainer.is_global_zero:
         from framework.training.report import write_training_outputs
 
-        write_training_outputs(recipe, _trained_bank(module, trainer, last), trainer, out)
+        write_training_outputs(recipe, _trained_bank(module, trainer, resume or last), trainer, out)
         save_recipe(recipe, out)
         mark_complete(out, recipe, "train", saes=list(module.saes))
     trainer.strategy.barrier()
