@@ -152,16 +152,21 @@ def test_sae_train_prints_each_lightning_line_once(pretrained_recipe, store_dir,
     assert "framework.training.callbacks: train: 8,192/8,192 tokens (100%)" in run.stderr  # our own lines stay
 
 
-def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+def whole_and_crashed_at_8(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    """A run trained to the end, and the same recipe crashed at step 8 after a checkpoint at 6."""
     extra = ("train.checkpoint_every=6",)
     whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
     train_stage.train(whole)
-
     broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
     with monkeypatch.context() as patch:
         inject(patch, CrashAt(8))
         with pytest.raises(RuntimeError, match="injected crash"):
             train_stage.train(broken)
+    return whole, broken
+
+
+def test_resumed_training_equals_an_uninterrupted_run(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    whole, broken = whole_and_crashed_at_8(pretrained_recipe, store_dir, tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-6.ckpt"]
     assert not (tmp_path / "broken" / "COMPLETE").exists()
     train_stage.train(broken)  # resumes from step 6
@@ -224,14 +229,7 @@ def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pret
     used to start over."""
     import logging
 
-    extra = ("train.checkpoint_every=6",)
-    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
-    train_stage.train(whole)
-    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
-    with monkeypatch.context() as patch:
-        inject(patch, CrashAt(8))
-        with pytest.raises(RuntimeError, match="injected crash"):
-            train_stage.train(broken)
+    whole, broken = whole_and_crashed_at_8(pretrained_recipe, store_dir, tmp_path, monkeypatch)
     (tmp_path / "broken" / "checkpoints" / "last.ckpt").unlink()  # what the kill leaves: step-6.ckpt alone
     with caplog.at_level(logging.INFO, logger="framework.training"):
         train_stage.train(broken)
