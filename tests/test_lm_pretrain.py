@@ -61,6 +61,15 @@ def test_pretrain_of_a_ready_made_lm_does_nothing_and_says_so(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no built-in LM trained into {workdir}/lm
 
 
+def test_a_text_source_that_is_not_there_is_named_before_pretrain_writes_anything(tmp_path):
+    from framework.text import TextSourceError
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", f"text.source={tmp_path}/none/*.txt"])
+    with pytest.raises(TextSourceError, match="matches no .txt/.jsonl/.parquet files"):
+        pretrain(recipe)
+    assert not recipe.path("lm").exists()  # it held a started-marker and nothing else
+
+
 def test_loading_the_builtin_lm_before_pretraining_says_to_run_sae_pretrain(tmp_path):
     recipe = load_recipe(None, [f"workdir={tmp_path}"])
     with pytest.raises(DataError, match="no pretrained built-in LM.*sae pretrain RECIPE"):

@@ -47,7 +47,7 @@ from framework.lm.builtin import BuiltinArchitecture, BuiltinLM
 from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from framework.memory import freed_memory_kept
 from framework.progress import Progress
-from framework.text import load_contexts, token_stream
+from framework.text import iter_documents, load_contexts, token_stream
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import ProgressBar
 
@@ -226,6 +226,9 @@ def pretrain(recipe: Recipe) -> Path | str:
     if is_complete(out, recipe, "pretrain"):
         log.info("pretrain: %s is complete; skipping", out)
         return out
+    # The corpus's first document before anything is written: a text.source that is not there
+    # (or holds nothing readable) fails here, not after lm/ and its started-marker were made.
+    next(iter_documents(recipe.text), None)
     out.mkdir(parents=True, exist_ok=True)
     resume = _resumable(out, recipe)
     L.seed_everything(recipe.lm.builtin.seed, workers=True, verbose=False)
