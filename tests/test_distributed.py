@@ -321,6 +321,48 @@ def test_a_job_killed_while_rewriting_a_directory_checkpoint_resumes_to_the_same
     assert not list((tmp_path / "sae" / "checkpoints").glob(".*"))  # no partial checkpoint left behind
 
 
+# `sae train` under torchrun in which rank 0 SIGKILLs itself while the step-4 last.ckpt is being
+# removed to make way for step 8's: the directory's torch.distributed.checkpoint index (.metadata)
+# is gone, its shards and Lightning's meta.pt not yet (shutil.rmtree removes one file at a time).
+KILLED_REMOVING_LAST = """
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import framework.training.train as train_stage
+
+original = shutil.rmtree
+
+
+class Shutil:
+    def rmtree(self, path, *args, **kwargs):
+        path = Path(path)
+        if "last.ckpt" in path.name and not path.name.endswith(".partial") and (path / ".metadata").is_file():
+            (path / ".metadata").unlink()
+            print("injected fault: rank 0 killed removing last.ckpt", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(path, *args, **kwargs)
+
+
+train_stage.shutil = Shutil()
+"""
+
+
+def test_a_job_killed_while_removing_the_replaced_directory_checkpoint_resumes_to_the_same_weights(
+        recipe_file, overrides, reference, tmp_path):
+    """The old sharded last.ckpt was deleted in place, file by file, before the new one was renamed
+    over it: killed in between, last.ckpt was a directory with meta.pt but without part of its
+    shards, which the rerun took for the checkpoint to resume from and failed to load."""
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=fsdp")
+    killed = torchrun(recipe_file, args, entry=train_entry(tmp_path, KILLED_REMOVING_LAST))
+    assert killed.returncode != 0 and "injected fault: rank 0 killed removing last.ckpt" in killed.stdout
+    rerun = torchrun(recipe_file, args)
+    assert succeeded(rerun) and "resuming the activation stream at step 8" in rerun.stderr
+    assert_same_weights(reference(tuple(PAPER), True), tmp_path / "sae", PAPER_SAE)
+    assert not list((tmp_path / "sae" / "checkpoints").glob(".*"))  # nothing half-removed left behind
+
+
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_instead_of_hanging(
         recipe_file, overrides, tmp_path):
     args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")

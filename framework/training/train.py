@@ -92,22 +92,28 @@ class WholeCheckpoint(ModelCheckpoint):
     last.ckpt that loaded without complaint and resumed the older step's loop with the newer
     step's weights (a different result). Every checkpoint is now written under a hidden
     temporary name and renamed into place once every rank has written its part. A directory
-    cannot replace another in one rename: killed between removing the old last.ckpt and the
-    rename, the run resumes from the step-N checkpoint written just before (`resume_checkpoint`).
+    cannot replace another in one rename: the old one is renamed aside first and removed after
+    (removing it in place, file by file, and killed in between, left a last.ckpt with meta.pt but
+    without part of its shards, which the next run took for its checkpoint and failed to load).
+    Killed between the two renames, the run resumes from the step-N checkpoint written just
+    before (`resume_checkpoint`).
     """
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         path = Path(filepath)
         partial = path.with_name(f".{path.name}.partial")
+        replaced = path.with_name(f".{path.name}.replaced")
         if trainer.is_global_zero:
             _remove(partial)  # left by a process killed while writing it
+            _remove(replaced)  # left by a process killed while removing it
         trainer.strategy.barrier()
         super()._save_checkpoint(trainer, str(partial))
         trainer.strategy.barrier()  # every rank has written its shards
         if trainer.is_global_zero:
-            if partial.is_dir():
-                _remove(path)
+            if partial.is_dir() and path.exists():
+                os.replace(path, replaced)  # whole under another name, never half removed under its own
             os.replace(partial, path)
+            _remove(replaced)
         trainer.strategy.barrier()
         self._last_checkpoint_saved = str(path)
 
