@@ -212,19 +212,24 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
             log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point, keys))
             for stage in point_stages(recipe, point):
                 run_stage(stage, point_recipe)
-        results = [(p, _point_result(recipe, points, p, root)) for p in points]
+        results = _point_results(recipe, points, root)
     write_summary(root, results)
     return root
 
 
-def _point_result(recipe: Recipe, points: list[dict], point: dict, root: Path) -> dict:
-    """A point's metrics: from its own directory, or, for a point only an earlier bank sweep
+def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, dict]]:
+    """Each point's metrics: from its own directory, or, for a point only an earlier bank sweep
     trained (a `--point N` run after it), from the bank's, so that its summary row stays filled."""
     keys = sweep_keys(points)
-    own = _point_metrics(_apply(recipe, point, root / point_name(point, keys)))
-    if own or not (root / "bank").is_dir() or not _is_bank_sweep(recipe, points):
-        return own
-    return _read_metrics(_bank_recipe(recipe, points, root / "bank"), point_name(point, keys))
+    bank = _bank_recipe(recipe, points, root / "bank") if (root / "bank").is_dir() and _is_bank_sweep(recipe, points) else None
+    results = []
+    for point in points:
+        name = point_name(point, keys)
+        metrics = _point_metrics(_apply(recipe, point, root / name))
+        if not metrics and bank is not None:
+            metrics = _read_metrics(bank, name)
+        results.append((point, metrics))
+    return results
 
 
 def point_directory(recipe: Recipe, point_index: int) -> Path:
