@@ -118,6 +118,7 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
     `compiled`: the forward (and so its backward) through torch.compile: "fast", our fast path;
     "plain", the SAE's reference math (`forward_reference`: dense codes, dense products), which
     is what compiling a straightforward SAE gives. Compilation happens in the untimed steps."""
+    from framework.memory import HostCopy
     from framework.training.layout import ParameterLayout
     from framework.training.module import FeatureStats, any_non_finite
 
@@ -130,6 +131,7 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     counter = itertools.count()
+    pending: list[tuple[int, HostCopy] | None] = [None]  # the last step's finiteness check
 
     def update_stats(name, sae, fire_counts, rows):  # SAEModule._update_stats
         stats.update(fire_counts, rows, layout)
@@ -159,9 +161,10 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
             layout.before_optimizer_step(sae)
             optimizer.step()
             layout.after_optimizer_step(sae)
-        # SAEModule._check_finite: the loss and the weights, one host sync
-        if any_non_finite([out.loss.detach(), *sae.parameters()]).item():
-            raise RuntimeError(f"non-finite loss or weights at step {i}")
+        # SAEModule._check_finite: the loss and the weights, read at the next step's check
+        earlier, pending[0] = pending[0], (i, HostCopy(any_non_finite([out.loss.detach(), *sae.parameters()])))
+        if earlier is not None and earlier[1].values()[0]:
+            raise RuntimeError(f"non-finite loss or weights at step {earlier[0]}")
         if not cuda_graphs:
             optimizer.zero_grad(set_to_none=True)
         schedule.step()

@@ -94,8 +94,8 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
         # same point is refused, other points run side by side. The shared LM and store they may
         # make, each task waits for (framework.sweep).
         return [point_directory(recipe, args.point)]
-    if stage == "pretrain" and recipe.lm.name != "builtin":
-        return []  # it writes nothing then: only the built-in LM is pretrained (lm/pretrain.py)
+    if stage == "pretrain" and not recipe.pretrains_lm:
+        return []  # it writes nothing then (Recipe.pretrains_lm)
     if stage == "harvest" and recipe.harvest.output_dir and is_url(recipe.harvest.output_dir):
         # Nothing to lock: with a URL, harvest (and --verify) only reads the store's manifest and
         # shards; it writes no local file, not even a cache (framework/activations/harvest.py).

@@ -280,6 +280,13 @@ class Recipe:
         }[stage]
         return Path(explicit) if explicit else Path(self.workdir) / stage
 
+    @property
+    def pretrains_lm(self) -> bool:
+        """Whether `sae pretrain` trains this recipe's LM: only the built-in one is trained here;
+        SmolLM2 and Hugging Face models load ready-made, so `sae run` and `sae sweep` skip the
+        stage for them and the CLI locks nothing for it."""
+        return self.lm.name == "builtin"
+
     def store_location(self) -> str:
         """Where training reads activations: the local store directory, or harvest.output_dir
         as given when it is a URL (`http(s)://`, `s3://`, `pipe:...`), which a Path would mangle."""

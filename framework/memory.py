@@ -100,3 +100,30 @@ def freed_memory_kept():
         libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+class HostCopy:
+    """A tensor's values on their way to the host, read later instead of at once.
+
+    On a GPU, `.item()` or `.tolist()` waits until every kernel queued so far has run: the host
+    stops queueing the step's next kernels, and the GPU then idles while it catches up. Here
+    the values are copied into page-locked memory without blocking, behind an event that
+    `values()` waits on, by when the kernels that made them have long finished. Elsewhere the
+    tensor itself, read when asked (the same order of events, so CPU tests cover it)."""
+
+    def __init__(self, values):
+        import torch
+
+        self._on_the_way = values.device.type == "cuda"
+        if self._on_the_way:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = values.detach()
+
+    def values(self) -> list:
+        if self._on_the_way:
+            self._copied.synchronize()
+        return self._host.reshape(-1).tolist()

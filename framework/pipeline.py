@@ -42,7 +42,7 @@ def run_stage(stage: str, recipe: Recipe) -> Path | str:
 
 def stages_for(recipe: Recipe) -> list[str]:
     """The recipe's stages, minus pretraining when the LM is not the built-in one."""
-    return [s for s in recipe.run.stages if not (s == "pretrain" and recipe.lm.name != "builtin")]
+    return [s for s in recipe.run.stages if not (s == "pretrain" and not recipe.pretrains_lm)]
 
 
 def run(recipe: Recipe) -> Path:
@@ -79,7 +79,7 @@ def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]
     and another recipe's output is not this recipe's result)."""
     earlier = {}
     for stage in REPORTED_STAGES:
-        if stage in outputs or (stage == "pretrain" and recipe.lm.name != "builtin"):
+        if stage in outputs or (stage == "pretrain" and not recipe.pretrains_lm):
             continue
         directory = recipe.path(STAGE_OUTPUTS[stage])
         if not directory.is_dir():

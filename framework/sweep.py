@@ -136,7 +136,7 @@ def _changes(point: dict, sections: tuple[str, ...]) -> bool:
 def point_stages(recipe: Recipe, point: dict) -> list[str]:
     """What a point runs itself: its own pretraining and harvest only if it changes them."""
     own = []
-    if _changes(point, LM_SECTIONS) and recipe.lm.name == "builtin":
+    if _changes(point, LM_SECTIONS) and recipe.pretrains_lm:
         own.append("pretrain")
     if _changes(point, STORE_SECTIONS) and recipe.harvest.mode == "shards":
         own.append("harvest")
@@ -159,7 +159,7 @@ def _shared_stages(recipe: Recipe, points: list[dict]) -> list[str]:
     """The base recipe's stages that these points share: pretraining (the built-in LM) and the
     harvest, each when at least one point does not make its own."""
     stages = []
-    if recipe.lm.name == "builtin" and any(not _changes(p, LM_SECTIONS) for p in points):
+    if recipe.pretrains_lm and any(not _changes(p, LM_SECTIONS) for p in points):
         stages.append("pretrain")
     if recipe.harvest.mode == "shards" and any(not _changes(p, STORE_SECTIONS) for p in points):
         stages.append("harvest")

@@ -42,6 +42,39 @@ def test_fast_path_matches_the_plain_path_on_cuda(variant, dtype):
             torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol * 10, atol=tol, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["paper", "topk"])  # (BatchTopK's selection needs its candidates' count)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_on_cuda_never_waits_for_the_gpu(variant, dtype):
+    # Forward, backward, the decoder constraint and fused Adam queue kernels without reading any
+    # value back (the paper SAE's next path is read at the next forward, from a copy made
+    # without blocking): torch raises on every synchronising call in this mode.
+    torch.manual_seed(0)
+    sae = build_sae(576, SAEConfig(variant=variant, n_features=4096, k=32, init="transpose")).cuda()
+    x = torch.randn(1024, 576, device="cuda")
+    sae.initialize_from_data(x)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = sae(x).loss
+        loss.backward()
+        sae.before_optimizer_step()
+        optimizer.step()
+        sae.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first forward looks at its codes before choosing a path
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if variant == "paper":
+        assert sae.sparse_codes is False  # half the features fire: the dense path, read back afterwards
+
+
 def test_sae_train_runs_on_cuda_in_bf16_and_lowers_the_loss(pretrained_recipe, tmp_path):
     common = [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", f"workdir={tmp_path}",
               "lm.device=auto", "harvest.n_tokens=32768", "harvest.tokens_per_context=32",

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from framework.config import SAEConfig
 from framework.sae import build_sae
@@ -258,8 +259,9 @@ def test_a_relu_sae_keeps_only_the_buffers_of_the_path_it_takes_next():
     sae = _sae("paper", target_l0=4)  # sparse codes: the next step takes the sparse path
     sae.sparse_codes = False
     sae(_data()).loss.backward()  # a dense step, after which the codes are found sparse
-    assert sae.sparse_codes
-    assert set(sae._workspace._buffers) == {"grad_pre"}  # the dense backward's, until the next forward
+    assert set(sae._workspace._buffers) == {"grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug"}  # the dense step's
+    assert sae.sparse_codes  # read (at the next forward in training): the dense path's buffers go
+    assert not sae._workspace._buffers
     sae(_data(3)).loss.backward()
     assert set(sae._workspace._buffers) == {"pre", "mask"}
     dense = _sae("paper")  # half the features fire: stays dense
@@ -393,3 +395,48 @@ def test_topk_reads_whether_latents_are_dead_only_when_one_may_be(variant):
     fresh(_data(0), 0)  # its bound now says: nothing dead for a while
     fresh.load_state_dict(state)  # the counts of a run with dead latents
     assert fresh(_data(30), 30).losses["auxk"] > 0
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the operators that read device values back to the host: on a GPU each makes the
+    host wait for every kernel queued so far (here on CPU the same calls happen, so they are
+    counted the same)."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.unique", "aten.masked_select",
+             "aten.repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READS):
+            self.reads.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _training_step(sae, optimizer, x):
+    sae(x).loss.backward()
+    sae.before_optimizer_step()
+    optimizer.step()
+    sae.after_optimizer_step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("variant", "target_l0", "expected"), [
+    ("paper", 0.0, []),  # dense codes: the dense path
+    ("paper", 6.0, ["nonzero"]),  # sparse codes: their number sizes what follows (on CPU one per block of rows)
+    ("topk", 0.0, []),
+])
+def test_a_training_step_reads_back_only_what_its_path_must(variant, target_l0, expected):
+    # The paper SAE chooses each step's path from the last step's density: reading it with .item()
+    # right after the forward stalled every GPU step before its backward was queued; it is now
+    # read at the next forward. Its sparse path counted fires with a bincount (another wait).
+    sae = _sae(variant, target_l0)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)  # as SAEModule's
+    _training_step(sae, optimizer, _data())  # the first forward looks at its codes once
+    with _HostReads() as mode:
+        for seed in (1, 2):
+            _training_step(sae, optimizer, _data(seed))
+    assert sorted(set(mode.reads)) == expected
+    assert sae.sparse_codes == (target_l0 > 0) if variant == "paper" else True

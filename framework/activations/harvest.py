@@ -311,7 +311,7 @@ def check_harvested_lm(store: Path, recipe: Recipe, weights_sha256: str | None) 
     recorded = harvested_lm(store) or {}
     if not weights_sha256 or not recorded.get("weights_sha256") or recorded["weights_sha256"] == weights_sha256:
         return
-    if recipe.lm.name == "builtin":
+    if recipe.pretrains_lm:
         named = f"lm.path={recipe.path('lm')}"
         fix = f"point lm.path at the LM that made the store (it was at {recorded.get('path', 'an unrecorded path')})"
     else:

@@ -82,7 +82,7 @@ def check_context_length(model: BaseLM, recipe: Recipe) -> None:
         return
     retrain = (f", or pretrain the built-in LM with text.context_length={length} into another "
                f"lm.path (the one at {_pretrained_dir(recipe)} was pretrained on {limit}-token contexts)"
-               if recipe.lm.name == "builtin" else "")
+               if recipe.pretrains_lm else "")
     raise RecipeError(
         f"text.context_length={length} is longer than the LM ({model.name}) can read: its n_ctx is "
         f"{limit} positions. Set text.context_length={limit} or less{retrain}."

@@ -217,9 +217,7 @@ class _ResumableLoader(DataLoader):
 
 
 def pretrain(recipe: Recipe) -> Path | str:
-    if recipe.lm.name != "builtin":
-        # A ready-made LM (SmolLM2, a Hugging Face model) has nothing to pretrain: `sae run` and
-        # `sae sweep` skip this stage for it, and the CLI locks nothing for it. `sae` prints this.
+    if not recipe.pretrains_lm:  # a ready-made LM: nothing to train; `sae` prints this
         return (f"nothing to pretrain: lm.name={recipe.lm.name!r} is loaded ready-made (sae pretrain "
                 f"trains only the built-in LM, lm.name=builtin); go on with `sae harvest RECIPE`")
     out = recipe.path("lm")

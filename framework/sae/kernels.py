@@ -166,6 +166,8 @@ def dense_pre_activations(
 # Integers a float type holds exactly: a column sum of 0/1 entries over this many rows is exact
 # even when the GEMM rounds its output to the type (bfloat16 and float16 keep 8 and 11 bits).
 _EXACT_COUNT = {torch.bfloat16: 256, torch.float16: 2048}
+# The bits of 1.0 read as the same-width integer (positive_mask).
+_ONE_BITS = {dtype: int(torch.ones((), dtype=dtype).view(as_int)) for dtype, as_int in _SAME_WIDTH_INT.items()}
 
 
 @torch.no_grad()
@@ -179,8 +181,7 @@ def positive_mask(t: Tensor, out: Tensor) -> Tensor:
     keys = order_keys(t)
     if keys.dtype == t.dtype:  # no integer view (off CPU): the compare alone
         return torch.gt(t, 0, out=out)
-    one_bits = int(torch.ones((), dtype=t.dtype).view(keys.dtype))
-    torch.clamp(keys, 0, 1, out=out.view(keys.dtype)).mul_(one_bits)
+    torch.clamp(keys, 0, 1, out=out.view(keys.dtype)).mul_(_ONE_BITS[t.dtype])
     return out
 
 
@@ -283,6 +284,11 @@ class ActivePattern:
 
     def features(self, values: Tensor) -> SparseFeatures:
         return SparseFeatures(self.rows, self.cols, values.detach(), self.shape)
+
+    def per_feature(self) -> Tensor:
+        """(n,) int64: how many positions each feature has, from the feature-major row pointers
+        (a bincount of the columns would make a GPU wait for its size)."""
+        return self.fcrow.diff().long()
 
 
 def _no_autocast(device: torch.device):
@@ -492,7 +498,7 @@ def relu_autoencoder(
     values = encode_at(x, W_enc, b_enc, b_dec, pre_values, pattern)  # (nnz,), all > 0
     x_hat = decode_at(values, W_dec, pattern) + b_dec  # (batch, d)
     l1_sum = values @ l1_weight[pattern.cols]
-    return x_hat, l1_sum, pattern.features(values), torch.bincount(pattern.cols, minlength=W_enc.shape[1])
+    return x_hat, l1_sum, pattern.features(values), pattern.per_feature()  # every value is > 0
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from framework.config import SAEConfig
+from framework.memory import HostCopy
 from framework.sae.base import SAE, SAEOutput
 from framework.sae.init import initialize_weights
 from framework.sae.kernels import (
@@ -55,9 +56,11 @@ class ReLUSAE(SAE):
         super().__init__(d_in, cfg)
         initialize_weights(self)
         self._workspace = Workspace()
-        # Which fast path the next forward takes: set from each forward's density; None until
-        # the first forward, which looks at its pre-activations before choosing.
-        self.sparse_codes: bool | None = None
+        # Which fast path the next forward takes (`sparse_codes`): None until the first forward,
+        # which looks at its pre-activations before choosing; then from each forward's count of
+        # nonzero codes, read at the next forward (_pending_density).
+        self._sparse_codes: bool | None = None
+        self._pending_density: tuple[HostCopy, float] | None = None
 
     def l1_weight(self) -> Tensor:
         """(n,) weight of each feature's activation in the L1 penalty."""
@@ -69,17 +72,34 @@ class ReLUSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_activations(x))  # (batch, n)
 
+    @property
+    def sparse_codes(self) -> bool | None:
+        """Whether the next forward takes the sparse path: the last forward's codes were sparser
+        than `sparse_density_threshold` (None before the first forward)."""
+        if self._pending_density is not None:
+            (nnz,), bound = self._pending_density[0].values(), self._pending_density[1]
+            self._pending_density = None
+            self._sparse_codes = nnz < bound
+            self._workspace.release(*(DENSE_PATH_BUFFERS if self._sparse_codes else SPARSE_PATH_BUFFERS))
+        return self._sparse_codes
+
+    @sparse_codes.setter
+    def sparse_codes(self, sparse: bool | None) -> None:
+        self._sparse_codes, self._pending_density = sparse, None
+
     def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
         threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
-        if self.sparse_codes is None:
-            self.sparse_codes = self._density(x) < threshold
+        sparse = self.sparse_codes
+        if sparse is None:
+            sparse = self.sparse_codes = self._density(x) < threshold
         x_hat, l1_sum, features, fire_counts = relu_autoencoder(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_weight(),
-            sparse=self.sparse_codes, ws=self._workspace if self.training else None,
+            sparse=sparse, ws=self._workspace if self.training else None,
         )  # fmt: skip
         batch, nnz = x.shape[0], fire_counts.sum()
-        self.sparse_codes = nnz.item() < threshold * batch * self.n_features
-        self._workspace.release(*(DENSE_PATH_BUFFERS if self.sparse_codes else SPARSE_PATH_BUFFERS))
+        # The next forward's path, read there: reading it now (.item()) would make the host wait
+        # for this forward's kernels before it can queue the backward (on a GPU, a stall per step).
+        self._pending_density = (HostCopy(nnz), threshold * batch * self.n_features)
         losses = self._losses(x, x_hat, l1_sum / batch, nnz / batch, step)
         if isinstance(features, Tensor):
             return SAEOutput(x_hat, features, losses, fire_counts=fire_counts)

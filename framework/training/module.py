@@ -28,6 +28,7 @@ from torch import nn
 
 from framework.config import Recipe, SAEConfig, total_steps
 from framework.errors import TrainingError
+from framework.memory import HostCopy
 from framework.sae import build_sae
 from framework.tracking import log_metrics
 from framework.training.layout import ParameterLayout
@@ -386,24 +387,14 @@ class SAEModule(L.LightningModule):
 
 
 class PendingCheck:
-    """A step's finiteness flags (SAEModule._check_finite) on their way to the host: from a GPU
-    copied into page-locked memory without blocking, with an event to wait on when they are read."""
+    """A step's finiteness flags (SAEModule._check_finite) on their way to the host (HostCopy)."""
 
     def __init__(self, step: int, values: torch.Tensor):
         self.step = step
-        self._on_the_way = values.device.type == "cuda"
-        if self._on_the_way:
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        else:
-            self._host = values
+        self._copy = HostCopy(values)
 
     def values(self) -> list[float]:
-        if self._on_the_way:
-            self._copied.synchronize()
-        return self._host.tolist()
+        return self._copy.values()
 
 
 def local_values(param: torch.Tensor) -> torch.Tensor:
