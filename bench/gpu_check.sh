@@ -11,9 +11,10 @@
 #
 # PARTS picks the sections (default: "tests strategies paper bench loop profile"; "compile", the
 # torch.compile contenders of bench/train_step.py, "graphs", a short check of train.cuda_graphs'
-# step alone, and "harvest", bench/activations.py with the LM on the GPU (harvest against the bare
-# forward, the shard writer alone per thread count, the reader), only when named); each has its
-# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, COMPILE_S, GRAPHS_S, HARVEST_S,
+# step alone, "harvest", bench/activations.py with the LM on the GPU (harvest against the bare
+# forward, the shard writer alone per thread count, the reader), and "paths", the paper SAE's
+# dense path against its sparse one on sparse codes, only when named); each has its
+# own timeout in seconds (TEST_S, STRATEGY_S, PAPER_S, BENCH_S, COMPILE_S, GRAPHS_S, HARVEST_S, PATHS_S,
 # LOOP_S for each of its runs of LOOP_STEPS steps, PROFILE_S), so one call fits a
 # device budget. On an H100 (2026-11-26): tests 40 s, strategies about 230 s (six one-GPU runs
 # of ~28 s after a ~60 s set-up), bench 110 s, profile 40 s, plus ~30 s to start the machine:
@@ -93,6 +94,16 @@ timeout "${LOOP_S:-240}" python3 bench/train_loop.py --device cuda --cuda-graphs
   | tail -n 6 | tee -a "$LOG"
 timeout "${PROFILE_S:-60}" python3 bench/step_profile.py --device cuda --case topk-graphs:16384:bf16 --rows 25 2>&1 \
   | grep -v "^USDT\|^STAGE" >> "$LOG"
+fi
+
+if part paths; then
+echo "== the paper SAE's two paths on sparse codes (L0 ~ 32): sparse (what it takes) against dense" | tee -a "$LOG"
+# Not in the default PARTS: the data for a CUDA sparse_density_threshold (framework/sae/paper.py).
+start=$(date +%s)
+timeout "${PATHS_S:-240}" python3 bench/train_step.py --device cuda --families paper --paths \
+  --sizes 4096 16384 65536 --out "$OUT/paths" > "$OUT/paths.md" 2>&1
+echo "paths bench exit $? after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+grep "^#### \|^| ours paper, sparse\|^| step" "$OUT/paths.md" | tee -a "$LOG"
 fi
 
 if part harvest; then

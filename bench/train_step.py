@@ -112,17 +112,21 @@ def weights_of(sae) -> dict[str, torch.Tensor]:
     return {k: getattr(sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, compiled: str | None = None) -> Timed:
+def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, compiled: str | None = None,
+         dense_path: bool = False) -> Timed:
     """`cuda_graphs`: the whole step (forward, backward, decoder constraint, Adam, statistics)
     replayed as a CUDA graph, as train.cuda_graphs runs it (framework/training/cuda_graphs.py).
     `compiled`: the forward (and so its backward) through torch.compile: "fast", our fast path;
     "plain", the SAE's reference math (`forward_reference`: dense codes, dense products), which
-    is what compiling a straightforward SAE gives. Compilation happens in the untimed steps."""
+    is what compiling a straightforward SAE gives. Compilation happens in the untimed steps.
+    `dense_path`: a ReLU SAE's dense path whatever its codes' density (--paths)."""
     from framework.memory import HostCopy
     from framework.training.layout import ParameterLayout
     from framework.training.module import FeatureStats, any_non_finite
 
     sae = our_sae(setup, variant, regime)
+    if dense_path:
+        sae.sparse_density_threshold = dict.fromkeys(sae.sparse_density_threshold, 0.0)
     forward = sae
     if compiled:
         forward = compile_forward(sae.forward if compiled == "fast" else sae.forward_reference)
@@ -175,6 +179,7 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
 
 
 WITH_COMPILE = False  # --compile: the torch.compile contenders too (compiling takes ~10 s each on CPU)
+WITH_PATHS = False  # --paths: the paper SAE's dense path on sparse codes too, beside the path it takes
 
 
 def compile_forward(forward: Callable) -> Callable:
@@ -373,8 +378,10 @@ def paper_contenders(setup: Setup) -> list[Builder]:
     for regime in ("dense", "sparse"):
         weights = weights_of(our_sae(setup, "paper", regime))
         graphed = [(f"ours paper, {regime} codes, CUDA graphs", lambda r=regime: ours(setup, "paper", r, cuda_graphs=True))]
+        forced = [("ours paper, sparse codes, dense path", lambda: ours(setup, "paper", "sparse", dense_path=True))]
         out += [
             (f"ours paper, {regime} codes", lambda r=regime: ours(setup, "paper", r)),
+            *(forced if WITH_PATHS and regime == "sparse" else []),
             *(graphed if setup.device.type == "cuda" else []),
             *compiled_contenders("paper", f"paper, {regime} codes", setup, regime),
             (f"SAELens standard, {regime} codes", lambda r=regime, w=weights: saelens(setup, w, "paper")),
@@ -510,7 +517,7 @@ def comparisons(group: dict) -> list[dict]:
     rows = []
     if group["family"] == "paper":
         ours_names = [f"ours paper, {r} codes{c}" for r in ("dense", "sparse")
-                      for c in ("", ", CUDA graphs", ", torch.compile")]
+                      for c in ("", ", dense path", ", CUDA graphs", ", torch.compile")]
         limit = _find(group, "limit: 5 GEMMs")
     else:
         ours_names = ["ours topk", "ours topk, CUDA graphs", "ours topk, torch.compile"]
@@ -521,7 +528,7 @@ def comparisons(group: dict) -> list[dict]:
             continue
         row = {"ours": name, "tokens_per_s": mine["tokens_per_s"], "l0": _l0(mine), "vs_limit": ratio(mine, limit)}
         if group["family"] == "paper":
-            regime = "dense" if "dense" in name else "sparse"
+            regime = "dense" if "dense codes" in name else "sparse"
             row["vs_saelens"] = ratio(mine, _find(group, f"SAELens standard, {regime}"))
             plain = _find(group, f"plain paper, {regime} codes, torch.compile")
         else:
@@ -614,9 +621,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--compile", action="store_true",
                         help="also our fast path and the plain (reference) SAE through torch.compile")
+    parser.add_argument("--paths", action="store_true",
+                        help="also the paper SAE's dense path on sparse codes (where its sparse path runs): which "
+                             "is faster on this device, for sparse_density_threshold")
     args = parser.parse_args(argv)
-    global WITH_COMPILE
-    WITH_COMPILE = args.compile
+    global WITH_COMPILE, WITH_PATHS
+    WITH_COMPILE, WITH_PATHS = args.compile, args.paths
     results = run(args.device, args.quick, tuple(args.precision), tuple(args.sizes) if args.sizes else None,
                   tuple(args.families))
     path = write_results("train_step", results, args.out, args.quick)

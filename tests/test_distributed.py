@@ -338,8 +338,9 @@ train_stage.shutil = Shutil()
 @pytest.mark.parametrize("fault, injected, resumed_at", [
     # A sharded last.ckpt was rewritten in place: killed there, it held step 8's shards beside
     # step 4's meta.pt, and the rerun resumed step 4's loop with step 8's weights (max weight
-    # difference 0.5 from the uninterrupted run), without a word.
-    (KILLED_WRITING_LAST, "rank 0 killed writing last.ckpt", 4),
+    # difference 0.5 from the uninterrupted run), without a word. step-8.ckpt, written just
+    # before, is whole: the rerun resumes from it, not from step 4's last.ckpt.
+    (KILLED_WRITING_LAST, "rank 0 killed writing last.ckpt", 8),
     # The old sharded last.ckpt was deleted in place, file by file, before the new one was renamed
     # over it: killed in between, last.ckpt was a directory with meta.pt but without part of its
     # shards, which the rerun took for the checkpoint to resume from and failed to load.

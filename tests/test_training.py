@@ -221,23 +221,57 @@ def test_a_resumed_run_takes_the_fast_path_the_uninterrupted_one_took(pretrained
         assert torch.equal(a[key], b[key]), key
 
 
+def resumes_at_step_6_like_the_whole_run(whole, broken, tmp_path, caplog) -> None:
+    """Rerun `broken`: it resumes at step 6 and ends with the whole run's weights and checkpoint
+    files (none left over)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="framework.training"):
+        train_stage.train(broken)
+    assert "resuming the activation stream at step 6" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
+    name = whole.sae_configs()[0].name
+    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_without_last_ckpt_training_resumes_from_the_latest_step_checkpoint(pretrained_recipe, store_dir, tmp_path,
                                                                               monkeypatch, caplog):
     """A directory checkpoint (fsdp, feature_sharded, deepspeed) cannot replace last.ckpt in one
     rename: a process killed between removing the old one and renaming the new one into place
     leaves step-N.ckpt, written just before, and no last.ckpt. The run resumes from step-N; it
     used to start over."""
-    import logging
-
     whole, broken = whole_and_crashed_at_8(pretrained_recipe, store_dir, tmp_path, monkeypatch)
     (tmp_path / "broken" / "checkpoints" / "last.ckpt").unlink()  # what the kill leaves: step-6.ckpt alone
-    with caplog.at_level(logging.INFO, logger="framework.training"):
-        train_stage.train(broken)
-    assert "resuming the activation stream at step 6" in caplog.text
-    name = whole.sae_configs()[0].name
-    a, b = weights(tmp_path / "whole", name), weights(tmp_path / "broken", name)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    resumes_at_step_6_like_the_whole_run(whole, broken, tmp_path, caplog)  # step-6.ckpt, resumed from, removed
+
+
+def test_killed_between_step_n_and_last_ckpt_training_resumes_from_step_n(pretrained_recipe, store_dir, tmp_path,
+                                                                           monkeypatch, caplog):
+    """A save writes step-N.ckpt, then last.ckpt. Killed in between, the run resumed from the
+    older last.ckpt, redid the steps to N and saved step N again as step-N-v1.ckpt beside the old
+    one, which stayed on disk for good. It resumes from step-N.ckpt now."""
+    from framework.training.train import WholeCheckpoint
+
+    extra = ("train.checkpoint_every=3",)
+    whole = make_recipe(pretrained_recipe, store_dir, tmp_path / "whole", *extra)
+    train_stage.train(whole)
+    broken = make_recipe(pretrained_recipe, store_dir, tmp_path / "broken", *extra)
+    original = WholeCheckpoint._save_last_checkpoint
+
+    def killed_before_last_at_6(self, trainer, monitor_candidates):
+        if trainer.global_step == 6:
+            raise RuntimeError("killed before last.ckpt at step 6")
+        original(self, trainer, monitor_candidates)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WholeCheckpoint, "_save_last_checkpoint", killed_before_last_at_6)
+        with pytest.raises(RuntimeError, match="killed before last.ckpt"):
+            train_stage.train(broken)
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["last.ckpt", "step-6.ckpt"]
+    resumes_at_step_6_like_the_whole_run(whole, broken, tmp_path, caplog)  # no step-6-v1.ckpt, no stale step-6
 
 
 def test_a_run_stopped_after_a_checkpoint_keeps_the_row_of_the_step_before_it(pretrained_recipe, store_dir,

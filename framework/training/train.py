@@ -117,6 +117,15 @@ class WholeCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
         self._last_checkpoint_saved = str(path)
 
+    def _should_remove_checkpoint(self, trainer, previous: str, current: str) -> bool:
+        """Lightning never removes the checkpoint a run resumed from (it may be a user's file);
+        a run of ours resumes from its own directory's (`resume_checkpoint`), and a step-N.ckpt
+        resumed from is superseded like any other once a later step is saved."""
+        if super()._should_remove_checkpoint(trainer, previous, current):
+            return True
+        own = Path(previous).absolute().parent == Path(self.dirpath).absolute()
+        return previous != current and own and re.fullmatch(r"step-\d+(-v\d+)?\.ckpt", Path(previous).name) is not None
+
 
 def _remove(path: Path) -> None:
     if path.is_dir():
@@ -126,17 +135,29 @@ def _remove(path: Path) -> None:
 
 
 def resume_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint a run resumes from: last.ckpt, or where a process killed while replacing
-    a directory checkpoint left none, the latest step-N.ckpt; None when there is neither."""
-    last = directory / "last.ckpt"
-    if last.exists():
-        return last
+    """The checkpoint a run resumes from: the newer of last.ckpt and the latest step-N.ckpt;
+    None when there is neither.
+
+    Each save writes step-N.ckpt, then last.ckpt: a process killed in between leaves step-N
+    newer than last.ckpt (and, killed while replacing a directory checkpoint, no last.ckpt at
+    all). Resuming from last.ckpt then redid the steps in between and saved step N again as
+    step-N-v1.ckpt, beside the old one, which nothing removed."""
     steps = {}
     for path in directory.glob("step-*.ckpt"):  # step-N.ckpt, or step-N-vK.ckpt
         match = re.fullmatch(r"step-(\d+)(?:-v(\d+))?\.ckpt", path.name)
         if match:
             steps[path] = (int(match[1]), int(match[2] or 0))
-    return max(steps, key=steps.get) if steps else None
+    latest = max(steps, key=steps.get) if steps else None
+    last = directory / "last.ckpt"
+    if not last.exists():
+        return latest
+    if latest is None:
+        return last
+    try:
+        last_step = int(checkpoint_metadata(last)["global_step"])
+    except Exception:  # unreadable: check_checkpoint names the problem when the run loads it
+        return last
+    return latest if steps[latest][0] > last_step else last
 
 
 class _TrackLastCheckpoint(Callback):
