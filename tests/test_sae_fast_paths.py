@@ -259,7 +259,7 @@ def test_a_relu_sae_keeps_only_the_buffers_of_the_path_it_takes_next():
     sae = _sae("paper", target_l0=4)  # sparse codes: the next step takes the sparse path
     sae.sparse_codes = False
     sae(_data()).loss.backward()  # a dense step, after which the codes are found sparse
-    assert set(sae._workspace._buffers) == {"grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug"}  # the dense step's
+    assert set(sae._workspace._buffers) == {"grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug", "codes"}  # the dense step's
     assert sae.sparse_codes  # read (at the next forward in training): the dense path's buffers go
     assert not sae._workspace._buffers
     sae(_data(3)).loss.backward()
@@ -440,3 +440,23 @@ def test_a_training_step_reads_back_only_what_its_path_must(variant, target_l0, 
             _training_step(sae, optimizer, _data(seed))
     assert sorted(set(mode.reads)) == expected
     assert sae.sparse_codes == (target_l0 > 0) if variant == "paper" else True
+
+
+def test_the_dense_codes_buffer_is_reused_only_once_nothing_holds_it():
+    # On CPU the dense path's codes go into the last step's buffer when nothing holds it any
+    # more (a fresh one page-faults every step): never while a caller keeps a step's features.
+    # (Autograd's saved codes hold it too until backward; a second forward before the first
+    # backward fails loudly anyway, on the weight copies the dense path keeps in its workspace.)
+    sae = _sae("paper")  # half the features fire: the dense path
+    first = sae(_data())
+    first.loss.backward()
+    kept = first.features.clone()
+    second = sae(_data(1))  # the first step's features are still referenced here
+    assert second.features.data_ptr() != first.features.data_ptr()
+    assert torch.equal(first.features, kept)  # never overwritten
+    second.loss.backward()
+    buffer = second.features.data_ptr()
+    del first, second
+    third = sae(_data(2))  # nothing holds the second step's buffer any more: reused
+    assert third.features.data_ptr() == buffer
+    torch.testing.assert_close(third.features, torch.relu(sae.pre_activations(_data(2))).detach())

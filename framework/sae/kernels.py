@@ -28,7 +28,8 @@ because autograd Functions do not see the forward's autocast state in backward.
 Memory: on CPU every fresh tensor above glibc's mmap threshold is page-faulted in on first touch:
 at batch 4096 and n 16384 that cost 35 ms (bfloat16) to 55 ms (float32) per step for the
 pre-activations alone, about 70% of the bfloat16 GEMM that fills them. `Workspace` keeps that
-buffer (and the ReLU mask) between training steps; nothing that leaves a forward pass lives in it.
+buffer (and the ReLU mask) between training steps. What leaves a forward pass (the dense path's
+codes) is reused only once nothing else holds it (`Workspace.get_unheld`).
 """
 
 from __future__ import annotations
@@ -63,11 +64,45 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
+    def get_unheld(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Like `get`, for a buffer that leaves the step (the codes a forward returns): the last
+        one is reused only when nothing else holds its memory any more (the caller has dropped
+        that step's output, autograd has freed what it saved), else a fresh one replaces it, so
+        a result someone kept is never overwritten."""
+        buf = self._buffers.get(name)
+        if buf is not None and _held_elsewhere(buf):
+            del self._buffers[name]
+        return self.get(name, shape, dtype, device)
+
     def release(self, *names: str) -> None:
         """Drop buffers a path no longer uses (a ReLU SAE's dense and sparse paths each keep
         (batch, n) ones: holding both would add 0.5 GiB at 4,096 × 16,384 in float32)."""
         for name in names:
             self._buffers.pop(name, None)
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # what torch's CUDA-graph trees ask too
+
+
+def _held_elsewhere(t: Tensor) -> bool:
+    """Whether another tensor (a view or alias of `t`: a caller's output, autograd's saved copy)
+    shares t's memory. The count includes `t` and the storage object made to ask. Without the
+    count (another torch), everything counts as held: nothing is reused."""
+    if _storage_use_count is None:
+        return True
+    return _storage_use_count(t.untyped_storage()._cdata) > 2
+
+
+def _codes_buffer(ws: Workspace | None, shape, dtype, device) -> Tensor | None:
+    """Where the dense path writes the codes: they leave the forward (the caller logs them, autograd
+    saves them), so not a plain workspace buffer. On CPU the last step's buffer is reused once
+    nothing holds it any more, and what leaves is an alias of it (a second tensor over the same
+    memory, which `_held_elsewhere` counts while anyone keeps it); a fresh (batch, n) tensor
+    page-faults every step (12-17 ms in float32 at 4,096 × 4,096 on 2 cores). None elsewhere:
+    torch.mm allocates, and a GPU's caching allocator reuses memory without faults."""
+    if ws is None or device.type != "cpu":
+        return None
+    return ws.get_unheld("codes", tuple(shape), dtype, device).detach()
 
 
 def _scratch(ws: Workspace | None, name: str, shape, dtype, device) -> Tensor:
@@ -423,7 +458,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         xa = _augmented(x - b_dec, 1.0, x.new_empty(batch, inner, dtype=dtype))  # (batch, inner)
         Wea = _with_bias_row(W_enc, b_enc, _scratch(ws, "W_enc_aug", (inner, n), dtype, x.device))  # (inner, n)
         Wda = _augmented(W_dec, l1_weight, _scratch(ws, "W_dec_aug", (n, inner), dtype, x.device))  # (n, inner)
-        f = relu_(torch.mm(xa, Wea))  # (batch, n)
+        f = relu_(torch.mm(xa, Wea, out=_codes_buffer(ws, (batch, n), dtype, x.device)))  # (batch, n)
         out = torch.mm(f, Wda)  # (batch, inner): f W_dec, then each row's Σ_j f_ij l1_weight_j
         x_hat = out[:, :d] + b_dec.to(dtype)
         l1_sum = out[:, d].sum(dtype=torch.float32)
@@ -469,7 +504,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
 # The workspace buffers each ReLU path keeps between steps (the (batch, n) ones, the dense path's
 # augmented weight copies, the sparse path's compare mask): a ReLU SAE releases the other path's
 # when it switches (Workspace.release).
-DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug")
+DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug", "codes")
 SPARSE_PATH_BUFFERS = ("pre", "mask")
 
 
