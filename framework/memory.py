@@ -117,9 +117,10 @@ class HostCopy:
         self._on_the_way = values.device.type == "cuda"
         if self._on_the_way:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            with torch.cuda.device(values.device):  # the copy and its event on the values' GPU's stream
+                self._host.copy_(values, non_blocking=True)
+                self._copied = torch.cuda.Event()
+                self._copied.record()
         else:
             self._host = values.detach()
 

@@ -460,3 +460,14 @@ def test_the_dense_codes_buffer_is_reused_only_once_nothing_holds_it():
     third = sae(_data(2))  # nothing holds the second step's buffer any more: reused
     assert third.features.data_ptr() == buffer
     torch.testing.assert_close(third.features, torch.relu(sae.pre_activations(_data(2))).detach())
+
+
+def test_a_copy_taken_after_a_forward_takes_the_same_next_path():
+    # The count that chooses the next path is read at the next forward; a copy (or a pickle)
+    # taken in between reads it first (on a GPU it holds a CUDA event, which cannot be copied).
+    sae = _sae("paper", target_l0=6)
+    sae.sparse_codes = False
+    sae(_data())
+    assert sae._pending_density is not None
+    clone = copy.deepcopy(sae)
+    assert clone._pending_density is None and clone.sparse_codes is True and sae.sparse_codes is True

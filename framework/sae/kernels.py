@@ -85,9 +85,11 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # what torch
 
 
 def _held_elsewhere(t: Tensor) -> bool:
-    """Whether another tensor (a view or alias of `t`: a caller's output, autograd's saved copy)
-    shares t's memory. The count includes `t` and the storage object made to ask. Without the
-    count (another torch), everything counts as held: nothing is reused."""
+    """Whether another tensor (a view or alias of `t`: a caller's output, autograd's saved copy,
+    a NumPy or DLPack view of it) shares t's memory. The count includes `t` and the storage object
+    made to ask. Not counted: a caller that keeps the storage object alone
+    (`features.untyped_storage()`), which shares that Python object. Without the count (another
+    torch), everything counts as held: nothing is reused."""
     if _storage_use_count is None:
         return True
     return _storage_use_count(t.untyped_storage()._cdata) > 2

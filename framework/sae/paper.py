@@ -87,6 +87,10 @@ class ReLUSAE(SAE):
     def sparse_codes(self, sparse: bool | None) -> None:
         self._sparse_codes, self._pending_density = sparse, None
 
+    def __getstate__(self) -> dict:
+        _ = self.sparse_codes  # read a count still on its way: its CUDA event cannot be copied or pickled
+        return super().__getstate__()
+
     def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
         threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
         sparse = self.sparse_codes

@@ -148,4 +148,4 @@ def checkpoint_metadata(path: Path) -> dict:
             f"probably cut off while being written. Delete it to resume from the one before, or "
             f"delete {path.parent} to start over."
         )
-    return torch.load(found, map_location="cpu", weights_only=True)
+    return torch.load(found, map_location="cpu", weights_only=True, mmap=True)  # DeepSpeed's holds the weights
