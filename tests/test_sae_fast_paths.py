@@ -31,8 +31,8 @@ def _data(seed: int = 0) -> torch.Tensor:
 
 
 def _sae(variant: str, target_l0: float = 0.0, **overrides):
-    cfg = SAEConfig(variant=variant, n_features=N_FEATURES, k=12, init="data",
-                    init_target_l0=target_l0, l1_coefficient=3e-2, **overrides)  # fmt: skip
+    cfg = SAEConfig(**{"variant": variant, "n_features": N_FEATURES, "k": 12, "init": "data",
+                       "init_target_l0": target_l0, "l1_coefficient": 3e-2, **overrides})  # fmt: skip
     sae = build_sae(D_IN, cfg)
     sae.initialize_from_data(_data(1))
     with torch.no_grad():  # break the W_enc = W_decᵀ symmetry so a transpose bug cannot hide
@@ -263,10 +263,10 @@ def test_a_relu_sae_keeps_only_the_buffers_of_the_path_it_takes_next():
     assert sae.sparse_codes  # read (at the next forward in training): the dense path's buffers go
     assert not sae._workspace._buffers
     sae(_data(3)).loss.backward()
-    assert set(sae._workspace._buffers) == {"pre", "mask"}
+    assert set(sae._workspace._buffers) == {"pre", "mask", "grad_W_enc", "grad_W_dec"}
     dense = _sae("paper")  # half the features fire: stays dense
     dense(_data()).loss.backward()
-    assert not dense.sparse_codes and not set(dense._workspace._buffers) & {"pre", "mask"}
+    assert not dense.sparse_codes and not set(dense._workspace._buffers) & {"pre", "mask", "grad_W_enc", "grad_W_dec"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -471,3 +471,30 @@ def test_a_copy_taken_after_a_forward_takes_the_same_next_path():
     assert sae._pending_density is not None
     clone = copy.deepcopy(sae)
     assert clone._pending_density is None and clone.sparse_codes is True and sae.sparse_codes is True
+
+
+@pytest.mark.parametrize("n_features", [N_FEATURES, 4096])  # 4,096: W_enc's gradient built in pieces
+def test_weight_gradient_buffers_are_reused_only_once_the_gradients_are_dropped(n_features):
+    # On CPU a sparse step's weight gradients go into the last step's buffers when nothing holds
+    # them any more (set_to_none zeroing drops the .grad that was one): never while a gradient
+    # is still referenced, and accumulated gradients (no zeroing in between) still add up.
+    sae = _sae("topk", n_features=n_features)
+    sae(_data()).loss.backward()
+    kept, kept_values = sae.W_enc.grad, sae.W_enc.grad.clone()
+    sae.zero_grad(set_to_none=True)
+    sae(_data(1)).loss.backward()  # `kept` still refers to the first step's gradient
+    assert sae.W_enc.grad.data_ptr() != kept.data_ptr() and torch.equal(kept, kept_values)
+    second = {name: (p.grad.data_ptr(), p.grad.clone()) for name, p in sae.named_parameters()}
+    del kept
+    sae.zero_grad(set_to_none=True)
+    sae(_data(1)).loss.backward()  # nothing holds the second step's buffers: reused, same values
+    for name in ("W_enc", "W_dec"):
+        grad = dict(sae.named_parameters())[name].grad
+        assert grad.data_ptr() == second[name][0] and torch.equal(grad, second[name][1]), name
+    sae(_data(2)).loss.backward()  # accumulated onto the held gradients
+    alone = copy.deepcopy(sae)
+    alone.zero_grad(set_to_none=True)
+    alone(_data(2)).loss.backward()
+    for (name, p), q in zip(sae.named_parameters(), alone.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, second[name][1] + q.grad, msg=name)

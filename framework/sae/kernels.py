@@ -28,8 +28,9 @@ because autograd Functions do not see the forward's autocast state in backward.
 Memory: on CPU every fresh tensor above glibc's mmap threshold is page-faulted in on first touch:
 at batch 4096 and n 16384 that cost 35 ms (bfloat16) to 55 ms (float32) per step for the
 pre-activations alone, about 70% of the bfloat16 GEMM that fills them. `Workspace` keeps that
-buffer (and the ReLU mask) between training steps. What leaves a forward pass (the dense path's
-codes) is reused only once nothing else holds it (`Workspace.get_unheld`).
+buffer (and the ReLU mask) between training steps. What leaves a Function (the dense path's
+codes, the sparse paths' weight gradients) is reused only once nothing else holds it
+(`Workspace.get_unheld`).
 """
 
 from __future__ import annotations
@@ -95,16 +96,17 @@ def _held_elsewhere(t: Tensor) -> bool:
     return _storage_use_count(t.untyped_storage()._cdata) > 2
 
 
-def _codes_buffer(ws: Workspace | None, shape, dtype, device) -> Tensor | None:
-    """Where the dense path writes the codes: they leave the forward (the caller logs them, autograd
-    saves them), so not a plain workspace buffer. On CPU the last step's buffer is reused once
-    nothing holds it any more, and what leaves is an alias of it (a second tensor over the same
-    memory, which `_held_elsewhere` counts while anyone keeps it); a fresh (batch, n) tensor
-    page-faults every step (12-17 ms in float32 at 4,096 × 4,096 on 2 cores). None elsewhere:
-    torch.mm allocates, and a GPU's caching allocator reuses memory without faults."""
+def _leaving(ws: Workspace | None, name: str, shape, dtype, device) -> Tensor:
+    """A tensor for a result that leaves its Function (the dense path's codes, which the caller
+    logs and autograd saves; a weight gradient, which becomes the parameter's `.grad`), so not a
+    plain workspace buffer. On CPU the last step's buffer is reused once nothing holds it any
+    more, and what leaves is an alias of it (a second tensor over the same memory, which
+    `_held_elsewhere` counts while anyone keeps it): a fresh one page-faults every step (12-17 ms
+    for the float32 codes at 4,096 × 4,096 on 2 cores). Elsewhere a fresh tensor: a GPU's
+    caching allocator reuses memory without faults."""
     if ws is None or device.type != "cpu":
-        return None
-    return ws.get_unheld("codes", tuple(shape), dtype, device).detach()
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return ws.get_unheld(name, tuple(shape), dtype, device).detach()
 
 
 def _scratch(ws: Workspace | None, name: str, shape, dtype, device) -> Tensor:
@@ -332,10 +334,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _spmm(sparse: Tensor, dense: Tensor) -> Tensor:
-    """sparse (CSR) @ dense. `sparse @ dense` on CPU zero-fills a temporary and copies it out;
-    addmm with beta=0 into an empty tensor writes the product in place, 3.5× faster."""
-    out = dense.new_empty(sparse.shape[0], dense.shape[1])
+def _spmm(sparse: Tensor, dense: Tensor, out: Tensor | None = None) -> Tensor:
+    """sparse (CSR) @ dense, into `out` if given. `sparse @ dense` on CPU zero-fills a temporary
+    and copies it out; addmm with beta=0 into an empty tensor writes the product in place, 3.5×
+    faster."""
+    if out is None:
+        out = dense.new_empty(sparse.shape[0], dense.shape[1])
     return torch.addmm(out, sparse, dense, beta=0, out=out)
 
 
@@ -344,7 +348,7 @@ def _spmm(sparse: Tensor, dense: Tensor) -> Tensor:
 _COLUMN_PIECE = 2048
 
 
-def _spmm_into_columns(p: ActivePattern, values: Tensor, dense: Tensor) -> Tensor:
+def _spmm_into_columns(p: ActivePattern, values: Tensor, dense: Tensor, out: Tensor | None = None) -> Tensor:
     """(S_by_feature @ dense)ᵀ as a contiguous (d, n) tensor, for W_enc's (d_in, n) layout.
 
     The product comes out feature-major (n, d); autograd would copy its transpose into the
@@ -355,8 +359,10 @@ def _spmm_into_columns(p: ActivePattern, values: Tensor, dense: Tensor) -> Tenso
     by_feature = p.by_feature(values)
     n, d = p.shape[1], dense.shape[1]
     if dense.device.type != "cpu" or n <= _COLUMN_PIECE:
-        return _spmm(by_feature, dense).T.contiguous()
-    out = dense.new_empty(d, n)
+        product = _spmm(by_feature, dense).T
+        return product.contiguous() if out is None else out.copy_(product)
+    if out is None:
+        out = dense.new_empty(d, n)
     piece = dense.new_empty(_COLUMN_PIECE, d)
     crow, cols, vals = by_feature.crow_indices(), by_feature.col_indices(), by_feature.values()
     bounds = crow[::_COLUMN_PIECE].tolist() + ([int(crow[-1])] if n % _COLUMN_PIECE else [])
@@ -379,8 +385,8 @@ class _EncodeAt(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, pre_values, pattern: ActivePattern):
-        ctx.pattern = pattern
+    def forward(ctx, x, W_enc, b_enc, b_dec, pre_values, pattern: ActivePattern, ws: Workspace | None):
+        ctx.pattern, ctx.ws = pattern, ws
         ctx.save_for_backward(x, W_enc, b_dec)
         return pre_values.to(torch.float32, copy=True)
 
@@ -394,21 +400,22 @@ class _EncodeAt(torch.autograd.Function):
             gv = grad_values.float().contiguous()  # (nnz,)
             if need_W:
                 xc = (x - b_dec).float()  # (batch, d)
-                grad_W = _spmm_into_columns(p, gv, xc).to(W_enc.dtype)  # (n, batch) @ (batch, d) -> (d, n)
+                out = _leaving(ctx.ws, "grad_W_enc", W_enc.shape, torch.float32, x.device)
+                grad_W = _spmm_into_columns(p, gv, xc, out).to(W_enc.dtype)  # (n, batch) @ (batch, d) -> (d, n)
             grad_b = gv.new_zeros(p.shape[1]).index_add_(0, p.cols, gv)  # (n,)
             if need_bd:
                 grad_bd = -(W_enc.float() @ grad_b).to(b_dec.dtype)  # (d, n) @ (n,) -> (d,)
             if need_x:
                 grad_x = _spmm(p.by_row(gv), W_enc.float().T).to(x.dtype)  # (batch, n) @ (n, d)
-        return grad_x, grad_W, grad_b.to(W_enc.dtype) if need_b else None, grad_bd, None, None
+        return grad_x, grad_W, grad_b.to(W_enc.dtype) if need_b else None, grad_bd, None, None, None
 
 
 class _DecodeAt(torch.autograd.Function):
     """Σ_j values[i, j] · W_dec[j] over the pattern's positions: (batch, d) float32, no b_dec."""
 
     @staticmethod
-    def forward(ctx, values, W_dec, pattern: ActivePattern):
-        ctx.pattern = pattern
+    def forward(ctx, values, W_dec, pattern: ActivePattern, ws: Workspace | None):
+        ctx.pattern, ctx.ws = pattern, ws
         ctx.save_for_backward(values, W_dec)
         with _no_autocast(values.device):
             return _spmm(pattern.by_row(values.float()), W_dec.float())  # (batch, n) @ (n, d)
@@ -426,16 +433,20 @@ class _DecodeAt(torch.autograd.Function):
                 sampled = torch.sparse.sampled_addmm(p.by_row(values.float()), g, W.T, beta=0)
                 grad_values = sampled.values()  # (nnz,), same order as the pattern
             if ctx.needs_input_grad[1]:
-                grad_W = _spmm(p.by_feature(values.float()), g).to(W_dec.dtype)  # (n, batch) @ (batch, d)
-        return grad_values, grad_W, None
+                out = _leaving(ctx.ws, "grad_W_dec", W_dec.shape, torch.float32, g.device)
+                grad_W = _spmm(p.by_feature(values.float()), g, out).to(W_dec.dtype)  # (n, batch) @ (batch, d)
+        return grad_values, grad_W, None, None
 
 
-def encode_at(x, W_enc, b_enc, b_dec, pre_values: Tensor, pattern: ActivePattern) -> Tensor:
-    return _EncodeAt.apply(x, W_enc, b_enc, b_dec, pre_values, pattern)
+def encode_at(x, W_enc, b_enc, b_dec, pre_values: Tensor, pattern: ActivePattern, ws: Workspace | None = None) -> Tensor:
+    """`ws`: where the weight gradient may live between steps (`_leaving`); one call per step
+    and workspace (the main codes; AuxK's calls pass none)."""
+    return _EncodeAt.apply(x, W_enc, b_enc, b_dec, pre_values, pattern, ws)
 
 
-def decode_at(values: Tensor, W_dec: Tensor, pattern: ActivePattern) -> Tensor:
-    return _DecodeAt.apply(values, W_dec, pattern)
+def decode_at(values: Tensor, W_dec: Tensor, pattern: ActivePattern, ws: Workspace | None = None) -> Tensor:
+    """`ws`: as for `encode_at`."""
+    return _DecodeAt.apply(values, W_dec, pattern, ws)
 
 
 def _transposed_mm(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -479,7 +490,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         xa = _augmented(x - b_dec, 1.0, x.new_empty(batch, inner, dtype=dtype))  # (batch, inner)
         Wea = _with_bias_row(W_enc, b_enc, _scratch(ws, "W_enc_aug", (inner, n), dtype, x.device))  # (inner, n)
         Wda = _augmented(W_dec, l1_weight, _scratch(ws, "W_dec_aug", (n, inner), dtype, x.device))  # (n, inner)
-        f = relu_(torch.mm(xa, Wea, out=_codes_buffer(ws, (batch, n), dtype, x.device)))  # (batch, n)
+        f = relu_(torch.mm(xa, Wea, out=_leaving(ws, "codes", (batch, n), dtype, x.device)))  # (batch, n)
         out = torch.mm(f, Wda)  # (batch, inner): f W_dec, then each row's Σ_j f_ij l1_weight_j
         x_hat = out[:, :d] + b_dec.to(dtype)
         l1_sum = out[:, d].sum(dtype=torch.float32)
@@ -526,7 +537,7 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
 # augmented weight copies, the sparse path's compare mask): a ReLU SAE releases the other path's
 # when it switches (Workspace.release).
 DENSE_PATH_BUFFERS = ("grad_pre", "fire_mask", "W_enc_aug", "W_dec_aug", "codes")
-SPARSE_PATH_BUFFERS = ("pre", "mask")
+SPARSE_PATH_BUFFERS = ("pre", "mask", "grad_W_enc", "grad_W_dec")
 
 
 def relu_autoencoder(
@@ -551,8 +562,8 @@ def relu_autoencoder(
         flat = _positions(order_keys(pre).view(-1), torch.gt, 0, pre.shape[1], ws)  # (nnz,) ascending
         pre_values = pre.view(-1)[flat]
     pattern = ActivePattern.from_flat(flat, tuple(pre.shape))
-    values = encode_at(x, W_enc, b_enc, b_dec, pre_values, pattern)  # (nnz,), all > 0
-    x_hat = decode_at(values, W_dec, pattern) + b_dec  # (batch, d)
+    values = encode_at(x, W_enc, b_enc, b_dec, pre_values, pattern, ws)  # (nnz,), all > 0
+    x_hat = decode_at(values, W_dec, pattern, ws) + b_dec  # (batch, d)
     l1_sum = values @ l1_weight[pattern.cols]
     return x_hat, l1_sum, pattern.features(values), pattern.per_feature()  # every value is > 0
 

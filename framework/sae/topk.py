@@ -83,8 +83,8 @@ class TopKSAE(SAE):
         ws = self._workspace if self.training else None
         pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, compute_dtype(x, self.W_enc), ws)
         pattern, pre_values = self.select(pre, ws)
-        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern))  # (nnz,)
-        x_hat = decode_at(values, self.W_dec, pattern) + self.b_dec  # (batch, d)
+        values = torch.relu(encode_at(x, self.W_enc, self.b_enc, self.b_dec, pre_values, pattern, ws))  # (nnz,)
+        x_hat = decode_at(values, self.W_dec, pattern, ws) + self.b_dec  # (batch, d)
         auxk = self._auxk_fast(x, x_hat, pre)
         self.record_selection(values.detach())
         fire_counts, active = self._count_fires(pattern, values)
