@@ -35,6 +35,10 @@ class _CheckedWandbLogger(WandbLogger):
     def __init__(self, *args, why_online: str, **kwargs):
         super().__init__(*args, **kwargs)
         self._why_online = why_online
+        # Lightning passes anonymous=None to wandb.init, which wandb 0.31 answers with "The
+        # anonymous setting has no effect" on every run; left out, wandb's default is the same.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment

@@ -554,11 +554,14 @@ def read_wandb_records(run_dir: Path) -> dict[str, list]:
     return records
 
 
-def test_offline_wandb_run_is_written_and_holds_metrics_but_no_secret(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+def test_offline_wandb_run_is_written_and_holds_metrics_but_no_secret(pretrained_recipe, store_dir, tmp_path, monkeypatch,
+                                                                      capfd):
     monkeypatch.setenv("WANDB_API_KEY", "local-secret-key-0123456789abcdef0123456789abcdef")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.wandb.mode=offline")
     out = train_stage.train(recipe)
+    # Lightning's anonymous=None made wandb warn "The anonymous setting has no effect" every run
+    assert "anonymous" not in capfd.readouterr().err
     run_dir = next((out / "logs" / "wandb").glob("offline-run-*"))
     records = read_wandb_records(run_dir)
     keys = {item.key or "/".join(item.nested_key) for r in records["history"] for item in r.history.item}
