@@ -271,6 +271,60 @@ def test_a_killed_rank_stops_the_job_with_an_error_and_a_rerun_resumes_to_the_sa
     assert_same_weights(reference(tuple(PAPER), True), tmp_path / "sae", PAPER_SAE)
 
 
+# `sae train` under torchrun that prints each rank's fast-path choice (dense or sparse codes) when
+# training starts; with SAE_TEST_CHOOSE set, the ranks choose differently just before the step-4
+# checkpoint (rank 1 sparse, rank 0 dense: each rank chooses from its own part of the batch) and
+# rank 0 dies after step 5.
+CHOICES_PER_RANK = """
+import os
+import signal
+
+from lightning.pytorch.callbacks import Callback
+
+import framework.training.train as train_stage
+
+
+class Choices(Callback):
+    def on_train_start(self, trainer, module):
+        sae = next(iter(module.saes.values()))
+        print(f"rank {trainer.global_rank} starts with sparse_codes={sae.sparse_codes}", flush=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if not os.environ.get("SAE_TEST_CHOOSE"):
+            return
+        if trainer.global_step == 4:  # before the checkpoint callback saves step 4
+            next(iter(module.saes.values())).sparse_codes = trainer.global_rank == 1
+        if trainer.global_step == 5 and trainer.global_rank == 0:
+            print("injected fault: rank 0 killed after step 5", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+original = train_stage.build_trainer
+
+
+def build(*args, **kwargs):
+    trainer = original(*args, **kwargs)
+    trainer.callbacks.insert(0, Choices())
+    return trainer
+
+
+train_stage.build_trainer = build
+"""
+
+
+def test_a_resumed_ddp_run_gives_each_rank_back_its_own_fast_path_choice(recipe_file, overrides, tmp_path):
+    # The checkpoint held rank 0's choice only, which every rank restored: a rank that had chosen
+    # the other path took rank 0's for a step, the same math summed in another order.
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")
+    entry = train_entry(tmp_path, CHOICES_PER_RANK)
+    killed = torchrun(recipe_file, args, entry=entry, env={"SAE_TEST_CHOOSE": "1"})
+    assert killed.returncode != 0 and "injected fault: rank 0 killed after step 5" in killed.stdout
+    rerun = torchrun(recipe_file, args, entry=entry)
+    assert succeeded(rerun) and "resuming the activation stream at step 4" in rerun.stderr
+    assert "rank 0 starts with sparse_codes=False" in rerun.stdout
+    assert "rank 1 starts with sparse_codes=True" in rerun.stdout
+
+
 def test_torchrun_restarts_a_killed_feature_sharded_job_from_its_last_checkpoint(
         recipe_file, overrides, reference, tmp_path):
     args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=feature_sharded")

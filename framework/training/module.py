@@ -377,13 +377,33 @@ class SAEModule(L.LightningModule):
             # from the previous step's density. A resumed run without it chose afresh from its
             # first batch, and near the threshold chose the other path: the same math summed in
             # another order, weights 1e-4 from the uninterrupted run's a few hundred steps on.
-            "sparse_codes": {name: sae.sparse_codes for name, sae in self.saes.items() if hasattr(sae, "sparse_codes")},
+            # Each rank chooses from its own part of the batch, so every rank's choice is kept.
+            "sparse_codes": self._path_choices(),
+            "sparse_codes_by_rank": self._path_choices_by_rank(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for name, sparse in checkpoint.get("sae_framework", {}).get("sparse_codes", {}).items():
+        state = checkpoint.get("sae_framework", {})
+        by_rank = state.get("sparse_codes_by_rank")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        # Another number of processes than the run that saved it: rank 0's choice for all.
+        choices = by_rank[self.global_rank] if by_rank and len(by_rank) == world else state.get("sparse_codes", {})
+        for name, sparse in choices.items():
             if name in self.saes and hasattr(self.saes[name], "sparse_codes"):
                 self.saes[name].sparse_codes = sparse
+
+    def _path_choices(self) -> dict[str, bool | None]:
+        return {name: sae.sparse_codes for name, sae in self.saes.items() if hasattr(sae, "sparse_codes")}
+
+    def _path_choices_by_rank(self) -> list[dict[str, bool | None]] | None:
+        """Every rank's `_path_choices`, in rank order (all ranks save a checkpoint together);
+        None in one process."""
+        mine = self._path_choices()
+        if not mine or self._trainer is None or self.trainer.world_size == 1:
+            return None
+        codes = torch.tensor([-1 if v is None else int(v) for v in mine.values()], device=self.device)
+        gathered = self.trainer.strategy.all_gather(codes).reshape(self.trainer.world_size, len(mine))
+        return [{name: None if c < 0 else bool(c) for name, c in zip(mine, row)} for row in gathered.tolist()]
 
 
 class PendingCheck:
