@@ -498,3 +498,15 @@ def test_weight_gradient_buffers_are_reused_only_once_the_gradients_are_dropped(
     for (name, p), q in zip(sae.named_parameters(), alone.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, second[name][1] + q.grad, msg=name)
+
+
+def test_the_sparse_paths_l1_sum_is_a_float32_sum_under_bf16_autocast():
+    # `values @ l1_weight[cols]` under CPU autocast ran as a bfloat16 dot: the L1 term rounded to
+    # 8 bits, and 450x slower than the float32 dot (13 ms of a 100 ms step at n 4,096).
+    sae = _sae("paper", target_l0=6)
+    sae.sparse_codes = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(_data())
+    assert out.sparse_features is not None and out.losses["l1"].dtype == torch.float32
+    values = out.sparse_features.values.double()
+    torch.testing.assert_close(out.losses["l1"].double(), values.sum() / BATCH, rtol=1e-6, atol=0)
