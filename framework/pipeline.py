@@ -42,7 +42,7 @@ def run_stage(stage: str, recipe: Recipe) -> Path | str:
 
 def stages_for(recipe: Recipe) -> list[str]:
     """The recipe's stages, minus pretraining when the LM is not the built-in one."""
-    return [s for s in recipe.run.stages if not (s == "pretrain" and not recipe.pretrains_lm)]
+    return [s for s in recipe.run.stages if s != "pretrain" or recipe.pretrains_lm]
 
 
 def run(recipe: Recipe) -> Path:

@@ -406,15 +406,12 @@ class SAEModule(L.LightningModule):
         return [{name: None if c < 0 else bool(c) for name, c in zip(mine, row)} for row in gathered.tolist()]
 
 
-class PendingCheck:
-    """A step's finiteness flags (SAEModule._check_finite) on their way to the host (HostCopy)."""
+class PendingCheck(HostCopy):
+    """A step's finiteness flags (SAEModule._check_finite) on their way to the host."""
 
     def __init__(self, step: int, values: torch.Tensor):
+        super().__init__(values)
         self.step = step
-        self._copy = HostCopy(values)
-
-    def values(self) -> list[float]:
-        return self._copy.values()
 
 
 def local_values(param: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,11 @@ class WholeCheckpoint(ModelCheckpoint):
         if super()._should_remove_checkpoint(trainer, previous, current):
             return True
         own = Path(previous).absolute().parent == Path(self.dirpath).absolute()
-        return previous != current and own and re.fullmatch(r"step-\d+(-v\d+)?\.ckpt", Path(previous).name) is not None
+        return previous != current and own and _STEP_CHECKPOINT.fullmatch(Path(previous).name) is not None
+
+
+# step-N.ckpt, or step-N-vK.ckpt where Lightning found the name taken
+_STEP_CHECKPOINT = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")
 
 
 def _remove(path: Path) -> None:
@@ -143,8 +147,8 @@ def resume_checkpoint(directory: Path) -> Path | None:
     all). Resuming from last.ckpt then redid the steps in between and saved step N again as
     step-N-v1.ckpt, beside the old one, which nothing removed."""
     steps = {}
-    for path in directory.glob("step-*.ckpt"):  # step-N.ckpt, or step-N-vK.ckpt
-        match = re.fullmatch(r"step-(\d+)(?:-v(\d+))?\.ckpt", path.name)
+    for path in directory.glob("step-*.ckpt"):
+        match = _STEP_CHECKPOINT.fullmatch(path.name)
         if match:
             steps[path] = (int(match[1]), int(match[2] or 0))
     latest = max(steps, key=steps.get) if steps else None
