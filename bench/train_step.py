@@ -352,17 +352,7 @@ def limit_paper(setup: Setup, with_adam: bool = False) -> Timed:
 
 def _fastest(runs: list[Callable[[], object]], device: torch.device) -> Callable[[], object]:
     """The run that took least time, the best of three each."""
-    def best(run):
-        times = []
-        for _ in range(3):
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return min(runs, key=best)
+    return min(runs, key=lambda run: min(_timed_parts(device, [(str(i), run) for i in range(3)]).values()))
 
 
 def limit_topk(setup: Setup) -> Timed:
