@@ -91,11 +91,26 @@ def torchrun(recipe: Path, args: list[str], *, env: dict | None = None, restarts
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def train_entry(tmp_path: Path, patch: str) -> Path:
+def train_entry(tmp_path: Path, patch: str, callback: str | None = None) -> Path:
     """A torchrun entry script: `patch` (source that patches the train stage to observe or
-    inject something), then `sae train` with the command line's arguments."""
+    inject something), then `sae train` with the command line's arguments; `callback`, the name
+    of a Callback class `patch` defines, is put first among the Trainer's callbacks."""
+    added = "" if callback is None else f"""
+import framework.training.train as train_stage
+
+_build_trainer = train_stage.build_trainer
+
+
+def _build_with_callback(*args, **kwargs):
+    trainer = _build_trainer(*args, **kwargs)
+    trainer.callbacks.insert(0, {callback}())
+    return trainer
+
+
+train_stage.build_trainer = _build_with_callback
+"""
     entry = tmp_path / "train_entry.py"
-    entry.write_text(patch + '\nimport sys\n\nfrom framework.cli import main\n\nsys.exit(main(["train", *sys.argv[1:]]))\n')
+    entry.write_text(patch + added + '\nimport sys\n\nfrom framework.cli import main\n\nsys.exit(main(["train", *sys.argv[1:]]))\n')
     return entry
 
 
@@ -281,8 +296,6 @@ import signal
 
 from lightning.pytorch.callbacks import Callback
 
-import framework.training.train as train_stage
-
 
 class Choices(Callback):
     def on_train_start(self, trainer, module):
@@ -297,18 +310,6 @@ class Choices(Callback):
         if trainer.global_step == 5 and trainer.global_rank == 0:
             print("injected fault: rank 0 killed after step 5", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-original = train_stage.build_trainer
-
-
-def build(*args, **kwargs):
-    trainer = original(*args, **kwargs)
-    trainer.callbacks.insert(0, Choices())
-    return trainer
-
-
-train_stage.build_trainer = build
 """
 
 
@@ -316,7 +317,7 @@ def test_a_resumed_ddp_run_gives_each_rank_back_its_own_fast_path_choice(recipe_
     # The checkpoint held rank 0's choice only, which every rank restored: a rank that had chosen
     # the other path took rank 0's for a step, the same math summed in another order.
     args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")
-    entry = train_entry(tmp_path, CHOICES_PER_RANK)
+    entry = train_entry(tmp_path, CHOICES_PER_RANK, callback="Choices")
     killed = torchrun(recipe_file, args, entry=entry, env={"SAE_TEST_CHOOSE": "1"})
     assert killed.returncode != 0 and "injected fault: rank 0 killed after step 5" in killed.stdout
     rerun = torchrun(recipe_file, args, entry=entry)
@@ -429,8 +430,6 @@ import os
 from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 from lightning.pytorch.callbacks import Callback
 
-import framework.training.train as train_stage
-
 RANK, STEP = (int(v) for v in os.environ["SAE_TEST_NAN"].split(":"))
 
 
@@ -444,18 +443,6 @@ class NaNInPartition(Callback):
         local[-1] = float("nan")
         safe_set_local_fp32_param(param, local)
         print(f"injected fault: rank {RANK} nan in its W_enc partition at step {STEP}", flush=True)
-
-
-original = train_stage.build_trainer
-
-
-def build(*args, **kwargs):
-    trainer = original(*args, **kwargs)
-    trainer.callbacks.insert(0, NaNInPartition())
-    return trainer
-
-
-train_stage.build_trainer = build
 """
 
 
@@ -464,7 +451,7 @@ def test_a_nan_in_one_ranks_zero3_weight_partition_stops_every_rank_with_the_tra
     # Under ZeRO-3 a rank's module parameters are empty placeholders outside gathers; the weight
     # check must read each rank's own partition, and sum the count over the ranks so that rank 0,
     # whose partition is clean, stops at the same step with the same error instead of hanging.
-    entry = train_entry(tmp_path, NAN_IN_ONE_PARTITION)
+    entry = train_entry(tmp_path, NAN_IN_ONE_PARTITION, callback="NaNInPartition")
     args = overrides(tmp_path / "sae", *SHARDED_PAPER, "train.strategy=deepspeed", "train.deepspeed_stage=3")
     start = time.monotonic()
     run = torchrun(recipe_file, args, entry=entry, timeout=300,
