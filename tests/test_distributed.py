@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,17 @@ train_stage.build_trainer = _build_with_callback
 
 def succeeded(run: subprocess.CompletedProcess) -> bool:
     if run.returncode != 0:
-        print(run.stdout[-5000:], run.stderr[-15000:])
+        # Each distinct stderr line once: warnings repeated by every rank at every step would
+        # otherwise push the cause of a crash out of what a CI log keeps.
+        print(run.stdout[-5000:], "\n".join(dict.fromkeys(run.stderr.splitlines()))[-15000:])
     return run.returncode == 0
+
+
+def repeated_warnings(run: subprocess.CompletedProcess, ranks: int = 2) -> dict[str, int]:
+    """Warning lines a job printed more often than once per rank (Python prints a warning once
+    per place unless something resets the warning filters, as a subprocess call does)."""
+    lines = Counter(line for line in run.stderr.splitlines() if "Warning" in line or "deprecated" in line)
+    return {line: count for line, count in lines.items() if count > ranks}
 
 
 class _Concatenated(IterableDataset):
@@ -197,7 +207,9 @@ def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_g
         strategy, sae, concatenated, name, recipe_file, overrides, reference, tmp_path):
     one = reference(tuple(sae), concatenated)
     two = tmp_path / "two"
-    assert succeeded(torchrun(recipe_file, overrides(two, *sae, *strategy)))
+    run = torchrun(recipe_file, overrides(two, *sae, *strategy))
+    assert succeeded(run)
+    assert not repeated_warnings(run)
     assert_same_weights(one, two, name)
     if strategy != ["train.strategy=ddp"]:
         assert adam_state_is_split_over_the_ranks(two / "checkpoints" / "last.ckpt", (256, 512))

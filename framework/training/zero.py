@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -43,6 +44,11 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy without its CUDA-only checks (DeepSpeed's CPU accelerator)."""
 
     def setup_environment(self) -> None:
+        # DeepSpeed's CPU accelerator counts local devices from LOCAL_SIZE, which its own
+        # launcher sets and torchrun does not; without it, ZeRO-3 asks `numactl` in a subprocess
+        # at every gradient reduction (a fork per step, and the warning filters reset each time,
+        # so every deprecation warning printed again every step).
+        os.environ.setdefault("LOCAL_SIZE", str(self.num_processes))
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" refusal
 
     def setup_distributed(self) -> None:
