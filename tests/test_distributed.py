@@ -87,8 +87,9 @@ def torchrun(recipe: Path, args: list[str], *, env: dict | None = None, restarts
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--max-restarts={restarts}",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", str(entry),
                str(recipe), *args]
+    # CPU and gloo, GPU or not; a rank that crashes (SIGSEGV, SIGABRT) prints its Python stacks
     full_env = os.environ | {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                             "CUDA_VISIBLE_DEVICES": ""} | (env or {})  # CPU and gloo, GPU or not
+                             "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"} | (env or {})
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
