@@ -442,11 +442,36 @@ def test_a_training_step_reads_back_only_what_its_path_must(variant, target_l0, 
     assert sae.sparse_codes == (target_l0 > 0) if variant == "paper" else True
 
 
+@pytest.mark.parametrize(("variant", "target_l0"), [
+    ("paper", 0.0), ("paper", 6.0), ("april2024", 0.0), ("topk", 0.0), ("batchtopk", 0.0),
+])  # the ReLU SAEs' dense and sparse paths, TopK's
+def test_two_forwards_then_one_backward_give_the_reference_gradients(variant, target_l0):
+    # What a caller may do with any module: the dense path saved its augmented weight copies in
+    # workspace buffers that the second forward overwrote (autograd refused the backward).
+    sae = _sae(variant, target_l0)
+    ref = copy.deepcopy(sae)
+    (sae(_data(3)).loss + sae(_data(4)).loss).backward()
+    (ref.forward_reference(_data(3)).loss + ref.forward_reference(_data(4)).loss).backward()
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_dense_paths_weight_copies_are_reused_from_step_to_step():
+    # Autograd holds them from a forward to its backward (the test above); between steps
+    # nothing does, and the next step writes into the same memory (a fresh copy page-faults).
+    sae = _sae("paper")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    _training_step(sae, optimizer, _data())
+    buffers = {name: sae._workspace._buffers[name].data_ptr() for name in ("W_enc_aug", "W_dec_aug")}
+    _training_step(sae, optimizer, _data(1))
+    assert {name: sae._workspace._buffers[name].data_ptr() for name in buffers} == buffers
+
+
 def test_the_dense_codes_buffer_is_reused_only_once_nothing_holds_it():
     # On CPU the dense path's codes go into the last step's buffer when nothing holds it any
-    # more (a fresh one page-faults every step): never while a caller keeps a step's features.
-    # (Autograd's saved codes hold it too until backward; a second forward before the first
-    # backward fails loudly anyway, on the weight copies the dense path keeps in its workspace.)
+    # more (a fresh one page-faults every step): never while a caller keeps a step's features
+    # (or autograd saves them, until backward).
     sae = _sae("paper")  # half the features fire: the dense path
     first = sae(_data())
     first.loss.backward()

@@ -98,8 +98,10 @@ def _held_elsewhere(t: Tensor) -> bool:
 
 
 def _leaving(ws: Workspace | None, name: str, shape, dtype, device) -> Tensor:
-    """A tensor for a result that leaves its Function (the dense path's codes, which the caller
-    logs and autograd saves; a weight gradient, which becomes the parameter's `.grad`), so not a
+    """A tensor that outlives its Function's call: a result that leaves it (the dense path's
+    codes, which the caller logs and autograd saves; a weight gradient, which becomes the
+    parameter's `.grad`) or an operand autograd saves for backward (the dense path's augmented
+    weights: a second forward before the first one's backward must not overwrite them), so not a
     plain workspace buffer. On CPU the last step's buffer is reused once nothing holds it any
     more, and what leaves is an alias of it (a second tensor over the same memory, which
     `_held_elsewhere` counts while anyone keeps it): a fresh one page-faults every step (12-17 ms
@@ -489,8 +491,8 @@ class _DenseReLUAutoencoder(torch.autograd.Function):
         (batch, d), n = x.shape, W_enc.shape[1]
         inner = _augmented_width(d)
         xa = _augmented(x - b_dec, 1.0, x.new_empty(batch, inner, dtype=dtype))  # (batch, inner)
-        Wea = _with_bias_row(W_enc, b_enc, _scratch(ws, "W_enc_aug", (inner, n), dtype, x.device))  # (inner, n)
-        Wda = _augmented(W_dec, l1_weight, _scratch(ws, "W_dec_aug", (n, inner), dtype, x.device))  # (n, inner)
+        Wea = _with_bias_row(W_enc, b_enc, _leaving(ws, "W_enc_aug", (inner, n), dtype, x.device))  # (inner, n)
+        Wda = _augmented(W_dec, l1_weight, _leaving(ws, "W_dec_aug", (n, inner), dtype, x.device))  # (n, inner)
         f = relu_(torch.mm(xa, Wea, out=_leaving(ws, "codes", (batch, n), dtype, x.device)))  # (batch, n)
         out = torch.mm(f, Wda)  # (batch, inner): f W_dec, then each row's Σ_j f_ij l1_weight_j
         x_hat = out[:, :d] + b_dec.to(dtype)
