@@ -106,8 +106,9 @@ def _leaving(ws: Workspace | None, name: str, shape, dtype, device) -> Tensor:
     more, and what leaves is an alias of it (a second tensor over the same memory, which
     `_held_elsewhere` counts while anyone keeps it): a fresh one page-faults every step (12-17 ms
     for the float32 codes at 4,096 × 4,096 on 2 cores). Elsewhere a fresh tensor: a GPU's
-    caching allocator reuses memory without faults."""
-    if ws is None or device.type != "cpu":
+    caching allocator reuses memory without faults, and under torch.compile the compiler plans
+    memory (and refuses a saved tensor that aliases a graph input)."""
+    if ws is None or device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     return ws.get_unheld(name, tuple(shape), dtype, device).detach()
 
