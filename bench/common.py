@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from framework.memory import keep_freed_memory
+from framework.precision import native_on_cpu
 
 KEEPS_FREED_MEMORY = False  # set by --keep-freed-memory
 
@@ -62,6 +64,17 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def precisions_for(device: torch.device, requested, quick: bool) -> tuple[str, ...]:
+    """The precisions to run: `requested`, less bf16 on a CPU that multiplies bf16 only in
+    torch's reference kernel (no AVX-512; framework/precision.py), where a full-size bf16 step
+    takes minutes and the bench hours. Smoke runs (--quick) keep it: their shapes are tiny."""
+    if "bf16" not in requested or quick or device.type != "cpu" or native_on_cpu("bfloat16"):
+        return tuple(requested)
+    print(f"bf16 left out: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix "
+          "products (oneDNN needs AVX-512), so bf16 steps would time torch's reference kernel", file=sys.stderr)
+    return tuple(p for p in requested if p != "bf16")
 
 
 def autocast(device: torch.device, precision: str):
@@ -212,6 +225,7 @@ def machine(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_matmul": native_on_cpu("bfloat16"),
         "load_average": os.getloadavg(),
         "versions": {p: _version(p) for p in ("torch", "sae-lens", "eai-sparsify", "sae-framework")},
         "python": platform.python_version(),

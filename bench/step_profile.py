@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step as ts  # noqa: E402
-from common import base_parser, run_step, synchronize  # noqa: E402
+from common import base_parser, precisions_for, run_step, synchronize  # noqa: E402
 
 CASES = ("topk:16384:bf16", "paper-sparse:16384:bf16")
 CUDA_CASES = ("topk-graphs:16384:bf16", "paper-graphs:4096:bf16")  # with the cases above on a GPU
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = args.case or list(CASES) + (list(CUDA_CASES) if device.type == "cuda" else [])
+    if "bf16" not in precisions_for(device, ["bf16"], quick=False):  # the same steps in fp32
+        cases = [case.replace(":bf16", ":fp32") for case in cases]
     return [profile_case(case, device, args.steps, args.rows) for case in cases]
 
 

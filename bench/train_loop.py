@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step as ts  # noqa: E402
-from common import base_parser, fmt, machine, markdown_table, run_step, write_results  # noqa: E402
+from common import base_parser, fmt, machine, markdown_table, precisions_for, run_step, write_results  # noqa: E402
 
 HOOK = "synthetic.hook_resid"
 CONFIGS = ("topk", "paper")  # paper: the sparse regime (encoder bias calibrated to L0 ~ 32)
@@ -127,6 +127,7 @@ def run(device: str = "cpu", quick: bool = False, sizes: list[int] | None = None
         cuda_graphs: bool = False) -> dict:
     """`cuda_graphs`: TopK only (what train.cuda_graphs records), loop and bare step both graphed."""
     dev = torch.device(device)
+    precisions = precisions_for(dev, precisions, quick)
     sizes = sizes or ([1024] if quick else [16384])
     steps = steps or (6 if quick else (200 if dev.type == "cuda" else 16))
     if steps < SKIP + 2:

@@ -102,3 +102,18 @@ def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_pat
     assert {"ours topk, torch.compile", "plain topk, torch.compile"} <= {c["name"] for c in group["contenders"]}
     rows = {r["ours"]: r for r in train_step.comparisons(group)}
     assert _finite(rows["ours topk"]["vs_compiled_plain"]) and _finite(rows["ours topk, torch.compile"]["vs_sparsify"])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_full_runs_leave_bf16_out_on_a_cpu_without_native_bf16_products(run_all, monkeypatch, native):
+    # There a full-size bf16 step runs in torch's reference kernel (minutes a step): the bench
+    # would take hours to time nothing of ours. Smoke runs and GPUs keep it.
+    import common
+
+    monkeypatch.setattr(common, "native_on_cpu", lambda dtype: native)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    both = ("fp32", "bf16")
+    assert common.precisions_for(cpu, both, quick=False) == (both if native else ("fp32",))
+    assert common.precisions_for(cpu, both, quick=True) == both
+    assert common.precisions_for(gpu, both, quick=False) == both
+    assert common.precisions_for(cpu, ("fp32",), quick=False) == ("fp32",)

@@ -18,6 +18,7 @@ from framework.config import BuiltinLMConfig, Recipe, RecipeError, load_recipe
 from framework.errors import DataError
 from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
 from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, builtin_weights_sha256, load_builtin
+from framework.precision import warn_if_emulated_on_cpu
 
 
 def resolve_device(device: str, device_index: int | None = None) -> torch.device:
@@ -39,6 +40,7 @@ def load_lm(recipe: Recipe, device_index: int | None = None) -> BaseLM:
 def _load(recipe: Recipe, device_index: int | None) -> BaseLM:
     cfg = recipe.lm
     device = resolve_device(cfg.device, device_index)
+    warn_if_emulated_on_cpu("lm.dtype", cfg.dtype, device.type == "cpu")
     dtype = getattr(torch, cfg.dtype)
     if cfg.name == "builtin":
         return load_builtin(_pretrained_dir(recipe), device, dtype)

@@ -46,6 +46,7 @@ from framework.lm.baselines import bigram_loss, unigram_loss
 from framework.lm.builtin import BuiltinArchitecture, BuiltinLM
 from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from framework.memory import freed_memory_kept
+from framework.precision import warn_if_emulated_on_cpu
 from framework.progress import Progress
 from framework.text import iter_documents, load_contexts, token_stream
 from framework.tracking import finish_tracking, make_loggers
@@ -317,6 +318,8 @@ def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: t
     train_loader = _ResumableLoader(TensorDataset(train), batch_sampler=order)
     val_loader = DataLoader(TensorDataset(heldout), cfg.batch_size)
     on_tty = sys.stderr.isatty()
+    accelerator = _accelerator(recipe.lm.device)
+    warn_if_emulated_on_cpu("pretrain.precision", cfg.precision, accelerator["accelerator"] == "cpu")
     checkpoint = ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.val_every, enable_version_counter=False)
     progress = ProgressBar() if on_tty else LogProgress(cfg, recipe.text.context_length)
@@ -326,7 +329,7 @@ def _fit(recipe: Recipe, module: PretrainModule, train: torch.Tensor, heldout: t
         limit_val_batches=cfg.val_batches, num_sanity_val_steps=0, precision=cfg.precision,
         logger=make_loggers(recipe, out, run_name=f"{recipe.name}-pretrain", job_type="pretrain"),
         callbacks=callbacks, enable_progress_bar=on_tty, enable_model_summary=False,
-        log_every_n_steps=min(10, cfg.steps), default_root_dir=out, **_accelerator(recipe.lm.device),
+        log_every_n_steps=min(10, cfg.steps), default_root_dir=out, **accelerator,
     )
     # Each step allocates (batch × context × vocab) logits and their gradient afresh (64 MiB each
     # at the quickstart's shape); reusing freed memory instead of faulting those pages in again

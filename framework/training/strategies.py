@@ -28,6 +28,7 @@ import torch
 
 from framework.config import Recipe
 from framework.errors import CheckpointError, RecipeError
+from framework.precision import warn_if_emulated_on_cpu
 
 PARALLEL = ("ddp", "fsdp", "deepspeed", "feature_sharded")
 
@@ -95,6 +96,7 @@ def _strategy(recipe: Recipe, on_gpu: bool):
 def trainer_arguments(recipe: Recipe) -> dict:
     cfg = recipe.train
     on_gpu = torch.cuda.is_available()
+    warn_if_emulated_on_cpu("train.precision", cfg.precision, not on_gpu)
     return {
         "accelerator": "gpu" if on_gpu else "cpu",
         "devices": _local_devices(recipe),
