@@ -128,14 +128,14 @@ def store_bytes(store: Path) -> int:
     return sum(p.stat().st_size for p in store.iterdir() if p.is_file())
 
 
-def consumer_tokens_per_s(device: torch.device, d_in: int, n: int, batch: int, steps: int, quick: bool) -> dict:
+def consumer_tokens_per_s(device: torch.device, d_in: int, n: int, batch: int, steps: int) -> dict:
     """Our fastest training steps at n features (paper SAE at L0 ~ 32, TopK k = 32): what a
     trainer fed by the reader consumes, rows/s."""
     import train_step as ts
     from common import measure_peak, precisions_for, round_robin
 
     out = {}
-    for precision in precisions_for(device, ("fp32", "bf16"), quick):
+    for precision in precisions_for(device, ("fp32", "bf16")):
         setup = ts.make_setup(n, batch, device, precision, d_in=d_in)
         contenders = {
             f"paper L0~32 {precision}": measure_peak(lambda s=setup: ts.ours(s, "paper", "sparse"), device),
@@ -212,7 +212,7 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     bare_s = statistics.median(bare)
     consumer_n = 256 if quick else CONSUMER_FEATURES
-    consumers = consumer_tokens_per_s(dev, 512, consumer_n, 256 if quick else 4096, 1 if quick else 3, quick)
+    consumers = consumer_tokens_per_s(dev, 512, consumer_n, 256 if quick else 4096, 1 if quick else 3)
     demand = max(consumers.values())
     try:
         smollm2 = None if quick else smollm2_overhead(device, 16_384, max_documents)

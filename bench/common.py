@@ -66,11 +66,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def precisions_for(device: torch.device, requested, quick: bool) -> tuple[str, ...]:
+def precisions_for(device: torch.device, requested) -> tuple[str, ...]:
     """The precisions to run: `requested`, less bf16 on a CPU that multiplies bf16 only in
     torch's reference kernel (no AVX-512; framework/precision.py), where a full-size bf16 step
-    takes minutes and the bench hours. Smoke runs (--quick) keep it: their shapes are tiny."""
-    if "bf16" not in requested or quick or device.type != "cpu" or native_on_cpu("bfloat16"):
+    takes minutes and the bench hours (and even --quick's shapes made the smoke run 10x longer:
+    the loop's are batch 4,096 × 1,024 features)."""
+    if "bf16" not in requested or device.type != "cpu" or native_on_cpu("bfloat16"):
         return tuple(requested)
     print(f"bf16 left out: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix "
           "products (oneDNN needs AVX-512), so bf16 steps would time torch's reference kernel", file=sys.stderr)

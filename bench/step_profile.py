@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = args.case or list(CASES) + (list(CUDA_CASES) if device.type == "cuda" else [])
-    if "bf16" not in precisions_for(device, ["bf16"], quick=False):  # the same steps in fp32
+    if "bf16" not in precisions_for(device, ["bf16"]):  # the same steps in fp32
         cases = [case.replace(":bf16", ":fp32") for case in cases]
     return [profile_case(case, device, args.steps, args.rows) for case in cases]
 

@@ -127,7 +127,7 @@ def run(device: str = "cpu", quick: bool = False, sizes: list[int] | None = None
         cuda_graphs: bool = False) -> dict:
     """`cuda_graphs`: TopK only (what train.cuda_graphs records), loop and bare step both graphed."""
     dev = torch.device(device)
-    precisions = precisions_for(dev, precisions, quick)
+    precisions = precisions_for(dev, precisions)
     sizes = sizes or ([1024] if quick else [16384])
     steps = steps or (6 if quick else (200 if dev.type == "cuda" else 16))
     if steps < SKIP + 2:

@@ -493,7 +493,7 @@ def run_group(family: str, n: int, precision: str, device: torch.device, batch: 
 def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf16"),
         sizes: tuple[int, ...] | None = None, families: tuple[str, ...] = tuple(FAMILIES)) -> dict:
     dev = torch.device(device)
-    precisions = precisions_for(dev, precisions, quick)
+    precisions = precisions_for(dev, precisions)
     torch.manual_seed(0)
     if quick:
         sizes, batch, warmup, repeats = sizes or (256,), 256, 0, 1
