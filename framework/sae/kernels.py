@@ -66,11 +66,11 @@ class Workspace:
         return buf
 
     def get_unheld(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Like `get`, for a buffer that leaves the step (codes a forward returns, a weight
-        gradient that becomes a `.grad`; `_leaving`): the last one is reused only when nothing
-        else holds its memory any more (the caller has dropped that step's output, autograd has
-        freed what it saved), else a fresh one replaces it, so a result someone kept is never
-        overwritten."""
+        """Like `get`, for a buffer that outlives the call that fills it (`_leaving`: codes a
+        forward returns, a weight gradient that becomes a `.grad`, weights autograd saves for
+        backward): the last one is reused only when nothing else holds its memory any more (the
+        caller has dropped that step's output, autograd has freed what it saved), else a fresh
+        one replaces it, so what someone kept is never overwritten."""
         buf = self._buffers.get(name)
         if buf is not None and _held_elsewhere(buf):
             del self._buffers[name]
