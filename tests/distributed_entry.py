@@ -6,6 +6,10 @@ SAE_TEST_FAULT=kill:RANK:STEP   rank RANK SIGKILLs itself when step STEP starts 
                                 only: a job restarted by torchrun --max-restarts runs clean)
 SAE_TEST_FAULT=hang:RANK:STEP   rank RANK stops answering (sleeps) when step STEP starts
 SAE_TEST_FAULT=nan:RANK:STEP    rank RANK's batch of step STEP gets one nan (its loss is nan)
+SAE_TEST_FAULT=term:RANK:STEP   rank RANK gets SIGTERM when step STEP starts (a cluster preempting
+                                the job sends it to every rank: term:0:11,term:1:11)
+
+Several faults: separate them with commas.
 
 Nothing is mocked: the fault is a callback added to the Trainer `sae train` builds.
 """
@@ -34,18 +38,19 @@ class Fault(Callback):
         if self.kind == "nan":
             batch[0][0, 0] = float("nan")
             return
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind in ("kill", "term"):
+            os.kill(os.getpid(), signal.SIGKILL if self.kind == "kill" else signal.SIGTERM)
+            return
         time.sleep(3600)
 
 
-def with_fault(spec: str):
-    kind, rank, step = spec.split(":")
+def with_faults(specs: str):
+    faults = [Fault(kind, int(rank), int(step)) for kind, rank, step in (spec.split(":") for spec in specs.split(","))]
     original = train_stage.build_trainer
 
     def build(*args, **kwargs):
         trainer = original(*args, **kwargs)
-        trainer.callbacks.insert(0, Fault(kind, int(rank), int(step)))
+        trainer.callbacks[:0] = faults
         return trainer
 
     return build
@@ -54,5 +59,5 @@ def with_fault(spec: str):
 if __name__ == "__main__":
     fault = os.environ.get("SAE_TEST_FAULT")
     if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        train_stage.build_trainer = with_fault(fault)
+        train_stage.build_trainer = with_faults(fault)
     sys.exit(main(["train", *sys.argv[1:]]))

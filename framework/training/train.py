@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -174,6 +175,47 @@ class _TrackLastCheckpoint(Callback):
         module.last_good_checkpoint = self.checkpoint.last_model_path or None
 
 
+class ReportStop(Callback):
+    """A rank of a multi-process job that stops says why and where the job resumes from.
+
+    It says so in `on_exception`, before Lightning's teardown: torchrun sends SIGTERM to the other
+    ranks 0.1 s after one dies, and that teardown ends by restoring SIGTERM's default action (to
+    end the process at once), so a rank still tearing down when it arrives would end without a
+    word. A SIGTERM that arrives while the report is written is ignored: the rank is stopping
+    already, and Lightning's own SIGTERM handler (a broadcast to the dead rank) could cut it short.
+    A SIGTERM that came first (preemption, or torchrun stopping the job) is reported as such.
+    """
+
+    def __init__(self, checkpoint_dir: Path):
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if trainer.world_size == 1 or isinstance(exception, KeyboardInterrupt):
+            return
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        why = ("SIGTERM: torchrun stops every rank once one fails, and a cluster stops a job it preempts"
+               if isinstance(exception, SIGTERMException) else f"{type(exception).__name__}: {exception}")
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _on_main_thread() else None
+        try:
+            log.error(
+                "rank %d stopped at step %d (%s). If another rank died or stopped answering for "
+                "SAE_DIST_TIMEOUT_S=%ss, its own log says why. The last checkpoint is kept (%s): run the "
+                "same command again to resume from it.", trainer.global_rank, trainer.global_step, why,
+                os.environ.get("SAE_DIST_TIMEOUT_S", 1800),
+                resume_checkpoint(self.checkpoint_dir) or "none written yet; set train.checkpoint_every",
+            )
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _on_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def check_checkpoint(path: Path, recipe: Recipe) -> None:
     """Refuse a checkpoint written by a different recipe, activation store or strategy."""
     try:
@@ -243,6 +285,7 @@ def build_trainer(recipe: Recipe, out: Path, data: ActivationDataModule) -> L.Tr
     )
     on_terminal = sys.stderr.isatty()
     callbacks = [
+        ReportStop(out / "checkpoints"),  # first: its on_exception runs before any other's
         *([ProgressBar()] if on_terminal else []),
         Throughput(cfg.batch_size, total, cfg.log_every),
         checkpoint,
@@ -303,16 +346,6 @@ def train(recipe: Recipe) -> Path:
         initialize(module, data, out, trainer.is_global_zero)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    except Exception as err:
-        if world_size(recipe) > 1:
-            log.error(
-                "rank %d stopped at step %d (%s: %s). If another rank died or stopped answering "
-                "for SAE_DIST_TIMEOUT_S=%ss, its own log says why. The last checkpoint is kept (%s): "
-                "run the same command again to resume from it.", trainer.global_rank, trainer.global_step,
-                type(err).__name__, err, os.environ.get("SAE_DIST_TIMEOUT_S", 1800),
-                resume_checkpoint(last.parent) or "none written yet; set train.checkpoint_every",
-            )
-        raise
     finally:
         finish_tracking(trainer.loggers)
     if trainer.is_global_zero:

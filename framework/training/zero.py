@@ -49,6 +49,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         # at every gradient reduction (a fork per step, and the warning filters reset each time,
         # so every deprecation warning printed again every step).
         os.environ.setdefault("LOCAL_SIZE", str(self.num_processes))
+        # DeepSpeed's CPU comm backend builds and loads its shared-memory all-reduce op when it
+        # starts: a C++ compile of about a minute the first time on a machine, and a shared-memory
+        # segment per job, for `inference_all_reduce`, which ZeRO training never calls (its
+        # collectives go through torch.distributed, gloo here). DeepSpeed keeps the op-compatibility
+        # table in one dict so that edits to it hold; marking the op incompatible skips it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" refusal
 
     def setup_distributed(self) -> None:
