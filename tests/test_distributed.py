@@ -387,8 +387,8 @@ model_parallel._distributed_checkpoint_save = save
 """
 
 
-# `sae train` under torchrun in which rank 0 SIGKILLs itself while the step-4 last.ckpt is being
-# removed to make way for step 8's: the directory's torch.distributed.checkpoint index (.metadata)
+# `sae train` under torchrun in which rank 0 SIGKILLs itself while the first last.ckpt it replaces
+# is being removed to make way for the next: the directory's torch.distributed.checkpoint index (.metadata)
 # is gone, its shards and Lightning's meta.pt not yet (shutil.rmtree removes one file at a time).
 KILLED_REMOVING_LAST = """
 import os
@@ -415,24 +415,24 @@ train_stage.shutil = Shutil()
 """
 
 
-@pytest.mark.parametrize("fault, injected, resumed_at", [
+def test_jobs_killed_while_replacing_a_directory_checkpoint_resume_to_the_same_weights(
+        recipe_file, overrides, reference, tmp_path):
+    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=fsdp")
     # A sharded last.ckpt was rewritten in place: killed there, it held step 8's shards beside
     # step 4's meta.pt, and the rerun resumed step 4's loop with step 8's weights (max weight
     # difference 0.5 from the uninterrupted run), without a word. step-8.ckpt, written just
     # before, is whole: the rerun resumes from it, not from step 4's last.ckpt.
-    (KILLED_WRITING_LAST, "rank 0 killed writing last.ckpt", 8),
+    killed = torchrun(recipe_file, args, entry=train_entry(tmp_path, KILLED_WRITING_LAST))
+    assert killed.returncode != 0 and "injected fault: rank 0 killed writing last.ckpt" in killed.stdout
     # The old sharded last.ckpt was deleted in place, file by file, before the new one was renamed
-    # over it: killed in between, last.ckpt was a directory with meta.pt but without part of its
-    # shards, which the rerun took for the checkpoint to resume from and failed to load.
-    (KILLED_REMOVING_LAST, "rank 0 killed removing last.ckpt", 8),
-], ids=["writing", "removing"])
-def test_a_job_killed_while_replacing_a_directory_checkpoint_resumes_to_the_same_weights(
-        fault, injected, resumed_at, recipe_file, overrides, reference, tmp_path):
-    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=fsdp")
-    killed = torchrun(recipe_file, args, entry=train_entry(tmp_path, fault))
-    assert killed.returncode != 0 and f"injected fault: {injected}" in killed.stdout
+    # over it: killed in between (step 8's last.ckpt making way for step 12's), last.ckpt was a
+    # directory with meta.pt but without part of its shards, which the rerun took for the
+    # checkpoint to resume from and failed to load.
+    killed = torchrun(recipe_file, args, entry=train_entry(tmp_path, KILLED_REMOVING_LAST))
+    assert killed.returncode != 0 and "resuming the activation stream at step 8" in killed.stderr
+    assert "injected fault: rank 0 killed removing last.ckpt" in killed.stdout
     rerun = torchrun(recipe_file, args)
-    assert succeeded(rerun) and f"resuming the activation stream at step {resumed_at}" in rerun.stderr
+    assert succeeded(rerun) and "resuming the activation stream at step 12" in rerun.stderr
     assert_same_weights(reference(tuple(PAPER), True), tmp_path / "sae", PAPER_SAE)
     assert not list((tmp_path / "sae" / "checkpoints").glob(".*"))  # nothing partial or half-removed left
 
