@@ -16,15 +16,19 @@ Nothing is mocked: the fault is a callback added to the Trainer `sae train` buil
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
+import gc
 
-from lightning.pytorch.callbacks import Callback
+gc.disable()  # as the `sae` program does while it imports (framework.cli.program enables it again)
 
-import framework.training.train as train_stage
-from framework.cli import main
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+import framework.training.train as train_stage  # noqa: E402
+from framework.cli import program  # noqa: E402
 
 
 class Fault(Callback):
@@ -60,4 +64,4 @@ if __name__ == "__main__":
     fault = os.environ.get("SAE_TEST_FAULT")
     if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         train_stage.build_trainer = with_faults(fault)
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(program(["train", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import framework.cli as cli
 from framework.cli import main
 from framework.locks import LockedError, lock_path, output_locks
 
@@ -207,3 +209,35 @@ def test_an_unknown_flag_after_a_stage_is_reported_by_that_stage_with_its_flags(
     assert f"usage: sae {stage} [-h]" in err
     assert f"sae {stage}: error: unrecognized arguments: --bogus (the flags of sae {stage}: {flags}" in err
     assert "sae: error" not in err
+
+
+SEEN_BY_STAGE: dict[str, object] = {}
+
+
+def note_the_collector(recipe) -> None:
+    """A stand-in stage: what the garbage collector is doing while a stage runs."""
+    SEEN_BY_STAGE.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+
+
+def test_the_sae_program_imports_without_collections_and_collects_while_the_stage_runs(
+        recipe_file, monkeypatch):
+    monkeypatch.setitem(cli.STAGES, "export", (__name__, "note_the_collector", cli.STAGES["export"][2]))
+    monkeypatch.setattr(cli, "_as_program", False)  # program() sets it; put back for in-process callers
+    gc.disable()  # as at the start of program(), so gc.enable() below is program()'s own
+    try:
+        assert cli.program(["export", str(recipe_file)]) == 0
+        # What existed once the stage's module was imported is frozen (a collection would visit
+        # millions of objects of torch's and Lightning's); the stage's own objects are collected.
+        assert SEEN_BY_STAGE["enabled"] is True and SEEN_BY_STAGE["frozen"] > 0
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    # main, for in-process callers, leaves the collector alone.
+    monkeypatch.setattr(cli, "_as_program", False)
+    gc.disable()
+    try:
+        assert main(["export", str(recipe_file)]) == 0
+        assert SEEN_BY_STAGE["enabled"] is False and not gc.isenabled()
+    finally:
+        gc.enable()

@@ -112,7 +112,9 @@ def _build_with_callback(*args, **kwargs):
 train_stage.build_trainer = _build_with_callback
 """
     entry = tmp_path / "train_entry.py"
-    entry.write_text(patch + added + '\nimport sys\n\nfrom framework.cli import main\n\nsys.exit(main(["train", *sys.argv[1:]]))\n')
+    # The collector off while the patch imports, as the `sae` program has it (program() enables it).
+    entry.write_text("import gc\n\ngc.disable()\n" + patch + added +
+                     '\nimport sys\n\nfrom framework.cli import program\n\nsys.exit(program(["train", *sys.argv[1:]]))\n')
     return entry
 
 
