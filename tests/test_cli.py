@@ -211,33 +211,42 @@ def test_an_unknown_flag_after_a_stage_is_reported_by_that_stage_with_its_flags(
     assert "sae: error" not in err
 
 
-SEEN_BY_STAGE: dict[str, object] = {}
+# A stand-in stage module: whether the garbage collector runs while it is imported, and while
+# its stage function runs (and how many objects are frozen by then).
+STAND_IN_STAGE = """
+import gc
+
+SEEN = {"at_import": gc.isenabled()}
 
 
-def note_the_collector(recipe) -> None:
-    """A stand-in stage: what the garbage collector is doing while a stage runs."""
-    SEEN_BY_STAGE.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+def stage(recipe):
+    SEEN.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+"""
 
 
 def test_the_sae_program_imports_without_collections_and_collects_while_the_stage_runs(
-        recipe_file, monkeypatch):
-    monkeypatch.setitem(cli.STAGES, "export", (__name__, "note_the_collector", cli.STAGES["export"][2]))
+        recipe_file, tmp_path, monkeypatch):
+    (tmp_path / "stand_in_stage.py").write_text(STAND_IN_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.STAGES, "export", ("stand_in_stage", "stage", cli.STAGES["export"][2]))
     monkeypatch.setattr(cli, "_as_program", False)  # program() sets it; put back for in-process callers
-    gc.disable()  # as at the start of program(), so gc.enable() below is program()'s own
     try:
         assert cli.program(["export", str(recipe_file)]) == 0
-        # What existed once the stage's module was imported is frozen (a collection would visit
-        # millions of objects of torch's and Lightning's); the stage's own objects are collected.
-        assert SEEN_BY_STAGE["enabled"] is True and SEEN_BY_STAGE["frozen"] > 0
+        seen = sys.modules["stand_in_stage"].SEEN
+        # Imports build millions of objects (torch's, Lightning's): no collections while they do;
+        # what exists after them is frozen, and the stage's own objects are collected.
+        assert seen == {"at_import": False, "enabled": True, "frozen": seen["frozen"]} and seen["frozen"] > 0
         assert gc.isenabled()
     finally:
         gc.unfreeze()
         gc.enable()
+        sys.modules.pop("stand_in_stage", None)
     # main, for in-process callers, leaves the collector alone.
     monkeypatch.setattr(cli, "_as_program", False)
     gc.disable()
     try:
         assert main(["export", str(recipe_file)]) == 0
-        assert SEEN_BY_STAGE["enabled"] is False and not gc.isenabled()
+        assert sys.modules["stand_in_stage"].SEEN == {"at_import": False, "enabled": False, "frozen": 0}
     finally:
         gc.enable()
+        sys.modules.pop("stand_in_stage", None)
