@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -196,7 +197,8 @@ class ReportStop(Callback):
 
         why = ("SIGTERM: torchrun stops every rank once one fails, and a cluster stops a job it preempts"
                if isinstance(exception, SIGTERMException) else f"{type(exception).__name__}: {exception}")
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _on_main_thread() else None
+        on_main_thread = threading.current_thread() is threading.main_thread()  # where signal.signal works
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main_thread else None
         try:
             log.error(
                 "rank %d stopped at step %d (%s). If another rank died or stopped answering for "
@@ -208,12 +210,6 @@ class ReportStop(Callback):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-
-
-def _on_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def check_checkpoint(path: Path, recipe: Recipe) -> None:
