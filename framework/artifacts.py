@@ -35,9 +35,12 @@ VOLATILE = {
     "harvest": ("batch_size", "verify_on_read", "output_dir"),
     "lm": ("device", "path"),
     "eval": ("output_dir",),
-    # The modes other than "features" write elsewhere (their own markers record their settings).
+    # The modes other than "features" write elsewhere (their own markers record their settings);
+    # autointerp (analyze.autointerp=true, or its mode) adds to a finished features analysis and
+    # keys its scores by its own settings (autointerp/cache.json).
     "analyze": ("output_dir", "save_every", "mode", "split_feature", "split_candidates", "split_min_correlation",
                 "other_workdir", "other_sae_name", "ceiling_sae", "ultralow_log10_density",
+                "autointerp", "autointerp_model", "autointerp_api_key_env", "autointerp_n_features",
                 "autointerp_api_model", "autointerp_explain_examples", "autointerp_simulate_examples"),
     "export": ("output_dir",),
 }
@@ -76,11 +79,18 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _without_volatile(fingerprint: dict) -> dict:
+    """A recorded fingerprint less the keys that are VOLATILE now: output finished before one of
+    its keys became volatile (analyze.autointerp, say) is still this recipe's."""
+    return {section: {k: v for k, v in values.items() if k not in VOLATILE.get(section, ())}
+            if isinstance(values, dict) else values for section, values in fingerprint.items()}
+
+
 def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
     """How a recorded fingerprint of `stage` differs from this recipe's, one "key: value there,
     value here" each; empty when they are the same."""
     mine = json.loads(json.dumps(stage_fingerprint(recipe, stage), default=str))
-    recorded = json.loads(json.dumps(recorded, default=str))
+    recorded = json.loads(json.dumps(_without_volatile(recorded), default=str))
     if recorded == mine:
         return []
     return _diff(mine, recorded) or ["unknown differences"]
@@ -108,10 +118,12 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
     fingerprint = stage_fingerprint(recipe, stage)
     if saved.get("digest") == fingerprint_digest(fingerprint):
         return True
-    differences = _diff(fingerprint, saved.get("fingerprint", {}))
+    differences = differences_from(saved.get("fingerprint", {}), recipe, stage)
+    if not differences:  # recorded before a key of it became volatile
+        return True
     raise RecipeError(
         f"{directory} already holds `{stage}` output made with a different recipe "
-        f"({'; '.join(differences[:5]) or 'unknown differences'}). "
+        f"({'; '.join(differences[:5])}). "
         f"Point the recipe at another directory (workdir=... or the stage's output_dir), "
         f"or delete {directory} to redo it."
     )

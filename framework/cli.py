@@ -33,9 +33,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "train": (
         "framework.training.train", "train",
         "Train the recipe's SAE bank on the activation shards (or live activations).\n"
-        "Reads: {workdir}/activations, sae.*, train.*. Writes: {workdir}/sae/<name>/ "
-        "(checkpoints, sae.safetensors, metrics, plots, W&B + CSV logs). Resumes from the last "
-        "checkpoint.",
+        "Reads: {workdir}/activations, sae.*, train.*. Writes: {workdir}/sae/ (checkpoints/, "
+        "logs/ with W&B + CSV, report.md, training_curves.png) and {workdir}/sae/<name>/ per SAE "
+        "(sae.safetensors, metrics.json, density.png). Resumes from the last checkpoint.",
     ),
     "eval": (
         "framework.evaluation.evaluate", "evaluate",
@@ -55,9 +55,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
     ),
     "sweep": (
         "framework.sweep", "sweep",
-        "Run every point of the recipe's sweep grid in its own directory; skip finished "
-        "points; write summary.md, summary.csv and a Pareto plot.\nReads: sweep.*. Writes: "
-        "{workdir}/sweep/.",
+        "Run every point of the recipe's sweep (sweep.grid, sweep.points) in its own directory, "
+        "or, when only sae.* keys vary, train them all as one bank; skip finished points; write "
+        "summary.md, summary.csv and a Pareto plot.\nReads: sweep.*. Writes: {workdir}/sweep/.",
     ),
     "run": (
         "framework.pipeline", "run",
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sae",
         description="Train sparse autoencoders on language-model activations and study their features.",
         epilog="Every stage reads a recipe YAML; any field can be overridden: "
-        "sae train recipes/quickstart.yaml sae.n_features=8192",
+        "sae train recipes/quickstart.yaml sae.n_features=8192 train.output_dir=runs/quickstart/sae-8192 "
+        "(a directory of its own: a stage refuses one that holds another recipe's output)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE", parser_class=_IntermixedParser)

@@ -152,10 +152,10 @@ class TrainConfig:
     lr_decay: str = "constant"  # constant, linear (to 0 over the last lr_decay_fraction), cosine
     lr_decay_fraction: float = 0.2
     grad_clip: float = 0.0
-    precision: str = "32-true"  # or bf16-mixed
+    precision: str = "32-true"  # or bf16-mixed; Lightning's 16-mixed and bf16-true are accepted too
     normalize_activations: str = "none"  # "none" or "norm" (scale rows to mean norm sqrt(d))
     # Resampling (paper): at these steps, features silent for `dead_window` steps are resampled.
-    # Empty = the paper's 25k/50k/75k/100k scaled to this run's length.
+    # null (the default) = the paper's 25k/50k/75k/100k scaled to this run's length; [] = none.
     resample_steps: list[int] | None = None
     resample: bool = True
     dead_window: int = 0  # 0 = paper's 12,500 scaled to this run's length
@@ -178,7 +178,7 @@ class TrainConfig:
     # earlier runs still load and their fingerprints still match; any other value is refused.
     shuffle_buffer: int = RETIRED_SHUFFLE_BUFFER
     num_workers: int = 0
-    # TopK SAEs on one GPU: record the whole training step (forward to Adam) as a CUDA graph and replay it
+    # TopK and paper SAEs on one GPU: record the whole training step (forward to Adam) as a CUDA graph and replay it
     # (framework/training/cuda_graphs.py; docs/training.md, "CUDA graphs")
     cuda_graphs: bool = False
     seed: int = 0

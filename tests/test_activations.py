@@ -172,6 +172,11 @@ def test_store_streams_over_http_and_pipe_urls_with_verified_checksums(harvested
     assert torch.equal(torch.cat([r.acts[0] for r in rows]), expected)
     assert ActivationStore(sub_store(piped.location, "heldout")).manifest.split == "heldout"
 
+    # file:///absolute/path, the URL form of a local store (docs/activations.md)
+    as_file_url = ActivationStore(f"file://{local}", verify=True)
+    rows = list(ActivationStream(as_file_url, batch_size=1, shuffle=False).iter_rows())
+    assert torch.equal(torch.cat([r.acts[0] for r in rows]), expected)
+
 
 def test_store_reads_through_fsspec_and_names_a_missing_backend(harvested):
     """Schemes webdataset has no opener for go through fsspec: a store copied into fsspec's

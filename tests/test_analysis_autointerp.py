@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +17,7 @@ from framework.analysis.analyze import analyze, analyze_sae
 from framework.analysis.autointerp import average_ranks, score_unit, spearman, split_examples
 from framework.analysis.interp_backends import AutointerpError, HTTPBackend
 from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, shown
+from framework.artifacts import mark_complete
 from framework.config import AnalyzeConfig, load_recipe
 
 SECRET = "sk-test-3f9a1c7e-never-written"
@@ -160,6 +162,28 @@ def test_autointerp_over_http_scores_caches_and_reaches_the_dashboard(analysis_d
     for file in analysis_dir.rglob("*"):
         assert not file.is_file() or SECRET.encode() not in file.read_bytes(), file
     assert SECRET not in caplog.text
+
+
+def test_autointerp_true_adds_scores_to_a_finished_features_analysis_without_redoing_it(
+        analysis_dir, chat_server, monkeypatch, tmp_path):
+    # `sae run RECIPE analyze.autointerp=true` after a full run: the features analysis is this
+    # recipe's (autointerp settings aside), so it is skipped, neither refused nor redone.
+    local = tmp_path / "analysis"
+    shutil.copytree(analysis_dir, local)
+    features_recipe = load_recipe(None, [f"analyze.output_dir={local}", "lm.device=cpu"])
+    mark_complete(local, features_recipe, "analyze")
+    features = (local / "features.json").read_bytes()
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    recipe = load_recipe(None, [
+        f"analyze.output_dir={local}", "lm.device=cpu", "analyze.autointerp=true",
+        f"analyze.autointerp_model=http://127.0.0.1:{chat_server.server_port}/v1", "analyze.autointerp_api_model=lengths",
+        f"analyze.autointerp_api_key_env={KEY_ENV}", "analyze.autointerp_n_features=2",
+        "analyze.autointerp_explain_examples=6", "analyze.autointerp_simulate_examples=5",
+    ])
+    assert analyze(recipe) == local
+    assert (local / "features.json").read_bytes() == features
+    results = json.loads((local / "autointerp.json").read_text())
+    assert len(results["features"]) == len(results["neurons"]) == 2 and chat_server.seen
 
 
 def test_a_refused_request_names_the_status_and_not_the_key(chat_server):

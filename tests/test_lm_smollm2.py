@@ -87,6 +87,7 @@ def test_a_later_process_loads_smollm2_from_its_dequantised_copy_exactly_as_from
     # The session's cache directory started empty, so `smollm2` was read from the GGUF and wrote the copy.
     copy = _copy_dir()
     assert (copy / "manifest.json").is_file() and (copy / "model.safetensors").is_file()
+    assert all(path.stat().st_mode & 0o444 == 0o444 for path in (copy, *copy.iterdir()))  # shareable
     reloaded = _reload_without_the_gguf(monkeypatch)
     assert reloaded is not smollm2
     identity = {**smollm2.identity}

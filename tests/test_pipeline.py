@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from framework import pipeline
-from framework.artifacts import MARKER, mark_complete
-from framework.config import Recipe, load_recipe
+from framework.artifacts import MARKER, fingerprint_digest, is_complete, mark_complete
+from framework.config import Recipe, RecipeError, load_recipe
 
 
 @pytest.fixture
@@ -81,3 +82,20 @@ def test_sae_run_names_its_report_once_and_only_on_the_first_rank(stub_stages, t
     monkeypatch.setenv("RANK", "1")  # another torchrun rank: it ran the stages, rank 0 reports
     assert main(["run", str(recipe_file)]) == 0
     assert str(report) not in capsys.readouterr().out and not report.exists()
+
+
+def test_output_finished_before_a_key_became_volatile_is_still_this_recipes(tmp_path):
+    """A COMPLETE marker written while analyze.autointerp was part of the analysis's fingerprint
+    (as before it became volatile: autointerp adds to a finished analysis) still marks it
+    complete for the recipe; a key that does change the output is still refused."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}"])
+    out = tmp_path / "analysis"
+    out.mkdir()
+    marker = mark_complete(out, recipe, "analyze")
+    saved = json.loads(marker.read_text())
+    saved["fingerprint"]["analyze"].update(autointerp=False, autointerp_model="smollm2")
+    saved["digest"] = fingerprint_digest(saved["fingerprint"])
+    marker.write_text(json.dumps(saved))
+    assert is_complete(out, load_recipe(None, [f"workdir={tmp_path}", "analyze.autointerp=true"]), "analyze")
+    with pytest.raises(RecipeError, match=r"different recipe \(analyze.n_tokens: 200000 there, 1000 here\)"):
+        is_complete(out, load_recipe(None, [f"workdir={tmp_path}", "analyze.n_tokens=1000"]), "analyze")

@@ -101,6 +101,9 @@ def _write_copy(lm: HFLM, copy: Path) -> None:
         lm.tokenizer.hf.save_pretrained(str(temporary))
         manifest = {"parameters_sha256": parameters_sha256(lm.model), "identity": lm.identity}
         (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # mkdtemp's 0700 and safetensors' 0600 would keep the copy from others sharing the cache.
+        for path in (temporary, *temporary.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         os.rename(temporary, copy)
         temporary = None
     except Exception as err:  # noqa: BLE001 -- ENOSPC reaches here as safetensors' own error type
