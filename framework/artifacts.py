@@ -44,6 +44,13 @@ VOLATILE = {
                 "autointerp_api_model", "autointerp_explain_examples", "autointerp_simulate_examples"),
     "export": ("output_dir",),
 }
+# Keys that were part of a stage's fingerprint in markers written before they joined VOLATILE,
+# ignored when such a marker is read. Only these: a key made volatile for another reason
+# (lm.path, whose LM is checked by its weights' hash where it matters) stays compared in old
+# markers.
+FORMERLY_FINGERPRINTED = {
+    "analyze": ("autointerp", "autointerp_model", "autointerp_api_key_env", "autointerp_n_features"),
+}
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
@@ -79,10 +86,10 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _without_volatile(fingerprint: dict) -> dict:
-    """A recorded fingerprint less the keys that are VOLATILE now: output finished before one of
-    its keys became volatile (analyze.autointerp, say) is still this recipe's."""
-    return {section: {k: v for k, v in values.items() if k not in VOLATILE.get(section, ())}
+def without_former_keys(fingerprint: dict) -> dict:
+    """A recorded fingerprint less FORMERLY_FINGERPRINTED: output finished before those keys
+    became volatile still counts as this recipe's."""
+    return {section: {k: v for k, v in values.items() if k not in FORMERLY_FINGERPRINTED.get(section, ())}
             if isinstance(values, dict) else values for section, values in fingerprint.items()}
 
 
@@ -90,7 +97,7 @@ def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
     """How a recorded fingerprint of `stage` differs from this recipe's, one "key: value there,
     value here" each; empty when they are the same."""
     mine = json.loads(json.dumps(stage_fingerprint(recipe, stage), default=str))
-    recorded = json.loads(json.dumps(_without_volatile(recorded), default=str))
+    recorded = json.loads(json.dumps(recorded, default=str))
     if recorded == mine:
         return []
     return _diff(mine, recorded) or ["unknown differences"]
@@ -116,14 +123,13 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
         return False
     saved = json.loads(marker.read_text())
     fingerprint = stage_fingerprint(recipe, stage)
-    if saved.get("digest") == fingerprint_digest(fingerprint):
+    recorded = without_former_keys(saved.get("fingerprint", {}))
+    if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):
         return True
-    differences = differences_from(saved.get("fingerprint", {}), recipe, stage)
-    if not differences:  # recorded before a key of it became volatile
-        return True
+    differences = _diff(fingerprint, recorded)
     raise RecipeError(
         f"{directory} already holds `{stage}` output made with a different recipe "
-        f"({'; '.join(differences[:5])}). "
+        f"({'; '.join(differences[:5]) or 'unknown differences'}). "
         f"Point the recipe at another directory (workdir=... or the stage's output_dir), "
         f"or delete {directory} to redo it."
     )

@@ -99,3 +99,17 @@ def test_output_finished_before_a_key_became_volatile_is_still_this_recipes(tmp_
     assert is_complete(out, load_recipe(None, [f"workdir={tmp_path}", "analyze.autointerp=true"]), "analyze")
     with pytest.raises(RecipeError, match=r"different recipe \(analyze.n_tokens: 200000 there, 1000 here\)"):
         is_complete(out, load_recipe(None, [f"workdir={tmp_path}", "analyze.n_tokens=1000"]), "analyze")
+
+    # The same for the other analysis modes' markers (splitting, universality), which are redone
+    # rather than refused when their recipe differs.
+    from framework.analysis.markers import is_done, mark_done
+
+    splitting = out / "splitting"
+    splitting.mkdir()
+    mark_done(splitting, recipe, {"feature": 3})
+    marker = splitting / MARKER
+    saved = json.loads(marker.read_text())
+    saved["fingerprint"]["analyze"].update(autointerp=False, autointerp_n_features=20)
+    marker.write_text(json.dumps(saved))
+    assert is_done(splitting, load_recipe(None, [f"workdir={tmp_path}", "analyze.autointerp=true"]), {"feature": 3})
+    assert not is_done(splitting, load_recipe(None, [f"workdir={tmp_path}", "analyze.n_tokens=1000"]), {"feature": 3})

@@ -222,17 +222,24 @@ def load_hf(
     except (OSError, ValueError) as err:  # not found / offline; a directory that is no model
         raise RecipeError(_not_found_message(name_or_path, err)) from None
     tokenizer = Tokenizer(hf_tokenizer)
-    identity = {
-        "name": name or name_or_path,
-        "source": name_or_path,
-        "revision": getattr(model.config, "_commit_hash", None),
-        "weights_sha256": weights_sha256(Path(name_or_path), gguf_file),
-        "tokenizer": getattr(hf_tokenizer, "name_or_path", name_or_path),
-        "tokenizer_sha256": tokenizer.fingerprint,
-    }
+    identity = hf_identity(name or name_or_path, name_or_path, model, tokenizer,
+                           getattr(hf_tokenizer, "name_or_path", name_or_path), gguf_file)
     # GGUF weights are dequantised to float32 whatever `dtype` says; cast to what was asked.
     model = model.to(device=device, dtype=dtype)
     return HFLM(model, tokenizer, name or name_or_path, identity)
+
+
+def hf_identity(name: str, source: str, model: nn.Module, tokenizer: Tokenizer, tokenizer_source: str,
+                gguf_file: str | None = None) -> dict:
+    """What an HF model's activations and SAEs record of it (BaseLM.identity)."""
+    return {
+        "name": name,
+        "source": source,
+        "revision": getattr(model.config, "_commit_hash", None),
+        "weights_sha256": weights_sha256(Path(source), gguf_file),
+        "tokenizer": tokenizer_source,
+        "tokenizer_sha256": tokenizer.fingerprint,
+    }
 
 
 def meta_hf_lm(name_or_path: str, gguf_file: str | None = None, name: str | None = None) -> HFLM:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def smollm2_meta() -> HFLM:
     config.json when there is one (instant), else from the GGUF's metadata (~9 s)."""
     directory = smollm2_dir()
     copy = copy_dir(directory, GGUF_FILE, "smollm2")
-    if (copy / "config.json").is_file():
+    if (copy / "config.json").is_file() and copy.stat().st_uid == os.getuid():  # as load_gguf trusts it
         return meta_hf_lm(str(copy), name="smollm2")
     return meta_hf_lm(str(directory), gguf_file=GGUF_FILE, name="smollm2")
 
