@@ -113,13 +113,13 @@ class LocalBackend:
 
 class HTTPBackend:
     def __init__(self, url: str, model: str, api_key: str | None, timeout_s: float = 120.0, attempts: int = 3):
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
+        self.identity = f"{self.url}#{model}"  # first: __repr__ reads it, in a traceback of the check below too
         if not model:
             raise RecipeError("analyze.autointerp_model is a URL, so analyze.autointerp_api_model must name the "
                               "model to request (e.g. analyze.autointerp_api_model=gpt-4o-mini)")
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
         self.model, self._api_key, self.timeout_s, self.attempts = model, api_key, timeout_s, attempts
-        self.identity = f"{self.url}#{model}"
         self.parse_misses = 0
 
     def __repr__(self) -> str:  # never show the key
