@@ -117,8 +117,10 @@ def test_a_later_process_loads_smollm2_from_its_dequantised_copy_exactly_as_from
     expected, found = smollm2.model.state_dict(), reloaded.model.state_dict()
     assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
     assert reloaded.model.lm_head.weight is reloaded.model.model.embed_tokens.weight  # still tied
-    assert reloaded.model.config.to_diff_dict().keys() - {"_name_or_path"} == \
-        smollm2.model.config.to_diff_dict().keys() - {"_name_or_path", "quantization_config"}
+    unlike = {"_name_or_path", "quantization_config"}  # where it was read from; the copy is no GGUF
+    config, expected_config = reloaded.model.config.to_dict(), smollm2.model.config.to_dict()
+    assert {k: v for k, v in config.items() if k not in unlike} == \
+        {k: v for k, v in expected_config.items() if k not in unlike}
     text = "def add(a, b):\n    return a + b  # 12 tokens, naïve café"
     assert reloaded.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
     tokens = torch.tensor([smollm2.tokenizer.encode(text)])
