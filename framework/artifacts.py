@@ -113,6 +113,17 @@ def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **in
     return marker
 
 
+def read_marker(marker: Path) -> dict:
+    try:
+        return json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise RecipeError(
+            f"{marker} is damaged (not the JSON a stage writes when it finishes). Delete it and re-run the "
+            f"stage: it checks what is there again (complete shards are skipped, training resumes from its "
+            f"last checkpoint)"
+        ) from None
+
+
 def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> bool:
     """True if `directory` holds this stage's finished output for this recipe.
 
@@ -121,7 +132,7 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
     marker = Path(directory) / MARKER
     if not marker.is_file():
         return False
-    saved = json.loads(marker.read_text())
+    saved = read_marker(marker)
     fingerprint = stage_fingerprint(recipe, stage)
     recorded = without_former_keys(saved.get("fingerprint", {}))
     if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):

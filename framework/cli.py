@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import importlib
 import logging
@@ -216,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if args.verbose or err.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"sae {args.command}: error: {_machine_error(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return _interrupted(args.command)
     except SystemExit as stop:
@@ -229,6 +235,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae {args.command}: stopped by SIGTERM before finishing; what was checkpointed is kept, "
               f"and the same command resumes from it", file=sys.stderr)
         return 128 + signal.SIGTERM
+
+
+# What the machine refused, not a fault of the code: said in one line, not a traceback (-v shows it).
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _machine_error(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"the disk is full (or a size limit reached) writing{where}: {err.strerror}. Free space and run the "
+                f"same command again: finished work is kept (complete shards and stages are skipped, training "
+                f"resumes from its last checkpoint)")
+    return (f"{err.strerror}:{where}. Where it is an output, point the stage's output directory (its "
+            f"output_dir, lm.path for pretrain, or workdir) at one this user can write; otherwise make that "
+            f"path readable")
 
 
 def _interrupted(command: str) -> int:

@@ -10,6 +10,7 @@ and every error says which key, which value and what would have been accepted.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -323,6 +324,8 @@ def is_url(location: str) -> bool:
 
 def _compact_float(value: float) -> str:
     """3e-4 -> '3e-04', 1.5e-3 -> '1p5e-03': short, and free of dots (names become module keys)."""
+    if not math.isfinite(value):  # named before it is validated; the check then refuses it
+        return str(value)
     mantissa, exponent = f"{value:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.').replace('.', 'p')}e{exponent}"
 
@@ -412,8 +415,11 @@ def _check_sae_choices(cfg: SAEConfig, where: str) -> None:
         raise RecipeError(f"{where}.n_features={cfg.n_features}: an SAE needs at least one feature")
     checks = SAE_MINIMUMS + (TOPK_MINIMUMS if cfg.variant in ("topk", "batchtopk") else ())
     for key, minimum, meaning in checks:
-        if getattr(cfg, key) < minimum:
-            raise _too_small(f"{where}.{key}", getattr(cfg, key), minimum, meaning)
+        value = getattr(cfg, key)
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}.{key}={value} must be a finite number ({meaning})")
+        if value < minimum:
+            raise _too_small(f"{where}.{key}", value, minimum, meaning)
     if cfg.variant in ("topk", "batchtopk") and cfg.k > cfg.n_features:
         raise RecipeError(
             f"{where}.k={cfg.k} exceeds {where}.n_features={cfg.n_features}: a {cfg.variant} SAE keeps the k "
@@ -453,8 +459,8 @@ def _check_choices(recipe: Recipe) -> None:
             f"to at least {batch_size} (steps = n_tokens // batch_size), or train.batch_size to at most {n_tokens}"
         )
     for dotted in POSITIVE:
-        if not _lookup(recipe, dotted) > 0:
-            raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be positive")
+        if not 0 < _lookup(recipe, dotted) < math.inf:
+            raise RecipeError(f"{dotted}={_lookup(recipe, dotted)} must be a positive finite number")
     for dotted, allowed in CHOICES.items():
         value = _lookup(recipe, dotted)
         if value not in allowed:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
-from framework.artifacts import MARKER, differences_from
+from framework.artifacts import MARKER, differences_from, read_marker
 from framework.config import Recipe, SAEConfig
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
@@ -53,7 +53,14 @@ def load_framework_sae(directory: str | Path, device: str | torch.device = "cpu"
     fields = SAEConfig.__dataclass_fields__
     cfg = SAEConfig(**{k: v for k, v in config["sae"].items() if k in fields})
     sae = build_sae(config["d_in"], cfg)
-    state = load_file(str(directory / "sae.safetensors"))
+    try:
+        state = load_file(str(directory / "sae.safetensors"))
+    except Exception as err:  # noqa: BLE001 -- safetensors' own error types, and OSError
+        raise CheckpointError(
+            f"cannot read {directory / 'sae.safetensors'} ({type(err).__name__}: {err}). If `sae train` wrote it, "
+            f"delete {directory.parent / MARKER} and re-run `sae train RECIPE`: it rewrites the SAEs from the "
+            f"last checkpoint without training again"
+        ) from None
     missing = set(sae.state_dict()) - set(state)
     if missing:
         raise CheckpointError(f"{directory}/sae.safetensors lacks {sorted(missing)}; it is not a {cfg.variant} SAE")
@@ -89,7 +96,7 @@ def check_trained_by(root: Path, recipe: Recipe) -> None:
     marker = root / MARKER
     if not marker.is_file():
         return
-    saved = json.loads(marker.read_text())
+    saved = read_marker(marker)
     if saved.get("stage") != "train" or "fingerprint" not in saved:
         return
     differences = differences_from(saved["fingerprint"], recipe, "train")

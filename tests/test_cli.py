@@ -250,3 +250,25 @@ def test_the_sae_program_imports_without_collections_and_collects_while_the_stag
     finally:
         gc.enable()
         sys.modules.pop("stand_in_stage", None)
+
+
+def test_a_path_the_machine_refuses_or_a_full_disk_is_one_line_not_a_traceback(recipe_file, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["pretrain", str(recipe_file), f"lm.path={tmp_path / 'a-file' / 'lm'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sae pretrain: error: Not a directory: {tmp_path / 'a-file' / 'lm'}. Where it is an output")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "sae" / "checkpoints"))
+
+    monkeypatch.setattr(cli, "_call_stage", disk_full)
+    assert main(["train", str(recipe_file)]) == 2
+    assert "the disk is full (or a size limit reached) writing " in capsys.readouterr().err
+
+    def a_bug(*_args):
+        raise FileNotFoundError(2, "No such file or directory", "a file the code should have made")
+
+    monkeypatch.setattr(cli, "_call_stage", a_bug)
+    with pytest.raises(FileNotFoundError):  # not the machine's refusal: the traceback shows where
+        main(["train", str(recipe_file)])

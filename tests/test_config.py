@@ -124,7 +124,10 @@ def test_retired_shuffle_buffer_is_refused_unless_at_its_old_default():
     ("train.batch_size=0", r"train.batch_size=0 must be at least 1"),
     ("train.n_tokens=-5", r"train.n_tokens=-5 must be at least 1"),
     ("train.num_workers=-1", r"train.num_workers=-1 must be at least 0"),
-    ("train.lr=-1", r"train.lr=-1.0 must be positive"),
+    ("train.lr=-1", r"train.lr=-1.0 must be a positive finite number"),
+    ("train.lr=inf", r"train.lr=inf must be a positive finite number"),
+    ("sae.l1_coefficient=nan", r"sae.l1_coefficient=nan must be a finite number \(weight of the L1"),
+    ("train.bank=[{l1_coefficient: inf}]", r"train.bank\[0\].l1_coefficient=inf must be a finite number"),
     ("pretrain.steps=0", r"pretrain.steps=0 must be at least 1"),
 ])
 def test_numbers_a_run_cannot_use_are_refused_when_the_recipe_loads(override, message):

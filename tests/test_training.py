@@ -718,3 +718,39 @@ def test_an_empty_wandb_mode_in_the_environment_counts_as_unset(tmp_path, monkey
     _ = wandb_logger.experiment  # starts an offline run
     wandb_logger.experiment.finish()
     assert list((tmp_path / "logs").rglob("offline-run-*"))
+
+
+def test_damaged_outputs_are_named_with_what_to_do(tmp_path):
+    """A checkpoint whose bytes changed (a file checkpoint's zip CRC), an SAE file cut short, a
+    COMPLETE marker that is not JSON: each named, with the fix, instead of resuming silently or
+    a traceback."""
+    import zipfile
+
+    from framework.artifacts import MARKER, is_complete
+    from framework.sae import build_sae
+    from framework.saved import load_framework_sae
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}"])
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"weights": torch.randn(4096)}, checkpoint)
+    member = next(i for i in zipfile.ZipFile(checkpoint).infolist() if i.filename.endswith("data/0"))
+    data = bytearray(checkpoint.read_bytes())
+    start = member.header_offset + 30 + int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little") \
+        + int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")  # after the local header
+    data[start + 100] ^= 0x20  # one exponent bit of one weight
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {checkpoint} is damaged: its \S+data/0 fails its CRC "
+                                              r"check; delete it: the same command then resumes from the newest step-N"):
+        train_stage.check_checkpoint(checkpoint, recipe)
+
+    cfg = recipe.sae_configs()[0]
+    saved = train_stage.save_sae(build_sae(512, cfg), cfg.name, "blocks.0.mlp.hook_post", 1.0, recipe, tmp_path / "sae" / cfg.name)
+    weights = saved / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights} .*delete {tmp_path / 'sae' / MARKER} and re-run "
+                                              r"`sae train RECIPE`: it rewrites the SAEs from the last checkpoint"):
+        load_framework_sae(saved)
+
+    (tmp_path / "sae" / MARKER).write_text('{"stage": "tra')
+    with pytest.raises(RecipeError, match=rf"{tmp_path / 'sae' / MARKER} is damaged .*Delete it and re-run the stage"):
+        is_complete(tmp_path / "sae", recipe, "train")

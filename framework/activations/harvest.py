@@ -221,10 +221,12 @@ def _write_window(store: Path, plan: HarvestPlan, window: int, collected: Window
         except OSError as err:  # write_shard removed its partial file
             if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 free = shutil.disk_usage(store).free
+                smaller = " (or harvest into a new store with harvest.dtype=bfloat16, half the size)" \
+                    if recipe.harvest.dtype == "float32" else ""
                 raise DataError(
                     f"disk full while writing {shard_name(shard)} in {store} ({free / 2**20:,.0f} MiB "
-                    f"free). Nothing incomplete was kept: free space (or set harvest.dtype=bfloat16 "
-                    f"to halve the store) and re-run `sae harvest` -- complete shards are skipped."
+                    f"free). Nothing incomplete was kept: free space{smaller} and re-run `sae harvest` "
+                    f"-- complete shards are skipped."
                 ) from None
             raise
     record = {"window": window, "shards": [vars(i) for i in infos], "stats": collected.stats}

@@ -219,7 +219,8 @@ class SAEModule(L.LightningModule):
                 what = f"weights became non-finite (nan/inf) at step {pending.step}"
             else:
                 continue
-            where = self.last_good_checkpoint or "none was written yet (set train.checkpoint_every)"
+            where = self.last_good_checkpoint or ("none was written yet (one every train.checkpoint_every "
+                                                  "steps, 0: only at the end)")
             self._write_step_metrics()  # the failing step's row (its nan loss) reaches the log
             raise TrainingError(
                 f"SAE {name!r}: {what}; training stopped. "

@@ -12,6 +12,7 @@ Layout of the output directory (`{workdir}/sae` unless `train.output_dir` says o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -22,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -109,7 +111,12 @@ class WholeCheckpoint(ModelCheckpoint):
             _remove(partial)  # left by a process killed while writing it
             _remove(replaced)  # left by a process killed while removing it
         trainer.strategy.barrier()
-        super()._save_checkpoint(trainer, str(partial))
+        try:
+            super()._save_checkpoint(trainer, str(partial))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove(partial)  # a disk that filled up keeps no half checkpoint (the last whole one stays)
+            raise
         trainer.strategy.barrier()  # every rank has written its shards
         if trainer.is_global_zero:
             if partial.is_dir() and path.exists():
@@ -173,7 +180,7 @@ class _TrackLastCheckpoint(Callback):
         self.checkpoint = checkpoint
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        module.last_good_checkpoint = self.checkpoint.last_model_path or None
+        module.last_good_checkpoint = self.checkpoint.last_model_path or module.last_good_checkpoint
 
 
 class ReportStop(Callback):
@@ -212,16 +219,23 @@ class ReportStop(Callback):
                 signal.signal(signal.SIGTERM, previous)
 
 
+DELETE_TO_RESUME = ("delete it: the same command then resumes from the newest step-N.ckpt beside it, "
+                    "or starts over when there is none")
+
+
 def check_checkpoint(path: Path, recipe: Recipe) -> None:
-    """Refuse a checkpoint written by a different recipe, activation store or strategy."""
+    """Refuse a checkpoint written by a different recipe, activation store or strategy, or one
+    whose bytes changed since it was written (a file checkpoint is a zip whose members carry a
+    CRC-32: checked in full, as a flipped bit in the weights would otherwise resume silently)."""
     try:
+        damaged = zipfile.ZipFile(path).testzip() if path.is_file() else None
         state = checkpoint_metadata(path)
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {err}); delete it to start over"
-        ) from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); {DELETE_TO_RESUME}") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: its {damaged} fails its CRC check; {DELETE_TO_RESUME}")
     saved = state.get("sae_framework", {}).get("fingerprint")
     if saved is None:
         raise CheckpointError(f"{path} was not written by `sae train`; delete it or use another train.output_dir")
@@ -338,6 +352,7 @@ def train(recipe: Recipe) -> Path:
     if resume is not None:
         check_checkpoint(resume, recipe)
         log.info("resuming from %s", resume)
+        module.last_good_checkpoint = str(resume)  # until this run writes one
     else:
         initialize(module, data, out, trainer.is_global_zero)
     try:
