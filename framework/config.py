@@ -653,7 +653,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     """A recipe file and, first, the chain of `base:` recipes it extends."""
     path = path.resolve()
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        named_by = f" (the `base:` of {seen[-1]})" if seen else ""
+        if path.is_dir():
+            raise RecipeError(f"{path} is a directory, not a recipe file{named_by}")
+        raise RecipeError(f"recipe file not found: {path}{named_by}")
     if path in seen:
         raise RecipeError(f"recipe `base:` chain loops back to {path}")
     try:

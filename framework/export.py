@@ -264,6 +264,9 @@ def load_saelens_sae(path: str | Path, device: str | torch.device = "cpu") -> Tr
 
 
 def _read_saelens_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist or is not a directory: eval.sae_path names an SAELens SAE "
+                              f"directory ({CFG_FILE} and {WEIGHTS_FILE}, as `sae export` or SAELens's save_model write)")
     for file in (CFG_FILE, WEIGHTS_FILE):
         if not (path / file).is_file():
             raise CheckpointError(

@@ -78,11 +78,14 @@ def test_value_outside_choices_lists_the_choices():
 def test_missing_recipe_file_names_the_path(tmp_path):
     with pytest.raises(RecipeError, match=r"recipe file not found: .*nope.yaml"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match=rf"^{tmp_path} is a directory, not a recipe file$"):
+        load_recipe(tmp_path)
 
 
-def test_missing_base_file_names_the_path(tmp_path):
+def test_missing_base_file_names_the_path_and_the_recipe_naming_it(tmp_path):
     (tmp_path / "child.yaml").write_text("base: gone.yaml\n")
-    with pytest.raises(RecipeError, match=r"gone.yaml"):
+    with pytest.raises(RecipeError, match=rf"recipe file not found: {tmp_path}/gone.yaml \(the `base:` of "
+                                          rf"{tmp_path}/child.yaml\)"):
         load_recipe(tmp_path / "child.yaml")
 
 

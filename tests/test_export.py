@@ -312,3 +312,9 @@ def test_export_metadata_names_its_recipe_by_the_digest_of_the_complete_marker(t
     # The value earlier versions wrote: markers and exports already on disk keep matching.
     fingerprint = {"train": {"lr": 0.001, "bank": [{"name": "a"}]}, "lm": {"name": "builtin"}, "path": Path("/x")}
     assert fingerprint_digest(fingerprint) == "c9ba1996e0b4ab7e"
+
+
+def test_an_sae_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'nope'} does not exist or is not a directory: "
+                                              r"eval.sae_path names an SAELens SAE directory"):
+        load_saelens_sae(tmp_path / "nope")

@@ -281,3 +281,10 @@ def test_a_wrong_model_name_lists_what_lm_name_accepts():
     assert "'no-such-model-xyz'" in message
     for accepted in ("'builtin'", "'smollm2'", "local Hugging Face model directory", "hub id", "network"):
         assert accepted in message
+
+
+def test_a_model_path_that_does_not_exist_says_so_rather_than_the_hubs_repo_id_rules(tmp_path):
+    for command in (lambda: list_hooks(str(tmp_path / "gone")),
+                    lambda: load_lm(load_recipe(None, [f"lm.name={tmp_path / 'gone'}", "lm.device=cpu"]))):
+        with pytest.raises(RecipeError, match=rf"cannot load LM '{tmp_path / 'gone'}': there is no such directory"):
+            command()

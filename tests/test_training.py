@@ -754,3 +754,23 @@ def test_damaged_outputs_are_named_with_what_to_do(tmp_path):
     (tmp_path / "sae" / MARKER).write_text('{"stage": "tra')
     with pytest.raises(RecipeError, match=rf"{tmp_path / 'sae' / MARKER} is damaged .*Delete it and re-run the stage"):
         is_complete(tmp_path / "sae", recipe, "train")
+
+
+def test_a_checkpoint_that_fails_to_write_leaves_no_partial_file(tmp_path):
+    """A full disk mid-save: the half-written `.last.ckpt.partial` (which kept the disk full) is
+    removed, the last whole checkpoint stays, and the error goes on to the CLI's one-line report."""
+    from types import SimpleNamespace
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"the previous whole checkpoint")
+
+    def save_checkpoint(filepath, weights_only=False):
+        Path(filepath).write_bytes(b"half of it")
+        raise OSError(28, "No space left on device", filepath)
+
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None),
+                              save_checkpoint=save_checkpoint, global_step=8, loggers=[])
+    with pytest.raises(OSError, match="No space left"):
+        train_stage.WholeCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert last.read_bytes() == b"the previous whole checkpoint"

