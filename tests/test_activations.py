@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,22 @@ def test_two_ranks_read_disjoint_rows_that_cover_the_store(harvested):
     keys = [{(c, p) for r in rows for c, p in zip(r.context.tolist(), r.position.tolist())} for rows in ranks]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert len(keys[0] | keys[1]) == 6144
+
+
+def test_a_manifest_whose_width_was_edited_is_named_when_its_shards_are_read(harvested, tmp_path):
+    """d in manifest.json changed after the harvest: training used to fail deep in the SAE's
+    initialisation with a tensor size mismatch; reading the first shard names it."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(harvested.path("activations"), store, copy_function=os.link)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").unlink()  # a hard link: the fixture's manifest stays as it is
+    edited = [manifest["d"][0] // 2, *manifest["d"][1:]]
+    (store / "manifest.json").write_text(json.dumps({**manifest, "d": edited}))
+    with pytest.raises(DataError, match=rf"shard \S+ in {store} holds rows {re.escape(str(manifest['d']))} wide where "
+                                        rf"its manifest.json says d={re.escape(str(edited))} .*was edited: delete it"):
+        next(iter(ActivationStream(ActivationStore(str(store)), batch_size=16, shuffle=False)))
 
 
 def test_store_streams_over_http_and_pipe_urls_with_verified_checksums(harvested):

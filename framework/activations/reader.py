@@ -155,6 +155,15 @@ class ActivationStore:
                         yield Skipped(expected)
                         continue
                     rows = decode_sample(sample, self.manifest.dtype, len(self.manifest.hook_points))
+                    widths = [a.shape[1] for a in rows.acts]
+                    if widths != self.manifest.d:
+                        raise DataError(
+                            f"shard {info.name} in {self.location} holds rows {widths} wide where its "
+                            f"{MANIFEST} says d={self.manifest.d} ({', '.join(self.manifest.hook_points)}). "
+                            f"Check the store with `sae harvest RECIPE --verify` (a shard from elsewhere fails its "
+                            f"checksum); if it passes, {MANIFEST} was edited: delete it and re-run `sae harvest "
+                            f"RECIPE`, which rebuilds it from the harvested windows"
+                        )
                     if len(rows) != expected:
                         raise DataError(
                             f"sample {sample.get('__key__')} of shard {info.name} in {self.location} holds "
