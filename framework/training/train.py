@@ -228,7 +228,10 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
     whose bytes changed since it was written (a file checkpoint is a zip whose members carry a
     CRC-32: checked in full, as a flipped bit in the weights would otherwise resume silently)."""
     try:
-        damaged = zipfile.ZipFile(path).testzip() if path.is_file() else None
+        damaged = None
+        if path.is_file():
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
         state = checkpoint_metadata(path)
     except CheckpointError:
         raise
