@@ -774,3 +774,18 @@ def test_a_checkpoint_that_fails_to_write_leaves_no_partial_file(tmp_path):
         train_stage.WholeCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert last.read_bytes() == b"the previous whole checkpoint"
+
+
+def test_a_resumed_run_names_the_checkpoint_it_resumed_from_until_it_writes_one():
+    """The NaN message's "last good checkpoint": a resumed run set it to the checkpoint it resumed
+    from, and each batch's update kept "none was written yet" until this process saved one."""
+    from types import SimpleNamespace
+
+    checkpoint = SimpleNamespace(last_model_path="")
+    module = SimpleNamespace(last_good_checkpoint="run/checkpoints/step-14.ckpt")  # set on resume
+    tracker = train_stage._TrackLastCheckpoint(checkpoint)
+    tracker.on_train_batch_end(None, module, None, None, 0)
+    assert module.last_good_checkpoint == "run/checkpoints/step-14.ckpt"
+    checkpoint.last_model_path = "run/checkpoints/last.ckpt"
+    tracker.on_train_batch_end(None, module, None, None, 1)
+    assert module.last_good_checkpoint == "run/checkpoints/last.ckpt"
