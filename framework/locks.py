@@ -60,15 +60,28 @@ def output_locks(directories: list[Path], command: str, wait: bool = False) -> I
 
 
 @contextlib.contextmanager
-def _lock(directory: Path, command: str, wait: bool = False) -> Iterator[None]:
-    path = lock_path(directory)
+def lock_file(path: Path, mode: int = 0o644) -> Iterator[int | None]:
+    """The open lock file `path` (made, with its parents, if missing) for `fcntl.flock`, or None
+    where it cannot be made. Closing it on leaving releases whatever lock was taken on it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
     except OSError:
-        yield
+        yield None
         return
     try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _lock(directory: Path, command: str, wait: bool = False) -> Iterator[None]:
+    path = lock_path(directory)
+    with lock_file(path) as fd:
+        if fd is None:
+            yield
+            return
         if not _try_lock(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             if not wait:
@@ -82,8 +95,6 @@ def _lock(directory: Path, command: str, wait: bool = False) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, `sae {command}`\n".encode(), 0)
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _try_lock(fd: int) -> bool:

@@ -39,6 +39,7 @@ import torch
 from framework.lm.base import Tokenizer
 from framework.lm.hf import HFLM, hf_identity, load_hf, weights_sha256
 from framework.lm.identity import files_sha256
+from framework.locks import lock_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -139,25 +140,18 @@ def _write_copy(lm: HFLM, copy: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(copy: Path, kind: int, clear_leftovers: bool = False) -> Iterator[None]:
-    """Hold the copy's lock file (`flock`, shared or exclusive) while the body runs. Under the
-    exclusive lock, what an earlier builder left half-written (killed mid-write) is removed.
-    Where no lock file can be made, nothing is locked (nor can the copy be written there: the
-    write's warning says so)."""
-    try:
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(copy.parent / f".{copy.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
+    """Hold the copy's lock file (`flock`, shared or exclusive: blocking) while the body runs.
+    Under the exclusive lock, what an earlier builder left half-written (killed mid-write) is
+    removed. Where no lock file can be made, nothing is locked (nor can the copy be written
+    there: the write's warning says so)."""
+    with lock_file(copy.parent / f".{copy.name}.lock", mode=0o600) as fd:
+        if fd is not None:
+            fcntl.flock(fd, kind)
+            if clear_leftovers:
+                for leftover in copy.parent.glob(f".{copy.name}.*"):
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
         yield
-        return
-    try:
-        fcntl.flock(fd, kind)
-        if clear_leftovers:
-            for leftover in copy.parent.glob(f".{copy.name}.*"):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _remove(copy: Path) -> bool:
