@@ -15,6 +15,7 @@ from test_analysis import TinySetup, build_tiny_setup
 
 from framework.analysis.analyze import analyze, analyze_sae
 from framework.analysis.autointerp import average_ranks, score_unit, spearman, split_examples
+from framework.analysis.dashboard import unit_page
 from framework.analysis.interp_backends import AutointerpError, HTTPBackend
 from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, shown
 from framework.artifacts import mark_complete
@@ -50,14 +51,65 @@ def test_average_ranks_share_ties_and_spearman_is_pearson_of_ranks():
     assert spearman([5, 5, 5], [1, 2, 3]) == 0.0  # predicting nothing explains nothing
 
 
-def test_explainer_and_simulator_see_disjoint_examples_from_every_pool(analysis_dir):
+def test_explainer_and_simulator_see_examples_of_different_contexts_from_every_pool(analysis_dir):
     page, _ = a_page(analysis_dir)
     explain, simulate = split_examples(page, n_explain=5, n_simulate=100)
     key = lambda e: (e["context"], e["position"])  # noqa: E731
-    assert len(explain) == 5 and not {key(e) for e in explain} & {key(e) for e in simulate}
+    assert len(explain) == 5 and simulate
+    assert not {e["context"] for e in explain} & {e["context"] for e in simulate}
     assert key(explain[0]) == key(page["top"][0])  # the top example goes to the explainer
     random_keys = {key(e) for e in page["random"]}
     assert any(key(e) in random_keys for e in explain + simulate)
+
+
+def test_neighbouring_examples_of_one_context_go_to_the_same_side():
+    def example(context, position):
+        return {"context": context, "position": position, "tokens": ["a"], "activations": [1.0], "focus": 0}
+    page = {"top": [example(5, 40), example(5, 41), example(7, 3), example(5, 42), example(9, 8)],
+            "intervals": [{"examples": [example(7, 4), example(11, 2)]}], "random": [example(5, 41), example(12, 0)]}
+    explain, simulate = split_examples(page, n_explain=10, n_simulate=10)
+    # contexts met in the order 5, 7, 9, 11, 12: explainer, simulator, explainer, ...
+    assert [(e["context"], e["position"]) for e in explain] == [(5, 40), (12, 0), (5, 41), (5, 42), (9, 8)]
+    assert [(e["context"], e["position"]) for e in simulate] == [(7, 3), (7, 4), (11, 2)]
+
+
+def test_positions_the_analysis_skips_are_shown_unlit_and_left_unscored(analysis_dir):
+    data = json.loads((analysis_dir / "features.json").read_text())
+    skip = 1  # build_tiny_setup's corpus
+    windows_over_skipped = 0
+    for record in data["kinds"].values():
+        for page in record["pages"].values():
+            for e in page["top"] + page["random"] + [x for iv in page["intervals"] for x in iv["examples"]]:
+                start = e["position"] - e["focus"]
+                assert len(e["activations"]) == len(e["tokens"])
+                assert all((a is None) == (start + i < skip) for i, a in enumerate(e["activations"])), e
+                windows_over_skipped += start < skip
+    assert windows_over_skipped  # the check above saw some
+    page, info = a_page(analysis_dir)
+    explain, simulate = split_examples(page, 4, 60)
+    assert any(a is None for e in simulate for a in e["activations"])
+    truth = [e["activations"] for e in simulate]
+    # Predicting far above anything at the skipped positions costs nothing: they are not scored.
+    oracle = Oracle(truth, lambda a: a)
+    oracle.simulate = lambda explanation, excerpts: [[1e6 if a is None else a for a in acts] for acts in truth]
+    scored = score_unit(oracle, explain, simulate, info["max_activation"])
+    assert scored["score"] == 1.0
+    assert scored["n_tokens"] == sum(a is not None for acts in truth for a in acts)
+    unit = next(int(u) for u, page in data["kinds"]["features"]["pages"].items()
+                if any(a is None for e in page["top"] for a in e["activations"]))
+    shown = unit_page(data, "features", unit, {}, (None, None))
+    assert '<span title="">' in shown  # a skipped position: its token, no activation, no highlight
+
+
+def test_a_unit_page_counts_firings_exactly_and_names_the_readout_its_hook_has(analysis_dir):
+    data = json.loads((analysis_dir / "features.json").read_text())
+    unit = min(int(u) for u in data["kinds"]["features"]["pages"])
+    info = data["kinds"]["features"]["units"][unit]
+    page = unit_page(data, "features", unit, {}, (None, None))
+    assert f"({sum(info['histogram']):,} of {data['n_tokens']:,} tokens)" in page
+    assert data["hook_point"].endswith("mlp.hook_post") and "W<sub>out</sub> &middot; W<sub>U</sub>" in page
+    residual = unit_page({**data, "hook_point": "blocks.0.hook_resid_post"}, "features", unit, {}, (None, None))
+    assert "W<sub>out</sub>" not in residual and "direction &middot; W<sub>U</sub>" in residual
 
 
 class Oracle:
@@ -143,8 +195,8 @@ def test_autointerp_over_http_scores_caches_and_reaches_the_dashboard(analysis_d
         for unit, scored in results[kind].items():
             assert scored["explanation"] == CANNED_EXPLANATION
             _, simulate = split_examples(data["kinds"][kind]["pages"][unit], 6, 5)
-            predicted = [len(shown(t)) % 10 for e in simulate for t in e["tokens"]]
-            truth = [a or 0.0 for e in simulate for a in e["activations"]]
+            known = [(t, a) for e in simulate for t, a in zip(e["tokens"], e["activations"]) if a is not None]
+            predicted, truth = [len(shown(t)) % 10 for t, _ in known], [a for _, a in known]
             assert scored["score"] == pytest.approx(spearman(predicted, truth), abs=1e-4)
     seen = chat_server.seen
     assert {s["path"] for s in seen} == {"/v1/chat/completions"}

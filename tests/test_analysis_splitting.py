@@ -13,7 +13,14 @@ from framework.analysis.analyze import analyze
 from framework.analysis.collect import hook_rows
 from framework.analysis.corpus import analysis_corpus
 from framework.analysis.dashboard import chip
-from framework.analysis.splitting import Level, build_tree, decoder_candidates, stream_split_stats
+from framework.analysis.splitting import (
+    Level,
+    build_tree,
+    decoder_candidates,
+    level_record,
+    report_text,
+    stream_split_stats,
+)
 from framework.config import SAEConfig
 from framework.lm import load_lm
 from framework.sae import SAE, build_sae
@@ -83,6 +90,23 @@ def test_planted_splits_are_recovered_as_a_tree_across_three_sizes(tiny: TinySet
     assert {c["feature"] for c in tree["children"]} == planted_medium[root]
     assert all({g["feature"] for g in c["children"]} == planted_large[c["feature"]] for c in tree["children"])
     assert tops[2].values.shape == (large.n_features, 10)
+
+
+def test_a_feature_whose_candidates_never_correlate_does_not_count_as_its_nearest_being_best():
+    # Feature 0's candidates never fired with it (correlations all 0), feature 1's best is its
+    # second nearest, feature 2's its nearest, feature 3 never fired.
+    level = Level(candidates=torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 3, 6]]),
+                  cosine=torch.tensor([[0.9, 0.8, 0.7]] * 4),
+                  correlation=torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.8, 0.1], [0.9, 0.3, -0.1], [0.0, 0.0, 0.0]]),
+                  min_correlation=0.3)
+    record = level_record("s", "l", level, level.children(), density=torch.tensor([0.1, 0.2, 0.3, 0.0]))
+    summary = record["summary"]
+    assert summary["small_features_fired"] == 3
+    assert summary["nearest_is_best_correlated"] == 0.5  # feature 2 of features 1 and 2
+    assert summary["without_correlated_candidate"] == 1
+    table = report_text({"saes": ["s", "l"], "n_features": [4, 9], "n_tokens": 10, "split": "heldout", "root": 0,
+                         "levels": [record]})
+    assert "| `s` → `l` | 3 | 0.800 | 0.900 | 0.500 | 1 |" in table
 
 
 def planted_bank(pretrained_recipe, tmp_path):

@@ -103,18 +103,23 @@ def select_units(record: dict, n: int, seed: int) -> list[int]:
 
 
 def split_examples(page: dict, n_explain: int, n_simulate: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint (explainer, simulator) examples, each drawn from top, interval and random in turn."""
+    """(explainer, simulator) examples from different contexts, each side drawn from top,
+    interval and random in turn. Whole contexts are dealt alternately to the two sides, in the
+    order they are first met: examples a few tokens apart in one context share most of their
+    windows, so an explainer shown one would have seen the truth the simulator is scored on."""
     intervals = [iv["examples"] for iv in page["intervals"]]
     interval_order = [iv[i] for i in range(max(map(len, intervals), default=0)) for iv in intervals if i < len(iv)]
     seen: set[tuple[int, int]] = set()
-    pools = []
-    for pool in (page["top"], interval_order, page["random"]):
-        fresh = [e for e in pool if (e["context"], e["position"]) not in seen]
-        seen.update((e["context"], e["position"]) for e in fresh)
-        pools.append(fresh)
-    explain = _take_in_turn([p[0::2] for p in pools], n_explain)
-    simulate = _take_in_turn([p[1::2] for p in pools], n_simulate)
-    return explain, simulate
+    side_of_context: dict[int, int] = {}
+    sides: tuple[list[list[dict]], list[list[dict]]] = ([[], [], []], [[], [], []])  # side -> pool -> examples
+    for i, pool in enumerate((page["top"], interval_order, page["random"])):
+        for example in pool:
+            if (example["context"], example["position"]) in seen:
+                continue
+            seen.add((example["context"], example["position"]))
+            side = side_of_context.setdefault(example["context"], len(side_of_context) % 2)
+            sides[side][i].append(example)
+    return _take_in_turn(sides[0], n_explain), _take_in_turn(sides[1], n_simulate)
 
 
 def _take_in_turn(pools: list[list[dict]], n: int) -> list[dict]:
@@ -133,8 +138,10 @@ def cache_key(identity: str, kind: str, unit: int, explain: list[dict], simulate
 def score_unit(backend, explain: list[dict], simulate: list[dict], max_activation: float) -> dict:
     explanation = backend.explain(explain_messages(explain, max_activation))
     predicted = backend.simulate(explanation, [e["tokens"] for e in simulate])
-    truth = [a or 0.0 for e in simulate for a in e["activations"]]
-    flat = [p for excerpt in predicted for p in excerpt]
+    # Scored where the activation is known: not at positions the analysis skips (null).
+    scored = [(p, a) for e, excerpt in zip(simulate, predicted) for p, a in zip(excerpt, e["activations"])
+              if a is not None]
+    flat, truth = [p for p, _ in scored], [a for _, a in scored]
     return {
         "explanation": explanation,
         "score": round(spearman(flat, truth), 4),

@@ -162,14 +162,14 @@ def unit_page(data: dict, kind: str, unit: int, score: dict, neighbours: tuple[i
     nav = [_kind_nav(data, "../")]
     nav += [f'<a href="{previous}.html">&larr; {NAMES[kind].lower()} {previous}</a>'] if previous is not None else []
     nav += [f'<a href="{following}.html">{NAMES[kind].lower()} {following} &rarr;</a>'] if following is not None else []
-    fires = round(info["density"] * data["n_tokens"])
+    fires = sum(info["histogram"])  # exact: the density is rounded to 4 digits
     explanation = ""
     if score:
         explanation = (f'<p><b>Explanation</b> (autointerp, score {_number(score.get("score"), ".2f")}): '
                        f'{html.escape(str(score.get("explanation", "")))}</p>')
     panels = [
         f"<section><h2>Activation histogram</h2>{histogram_svg(info['histogram'], data['histogram_log10_edges'])}</section>",
-        _logit_panel(info["logits"]),
+        _logit_panel(info["logits"], data["hook_point"]),
         _ablation_panel(page["ablation"]),
         _composition_panel(info["composition"], data),
     ]
@@ -246,11 +246,13 @@ def _token_table(title: str, pairs: list, css: str) -> str:
     return f"<table><thead><tr><th>{title}</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _logit_panel(logits: dict | None) -> str:
+def _logit_panel(logits: dict | None, hook_point: str) -> str:
     if not logits:
         return ""
+    # The readout (logits.readout): through the MLP's output weights only from its hidden layer.
+    through = " &middot; W<sub>out</sub>" if hook_point.endswith("mlp.hook_post") else ""
     return (
-        "<section><h2>Logit effects</h2><p class=\"muted\">direction &middot; W<sub>out</sub> &middot; "
+        f"<section><h2>Logit effects</h2><p class=\"muted\">direction{through} &middot; "
         "W<sub>U</sub>: tokens this unit pushes up and down directly</p><div class=\"grid\">"
         f"{_token_table('promoted', logits['top'], 'pos')}{_token_table('suppressed', logits['bottom'], 'neg')}"
         "</div></section>"

@@ -17,7 +17,8 @@ without the tokenizer, the model or this package. Layout (floats rounded for siz
                                 promoted: [[token, delta]], suppressed: [[token, delta]]}}}}}}
 
 An example is {context, position, activation, tokens: [str], activations: [float], focus}:
-the window of tokens around it, `focus` indexing the example's own token.
+the window of tokens around it, `focus` indexing the example's own token; an activation is null
+at positions below harvest.skip_first_tokens (not analysed).
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ def _ablation_record(effects: AblationEffects, unit: int, names: TokenNames, k: 
     }
 
 
-def _round(x: float, digits: int = 4) -> float | None:
-    """Four significant digits; NaN (no next token to score) and infinities become null."""
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+def _round(x: float | None, digits: int = 4) -> float | None:
+    """Four significant digits; NaN (no next token to score), infinities and None (a position
+    the analysis skips) become null."""
+    return float(f"{x:.{digits}g}") if x is not None and math.isfinite(x) else None

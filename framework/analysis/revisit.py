@@ -29,7 +29,7 @@ Example = tuple[int, int]  # (context id, position)
 @dataclass
 class Window:
     tokens: list[int]  # token ids around the example
-    activations: list[float]  # the unit's activation at each of them
+    activations: list[float | None]  # the unit's activation at each of them (None: not analysed)
     focus: int  # index of the example's own token in the window
 
 
@@ -75,11 +75,20 @@ def revisit(
                     else:
                         lo, hi = window_bounds(position, window, tokens.shape[1])
                         windows[(kind, unit, context, position)] = Window(
-                            tokens[row, lo:hi].tolist(), unit_acts[row, lo:hi, unit].tolist(), position - lo
+                            tokens[row, lo:hi].tolist(),
+                            _unanalysed_as_none(unit_acts[row, lo:hi, unit].tolist(), lo, corpus.skip_first_tokens),
+                            position - lo,
                         )
             measure_ablations(model, hook, unit_set, tokens, acts, unit_acts, pairs, ids, effects[kind])
         progress.update(len(ids))
     return windows, effects
+
+
+def _unanalysed_as_none(activations: list[float], start: int, skip: int) -> list[float | None]:
+    """The window's activations, None at positions the analysis skips (below skip_first_tokens:
+    atypical, never seen by the SAE in training): their tokens are shown as context, unlit, and
+    autointerp does not score them."""
+    return [None if start + i < skip else a for i, a in enumerate(activations)]
 
 
 def _by_context(

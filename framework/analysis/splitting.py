@@ -228,6 +228,10 @@ def level_record(small: str, large: str, level: Level, children: dict[int, list]
     """One level of splitting.json: every small feature's candidates, and summary numbers."""
     fired = density > 0
     best_corr = level.correlation.max(dim=1)
+    # A best correlation of 0 or less says nothing about which candidate is nearest in activity
+    # (0 is also what a candidate that never fired gets), so only features with a positively
+    # correlated candidate count, and the rest are counted apart.
+    correlated = fired & (best_corr.values > 0)
     agree = best_corr.indices == 0  # candidates are in cosine order: is the best correlated also the nearest?
     counts = torch.tensor([len(children.get(i, [])) for i in range(len(density))])
     return {
@@ -236,7 +240,8 @@ def level_record(small: str, large: str, level: Level, children: dict[int, list]
             "small_features_fired": int(fired.sum()),
             "median_best_correlation": float(best_corr.values[fired].median()) if fired.any() else None,
             "median_best_cosine": float(level.cosine[:, 0][fired].median()) if fired.any() else None,
-            "nearest_is_best_correlated": float(agree[fired].float().mean()) if fired.any() else None,
+            "nearest_is_best_correlated": float(agree[correlated].float().mean()) if correlated.any() else None,
+            "without_correlated_candidate": int((fired & ~correlated).sum()),
             "with_children": int((counts[fired] > 0).sum()),
             "split_in_two_or_more": int((counts[fired] > 1).sum()),
         },
@@ -251,15 +256,17 @@ def report_text(data: dict) -> str:
         "# Feature splitting", "",
         f"{' → '.join(f'`{s}` ({n:,})' for s, n in zip(data['saes'], data['n_features']))}, "
         f"{data['n_tokens']:,} tokens of {data['split']} text.", "",
-        "| from → to | features fired | median best correlation | median best decoder cosine | nearest is best correlated | with children | split in ≥ 2 |",
-        "|---|---|---|---|---|---|---|",
+        "| from → to | features fired | median best correlation | median best decoder cosine | nearest is best correlated "
+        "| no correlated candidate | with children | split in ≥ 2 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for level in data["levels"]:
         s = level["summary"]
         lines.append(
             f"| `{level['small']}` → `{level['large']}` | {s['small_features_fired']:,} | "
             f"{_fmt(s['median_best_correlation'])} | {_fmt(s['median_best_cosine'])} | "
-            f"{_fmt(s['nearest_is_best_correlated'])} | {s['with_children']:,} | {s['split_in_two_or_more']:,} |"
+            f"{_fmt(s['nearest_is_best_correlated'])} | {s.get('without_correlated_candidate', 'n/a')} | "
+            f"{s['with_children']:,} | {s['split_in_two_or_more']:,} |"
         )
     root = data["root"]
     lines += ["", f"Split tree of feature {root} of `{data['saes'][0]}`: [HTML](tree_{root}.html)", "",
