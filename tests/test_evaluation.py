@@ -162,6 +162,56 @@ def test_reconstruction_returns_to_the_activation_scale_before_splicing(model, t
     assert abs(m["kl_sae"]) < 1e-5
 
 
+def test_splices_leave_the_positions_before_skip_first_tokens_clean(model, token_batches):
+    """The SAE never trained on positions below harvest.skip_first_tokens: every splice (and the
+    mean of mean ablation) starts at that position; every prediction is still scored."""
+    d, skip = width(model), 2
+    zero = TrainedSAE("zero", hand_set_sae(d, 8), HOOK, 1.0)
+    m = spliced_metrics(model, zero, token_batches, skip_first_tokens=skip)
+
+    def zero_from_skip(a):
+        out = a.clone()
+        out[:, skip:] = 0
+        return out
+
+    n_tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in token_batches)
+    by_hand = sum(model.next_token_loss(t, splice={HOOK: zero_from_skip}, reduction="none").sum().item()
+                  for t in token_batches) / n_tokens
+    assert m["eval_tokens"] == n_tokens
+    assert m["loss_sae"] == pytest.approx(by_hand, rel=1e-6) and m["loss_zero_ablated"] == pytest.approx(by_hand, rel=1e-6)
+    everywhere = spliced_metrics(model, zero, token_batches)
+    assert abs(everywhere["loss_sae"] - by_hand) > 1e-3  # the first positions do change the loss
+
+    acts = torch.cat([model.run(t, capture=[HOOK]).activations[HOOK][:, skip:].reshape(-1, d) for t in token_batches])
+    torch.testing.assert_close(hook_mean(model, HOOK, token_batches, skip), acts.mean(0), rtol=1e-5, atol=1e-6)
+    perfect = spliced_metrics(model, TrainedSAE("identity", identity_sae(d), HOOK, 1.0), token_batches, skip)
+    assert perfect["loss_explained"] == pytest.approx(1.0, abs=1e-6) and abs(perfect["kl_sae"]) < 1e-6
+
+
+def test_heldout_rows_from_the_lm_start_at_skip_first_tokens(pretrained_recipe, model, tmp_path):
+    """Without a held-out store (live training, or none harvested) the rows come from the LM,
+    from the first position the SAE trained on."""
+    recipe = make_recipe(pretrained_recipe, tmp_path, "harvest.skip_first_tokens=3")
+    rows = eval_stage.heldout_activations(recipe, model, HOOK, 100)
+    _, tokens = next(iter(iter_context_batches(recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size)))
+    acts = model.run(tokens, capture=[HOOK]).activations[HOOK]
+    torch.testing.assert_close(torch.cat(rows), acts[:, 3:].reshape(-1, acts.shape[-1])[:100].float())
+
+
+def test_batchtopk_is_evaluated_by_its_threshold_also_while_training():
+    """Held-out metrics during training (HeldoutEval) describe the SAE as it is used, by its
+    learned threshold, not by the batch's top k·batch (whose L0 is k by construction)."""
+    torch.manual_seed(0)
+    sae = build_sae(16, SAEConfig(variant="batchtopk", name="b", n_features=64, hook_point=HOOK, k=4))
+    x = [torch.randn(128, 16) for _ in range(2)]
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    in_use = evaluate_sae(sae.eval(), x)
+    sae.train()
+    assert evaluate_sae(sae, x) == in_use and sae.training
+    assert in_use["l0"] != pytest.approx(4.0)
+
+
 def test_sae_that_outputs_the_mean_explains_nothing_against_mean_ablation(model, token_batches):
     d = width(model)
     mean = hook_mean(model, HOOK, token_batches)
@@ -277,6 +327,17 @@ def test_eval_metrics_are_those_of_every_heldout_row_in_activation_units(trained
     features = trained.features(x)
     assert m["l0"] == pytest.approx((features > 0).sum(1).float().mean().item(), rel=1e-4)
     assert m["dead_fraction"] == pytest.approx(1 - (features > 0).any(0).float().mean().item())
+
+
+def test_training_reports_its_heldout_mse_in_the_units_eval_does(trained_recipe, evaluated):
+    """Both metrics.json files hold `mse` in the activations' own units, not the SAE's scaled
+    ones (train.normalize_activations=norm here); their held-out rows differ (training's first
+    batch against eval's whole split), so they agree only roughly, far closer than input_scale²."""
+    name = trained_recipe.sae_configs()[0].name
+    scale = load_framework_sae(trained_recipe.path("sae") / name).input_scale
+    during_training = json.loads((trained_recipe.path("sae") / name / "metrics.json").read_text())["mse"]
+    after = json.loads((evaluated / "metrics.json").read_text())[name]["mse"]
+    assert abs(math.log(during_training / after)) < abs(math.log(scale**2)) / 2, (during_training, after, scale)
 
 
 def test_eval_records_the_heldout_rows_it_used_and_warns_when_fewer_than_asked(trained_recipe, evaluated, model,

@@ -50,7 +50,8 @@ def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[t
     rows, out = 0, []
     for _, tokens in iter_context_batches(recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size):
         acts = model.run(tokens.to(model.device), capture=[hook], stop_at=hook).activations[hook]
-        out.append(acts[:, 1:].reshape(-1, acts.shape[-1]).float())
+        # The positions the SAE trained on (harvest's and the live stream's).
+        out.append(acts[:, recipe.harvest.skip_first_tokens:].reshape(-1, acts.shape[-1]).float())
         rows += out[-1].shape[0]
         if rows >= n_rows:
             break
@@ -79,7 +80,7 @@ def evaluate_one(recipe: Recipe, model, trained: TrainedSAE, token_batches) -> d
         for x in batches:
             counter.update(trained.sae.encode(x))
     metrics.update(density_summary(counter.density()))
-    metrics.update(spliced_metrics(model, trained, token_batches))
+    metrics.update(spliced_metrics(model, trained, token_batches, recipe.harvest.skip_first_tokens))
     return {"metrics": metrics, "density": counter.density()}
 
 

@@ -16,6 +16,15 @@ def evaluate_sae(sae, batches: list[torch.Tensor], sum_over_features=None) -> di
     per-feature tallies over the ranks that each hold a slice of the features (feature
     sharding); with whole SAEs there is nothing to sum.
     """
+    was_training = sae.training
+    sae.eval()  # BatchTopK selects per batch in training and by its learned threshold in use
+    try:
+        return _evaluate(sae, batches, sum_over_features)
+    finally:
+        sae.train(was_training)
+
+
+def _evaluate(sae, batches: list[torch.Tensor], sum_over_features) -> dict[str, float]:
     sq_err = total_var = 0.0
     tallies = torch.zeros(3, dtype=torch.float64, device=batches[0].device)  # active, Σ|f|, never fired
     fired = None

@@ -10,6 +10,13 @@ to its output bias, the paper's "MLP ablated"). It is 1 for a perfect reconstruc
 one as bad as ablation. The same ratio against mean ablation (the activation replaced by its
 mean over the evaluation tokens) and the KL divergence from the clean next-token distribution
 are reported beside it, as later work prefers them.
+
+Every splice (the reconstruction, zeros, the mean) replaces the activation only from position
+`skip_first_tokens` on (`harvest.skip_first_tokens`): the SAE never trained on earlier
+positions, whose activations are atypical (position 0 attends only to itself; in many LMs it is
+an attention sink with outsized activations), so there they keep their clean value, and the
+mean is taken over the same positions. Every predicted token is scored, so `loss_clean` is the
+LM's own loss; the predictions before `skip_first_tokens` score alike in every condition.
 """
 
 from __future__ import annotations
@@ -29,26 +36,43 @@ def _nll_and_logprobs(model: BaseLM, tokens: torch.Tensor, splice=None) -> tuple
 
 
 @torch.no_grad()
-def hook_mean(model: BaseLM, hook: str, batches: list[torch.Tensor]) -> torch.Tensor:
+def hook_mean(model: BaseLM, hook: str, batches: list[torch.Tensor], skip_first_tokens: int = 0) -> torch.Tensor:
+    """The hook's mean activation over the batches' positions from `skip_first_tokens` on."""
     total, count = None, 0
     for tokens in batches:
-        acts = model.run(tokens, capture=[hook], stop_at=hook).activations[hook].float()
+        acts = model.run(tokens, capture=[hook], stop_at=hook).activations[hook][:, skip_first_tokens:].float()
         flat = acts.reshape(-1, acts.shape[-1])
         total = flat.sum(0) if total is None else total + flat.sum(0)
         count += flat.shape[0]
     return total / count
 
 
+def _from_position(skip: int, replace):
+    """A splice that replaces the activation from position `skip` on and keeps the rest."""
+    if skip == 0:
+        return replace
+
+    def splice(a: torch.Tensor) -> torch.Tensor:  # (b, s, d)
+        out = a.clone()
+        out[:, skip:] = replace(a[:, skip:])
+        return out
+
+    return splice
+
+
 @torch.no_grad()
-def spliced_metrics(model: BaseLM, trained: TrainedSAE, batches: list[torch.Tensor]) -> dict[str, float]:
-    """Clean / SAE / zero- / mean-ablated losses, loss explained and KL over token batches."""
+def spliced_metrics(model: BaseLM, trained: TrainedSAE, batches: list[torch.Tensor],
+                    skip_first_tokens: int = 0) -> dict[str, float]:
+    """Clean / SAE / zero- / mean-ablated losses, loss explained and KL over token batches,
+    each splice from position `skip_first_tokens` on."""
     hook = trained.hook_point
-    mean = hook_mean(model, hook, batches)
+    mean = hook_mean(model, hook, batches, skip_first_tokens)
     splices = {
         "sae": lambda a: trained.reconstruct(a),
         "zero": lambda a: torch.zeros_like(a),
         "mean": lambda a: mean.to(a.dtype).expand_as(a),
     }
+    splices = {name: _from_position(skip_first_tokens, fn) for name, fn in splices.items()}
     sums = {k: 0.0 for k in ("clean", "sae", "zero", "mean", "kl_sae", "kl_zero")}
     n_tokens = 0
     for tokens in batches:

@@ -168,6 +168,8 @@ class HeldoutEval(L.Callback):
         for name, sae in module.saes.items():
             metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
                                                    for b in self.batches])
+            # In the activations' own units, as `sae eval` reports it (the SAE sees x * input_scale).
+            metrics["mse"] /= module.input_scales.get(module.hook_of[name], 1.0) ** 2
             self.results[name] = metrics
             module.record_metrics({f"{name}/eval/{key}": value for key, value in metrics.items()},
                                   step=trainer.global_step - 1)
