@@ -180,6 +180,7 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
 
 
 WITH_COMPILE = False  # --compile: the torch.compile contenders too (compiling takes ~10 s each on CPU)
+COMPILE_BACKEND = "inductor"  # --compile-backend: "aot_eager" captures the same graphs without generating code
 WITH_PATHS = False  # --paths: the paper SAE's dense path on sparse codes too, beside the path it takes
 
 
@@ -190,7 +191,7 @@ def compile_forward(forward: Callable) -> Callable:
     # the forward eagerly without a word, and the row would not measure what it says.
     torch._dynamo.config.recompile_limit = 1024
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(forward)
+    return torch.compile(forward, backend=COMPILE_BACKEND)
 
 
 # ---- SAELens -----------------------------------------------------------------------------------
@@ -641,12 +642,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--compile", action="store_true",
                         help="also our fast path and the plain (reference) SAE through torch.compile")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for --compile (default inductor; aot_eager: dynamo's and "
+                             "AOTAutograd's graphs run by eager kernels, no code generated)")
     parser.add_argument("--paths", action="store_true",
                         help="also the paper SAE's dense path on sparse codes (where its sparse path runs): which "
                              "is faster on this device, for sparse_density_threshold")
     args = parser.parse_args(argv)
-    global WITH_COMPILE, WITH_PATHS
-    WITH_COMPILE, WITH_PATHS = args.compile, args.paths
+    global WITH_COMPILE, WITH_PATHS, COMPILE_BACKEND
+    WITH_COMPILE, WITH_PATHS, COMPILE_BACKEND = args.compile, args.paths, args.compile_backend
     results = run(args.device, args.quick, tuple(args.precision), tuple(args.sizes) if args.sizes else None,
                   tuple(args.families))
     path = write_results("train_step", results, args.out, args.quick)

@@ -72,15 +72,20 @@ def test_bench_quick_run_reports_finite_numbers_for_every_contender(run_all, tmp
         assert json.loads((tmp_path / f"{name}.json").read_text())
 
 
-def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_path, monkeypatch, backend):
     """`train_step.py --compile`: our fast path and the plain SAE through torch.compile. Each
     compiles (dynamo captures graphs for it), computes the step it stands for (three steps' losses
-    equal to the uncompiled fast path's from the same weights), and reaches the ratio table."""
+    equal to the uncompiled fast path's from the same weights), and reaches the ratio table.
+    aot_eager runs the graphs dynamo and AOTAutograd capture from our code with eager kernels;
+    inductor (the default backend, slow: ~100 s of C++ code generation on 2 cores) also
+    compiles them."""
     import torch._dynamo
 
     for key in ("recompile_limit", "fail_on_recompile_limit_hit"):  # compile_forward sets them
         monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))
     train_step = run_all.train_step
+    monkeypatch.setattr(train_step, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     for variant, regime in (("topk", ""), ("paper", "sparse")):
         setup = train_step.make_setup(256, 64, torch.device("cpu"), "fp32")
@@ -95,8 +100,8 @@ def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_pat
             assert losses[compiled] == pytest.approx(losses[None], rel=1e-4), (variant, compiled)
 
     try:
-        results = train_step.main(["--quick", "--compile", "--families", "topk", "--precision", "fp32",
-                                   "--out", str(tmp_path)])
+        results = train_step.main(["--quick", "--compile", "--compile-backend", backend, "--families", "topk",
+                                   "--precision", "fp32", "--out", str(tmp_path)])
     finally:
         train_step.WITH_COMPILE = False
     (group,) = results["groups"]
