@@ -360,6 +360,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "analyze.mode": ("features", "splitting", "universality", "autointerp"),
 }
 STAGES = ("pretrain", "harvest", "train", "eval", "analyze", "export")
+MAX_CONTEXT_LENGTH = 32_767  # positions are int16 in the activation shards (activations/format.py)
 
 
 # Numbers a run cannot use: (dotted key, smallest allowed value, what it means).
@@ -473,6 +474,13 @@ def _check_choices(recipe: Recipe) -> None:
             raise RecipeError(f"sweep.stages: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     if recipe.text.context_length < 2:
         raise RecipeError("text.context_length must be at least 2 (a next-token loss needs two)")
+    if recipe.harvest.split == "heldout" and recipe.harvest.heldout_tokens > 0:
+        raise RecipeError("harvest.split=heldout with harvest.heldout_tokens > 0: the held-out store would "
+                          "repeat the first rows of the store itself (both harvest the held-out split from its "
+                          "start). Set harvest.heldout_tokens=0 for a store of held-out text")
+    if recipe.text.context_length > MAX_CONTEXT_LENGTH:
+        raise RecipeError(f"text.context_length ({recipe.text.context_length}) exceeds {MAX_CONTEXT_LENGTH}: "
+                          f"activation shards store each row's position as int16")
     if recipe.harvest.tokens_per_context + recipe.harvest.skip_first_tokens > recipe.text.context_length:
         raise RecipeError(
             f"harvest.tokens_per_context ({recipe.harvest.tokens_per_context}) + "

@@ -195,6 +195,28 @@ def test_store_streams_over_http_and_pipe_urls_with_verified_checksums(harvested
     assert torch.equal(torch.cat([r.acts[0] for r in rows]), expected)
 
 
+def test_verify_on_read_covers_the_held_out_split_that_eval_and_training_read(harvested, tmp_path):
+    """A changed byte in a held-out shard (not a truncation: the tar still reads) is found by its
+    checksum when harvest.verify_on_read is on, by `sae eval`'s and training's held-out reads too."""
+    import shutil
+
+    from framework.evaluation.evaluate import heldout_activations
+    from framework.training.data import ActivationDataModule
+
+    store = tmp_path / "activations"
+    shutil.copytree(harvested.path("activations"), store)
+    shard = store / "heldout" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the activations, not the tar headers
+    shard.write_bytes(bytes(data))
+    recipe = store_recipe(harvested, tmp_path, f"harvest.output_dir={store}", "harvest.verify_on_read=true",
+                          "train.n_tokens=1024", "train.batch_size=256")
+    with pytest.raises(DataError, match=r"shard-000000.tar.*checksum"):
+        heldout_activations(recipe, load_lm(recipe), "blocks.0.mlp.hook_post", 64)
+    with pytest.raises(DataError, match=r"shard-000000.tar.*checksum"):
+        ActivationDataModule(recipe).heldout_batches(1, 64)
+
+
 def test_store_reads_through_fsspec_and_names_a_missing_backend(harvested):
     """Schemes webdataset has no opener for go through fsspec: a store copied into fsspec's
     in-memory filesystem gives the directory's rows; s3:// without s3fs says what to install."""
@@ -570,6 +592,29 @@ def test_harvest_with_other_lm_weights_into_a_store_is_refused_and_the_store_is_
     with pytest.raises(RecipeError, match=refusal):
         harvest(store_recipe(pretrained_recipe, tmp_path, f"lm.path={other}"))
     assert sorted(p.name for p in partial.iterdir()) == ["harvest-recipe.json"]
+
+
+def test_activations_beyond_float16s_range_are_refused_before_a_float16_store_holds_them_as_inf(
+        pretrained_recipe, tmp_path, monkeypatch):
+    """The LM's real activations, scaled past 65,504 (as some LMs' residual streams are): the
+    harvest stops naming the hook and bfloat16, with no shard written; bfloat16 keeps them."""
+    from framework.lm.builtin import BuiltinLM
+
+    real_run = BuiltinLM.run
+
+    def run_loud(self, tokens, **kwargs):
+        out = real_run(self, tokens, **kwargs)
+        out.activations = {h: a * 1e6 for h, a in out.activations.items()}
+        return out
+
+    monkeypatch.setattr(BuiltinLM, "run", run_loud)
+    with pytest.raises(DataError, match=r"activations at blocks\.0\.\S+ reach [\d,]+ \(window 0\), beyond "
+                                        r"float16's largest value \(65,504\).*harvest.dtype=bfloat16"):
+        harvest(store_recipe(pretrained_recipe, tmp_path / "f16", "harvest.dtype=float16"))
+    assert not list((tmp_path / "f16").rglob("shard-*.tar"))
+    store = harvest(store_recipe(pretrained_recipe, tmp_path / "bf16", "harvest.dtype=bfloat16"))
+    rows = next(ActivationStream(ActivationStore(str(store)), 256, shuffle=False).iter_rows())
+    assert all(torch.isfinite(a).all() and a.abs().max() > 65_504 for a in rows.acts)
 
 
 @pytest.mark.parametrize("writers", ["1", "3"])

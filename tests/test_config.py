@@ -212,6 +212,10 @@ def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
     ("train.adam_betas=[0.9]", r"train.adam_betas=\[0.9\] must be two numbers in \[0, 1\).*train.adam_betas=\[0.9,0.999\]"),
     ("train.adam_betas=[0.9,1.0]", r"train.adam_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
     ("train.adam_betas=[-0.1,0.9]", r"train.adam_betas=\[-0.1, 0.9\] must be two numbers"),
+    ("text.context_length=40000", r"text.context_length \(40000\) exceeds 32767: activation shards store each "
+                                  r"row's position as int16"),
+    ("harvest.split=heldout", r"harvest.split=heldout with harvest.heldout_tokens > 0: the held-out store would "
+                              r"repeat the first rows.*Set harvest.heldout_tokens=0"),
 ])
 def test_more_numbers_a_run_cannot_use_are_refused_naming_key_value_and_meaning(override, message):
     """Each of these was accepted and then crashed the run (a division by zero, an empty
@@ -226,6 +230,8 @@ def test_the_edges_of_the_numbers_checked_are_accepted():
                                 "sae.aux_k=1000"])
     assert recipe.train.checkpoint_every == 0 and recipe.sae.k == 64
     assert load_recipe(None, ["train.lr_decay_fraction=1"]).train.lr_decay_fraction == 1
+    assert load_recipe(None, ["harvest.split=heldout", "harvest.heldout_tokens=0"]).harvest.split == "heldout"
+    assert load_recipe(None, ["text.context_length=32767"]).text.context_length == 32767
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])

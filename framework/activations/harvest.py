@@ -158,6 +158,7 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
             # dtype=float64 directly is ~5x slower on CPU.
             sums[h] += acts.sum(0).double()
             norm_sums[h] += torch.linalg.vector_norm(acts, dim=1).sum().item()
+            _check_storable(acts, cfg.hook_points[h], cfg.dtype, norm_sums[h], window)
         rows.token[here], rows.context[here], rows.position[here] = block.token[:k], block.context[:k], block.position[:k]
         filled += k
     if filled != n_rows:
@@ -165,6 +166,24 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
                         f"the text source changed while harvesting. Re-run `sae harvest` on a fixed corpus.")
     stats = [{"sum": s.tolist(), "norm_sum": n, "count": n_rows} for s, n in zip(sums, norm_sums)]
     return Window(rows, torch.randperm(n_rows, generator=generator), stats)
+
+
+FLOAT16_MAX = 65_504.0
+
+
+def _check_storable(acts: torch.Tensor, hook: str, dtype: str, norm_sum: float, window: int) -> None:
+    """Refuse activations the store would not hold as they are: non-finite ones (the LM itself
+    overflowed), and in a float16 store values beyond its range, which the cast would turn into
+    inf while the manifest's statistics (summed before it) looked sound; training would then meet
+    a NaN loss far from its cause."""
+    if not math.isfinite(norm_sum):
+        raise DataError(f"the LM's activations at {hook} are not finite (window {window}): check lm.dtype "
+                        f"(float16 overflows in some LMs; use float32 or bfloat16)")
+    if dtype == "float16" and (peak := acts.abs().max().item()) > FLOAT16_MAX:
+        raise DataError(f"activations at {hook} reach {peak:,.0f} (window {window}), beyond float16's largest "
+                        f"value ({FLOAT16_MAX:,.0f}): a float16 store would hold them as inf. Harvest with "
+                        f"harvest.dtype=bfloat16 (same size, float32's range) into a new store "
+                        f"(harvest.output_dir=...)")
 
 
 def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:

@@ -31,7 +31,7 @@ ROWS_PER_BATCH = 4096
 def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[torch.Tensor]:
     """Held-out rows of `hook`: from the store's heldout/ split, else straight from the LM."""
     try:
-        store = ActivationStore(sub_store(recipe.store_location(), "heldout"))
+        store = ActivationStore(sub_store(recipe.store_location(), "heldout"), verify=recipe.harvest.verify_on_read)
     except DataError:  # no held-out store: run the LM below
         store = None
     if store is not None and hook in store.manifest.hook_points:

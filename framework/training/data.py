@@ -142,7 +142,8 @@ class ActivationDataModule(L.LightningDataModule):
                                 n_tokens=self.recipe.harvest.heldout_tokens, max_batches=n_batches)
         else:
             try:
-                stream = ActivationStream(ActivationStore(location), batch, shuffle=False, max_batches=n_batches)
+                stream = ActivationStream(ActivationStore(location, verify=self.recipe.harvest.verify_on_read), batch,
+                                          shuffle=False, max_batches=n_batches)
             except DataError:
                 if heldout_split_present(location):
                     raise  # there, but unreadable: its metrics must not quietly come from training rows
