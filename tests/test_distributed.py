@@ -521,6 +521,18 @@ def test_a_checkpoint_is_refused_under_a_strategy_that_lays_out_parameters_diffe
         train_stage.check_checkpoint(one / "checkpoints" / "last.ckpt", recipe)
 
 
+def test_a_checkpoint_is_refused_by_another_number_of_data_parallel_ranks(recipe_file, overrides, reference,
+                                                                          monkeypatch):
+    """Each rank resumes the stream in its own slice of the shards: one process's checkpoint
+    resumed by two DDP ranks would repeat some rows and skip others."""
+    one = reference(tuple(SHARDED_PAPER), False)
+    recipe = load_recipe(recipe_file, overrides(one, *SHARDED_PAPER, "train.strategy=ddp"))
+    train_stage.check_checkpoint(one / "checkpoints" / "last.ckpt", recipe)  # one rank: as written
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CheckpointError, match=r"written by 1 data-parallel ranks, and this run has 2.*Resume with 1"):
+        train_stage.check_checkpoint(one / "checkpoints" / "last.ckpt", recipe)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["sae.variant=jumprelu"], r"supports sae.variant paper, april2024, topk, batchtopk; 'jumprelu'"),
     (["sae.n_features=255"], r"n_features=255 .* does not split over 2 feature shards"),

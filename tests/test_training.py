@@ -400,6 +400,31 @@ def test_bf16_true_precision_trains_and_evaluates_on_bf16_inputs(pretrained_reci
     assert json.loads((out / name / "metrics.json").read_text())["steps"] == 4
 
 
+def test_firing_counters_stay_exact_float64_when_the_module_is_cast_to_bf16():
+    """bf16-true casts the whole module: the counters would stop counting at 2^20 rows."""
+    from framework.training.module import FeatureStats
+
+    stats = FeatureStats(4)
+    stats.window_rows += 2**20
+    stats = stats.to(torch.bfloat16)
+    assert stats.window_fires.dtype == stats.window_rows.dtype == torch.float64
+    assert stats.steps_since_fired.dtype == torch.long
+    stats.window_rows += 1
+    assert stats.window_rows.item() == 2**20 + 1
+
+
+def test_16_mixed_precision_keeps_adam_unfused_so_grad_clip_sees_unscaled_gradients(pretrained_recipe, store_dir,
+                                                                                     tmp_path):
+    """Lightning unscales 16-mixed's gradients before the hook that clips them only for an
+    unfused optimizer (a fused one unscales inside its own step, after the clip)."""
+    from framework.training.module import SAEModule
+
+    for precision, fused in (("32-true", True), ("bf16-mixed", True), ("16-mixed", None)):
+        recipe = make_recipe(pretrained_recipe, store_dir, tmp_path, f"train.precision={precision}")
+        module = SAEModule(recipe, {recipe.sae_configs()[0].hook_point: 512}, {})
+        assert module._fused_adam([{"params": list(module.saes.parameters())}]) is fused, precision
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_any_non_finite_finds_one_bad_value_among_many(bad):
     from framework.training.module import any_non_finite

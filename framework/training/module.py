@@ -32,6 +32,7 @@ from framework.memory import HostCopy
 from framework.sae import build_sae
 from framework.tracking import log_metrics
 from framework.training.layout import ParameterLayout
+from framework.training.strategies import data_parallel_ranks
 
 
 class FeatureStats(nn.Module):
@@ -58,6 +59,18 @@ class FeatureStats(nn.Module):
 
     def density(self) -> torch.Tensor:
         return self.window_fires / self.window_rows.clamp_min(1)
+
+    def _apply(self, fn, recurse=True):
+        """Moves keep the float64 counters float64: under precision bf16-true Lightning casts the
+        whole module to bfloat16, which stopped window_rows at 2^20 rows (bf16 has 8 bits of
+        mantissa) and put densities off by up to 60%."""
+        counters = {name: getattr(self, name) for name in ("window_fires", "window_rows")}
+        super()._apply(fn, recurse)
+        for name, before in counters.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float64:
+                setattr(self, name, before.to(after.device))
+        return self
 
     def reset_window(self) -> None:
         self.window_fires.zero_()
@@ -319,6 +332,11 @@ class SAEModule(L.LightningModule):
         keep torch's default implementation."""
         if self.recipe.train.strategy not in ("auto", "ddp"):
             return None
+        if self.recipe.train.precision == "16-mixed":
+            # Lightning leaves unscaling to a fused optimizer, after on_before_optimizer_step:
+            # train.grad_clip would clip gradients still multiplied by the loss scale (2^16 at
+            # first), shrinking every step to ~grad_clip / 2^16.
+            return None
         params = [p for g in groups for p in g["params"]]
         plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
         return True if plain else None
@@ -372,6 +390,10 @@ class SAEModule(L.LightningModule):
         checkpoint["sae_framework"] = {
             "fingerprint": stage_fingerprint(self.recipe, "train"),
             "layout": self.layout.name,
+            # The activation stream's position is per rank (step x the rank's batch, in the
+            # rank's slice of the shards): a resume with another number of data-parallel ranks
+            # would repeat some rows and skip others, so it is refused (train.check_checkpoint).
+            "data_parallel_ranks": data_parallel_ranks(self.recipe),
             "hook_points": self.hook_points,
             "input_scales": self.input_scales,
             # Which fast path (dense or sparse codes) each ReLU SAE's next forward takes, chosen

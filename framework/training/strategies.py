@@ -50,6 +50,11 @@ def world_size(recipe: Recipe) -> int:
     return _local_devices(recipe) * recipe.train.num_nodes
 
 
+def data_parallel_ranks(recipe: Recipe) -> int:
+    """Ranks that each read their own slice of the activations (a feature-shard group reads one)."""
+    return world_size(recipe) // feature_shards(recipe)
+
+
 def feature_shards(recipe: Recipe) -> int:
     """Ranks that split one dictionary's features (1 unless strategy=feature_sharded)."""
     if recipe.train.strategy != "feature_sharded":

@@ -42,6 +42,7 @@ from framework.training.data import ActivationDataModule
 from framework.training.module import SAEModule, total_steps
 from framework.training.strategies import (
     checkpoint_metadata,
+    data_parallel_ranks,
     feature_shards,
     layout_name,
     trainer_arguments,
@@ -258,6 +259,14 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
             f"checkpoint {path} holds parameters laid out as {layout!r} but train.strategy="
             f"{recipe.train.strategy} lays them out as {layout_name(recipe)!r}; resume with the strategy "
             f"that wrote it, or use another train.output_dir"
+        )
+    saved_ranks, ranks = state["sae_framework"].get("data_parallel_ranks"), data_parallel_ranks(recipe)
+    if saved_ranks is not None and saved_ranks != ranks:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved_ranks} data-parallel ranks, and this run has {ranks}: "
+            f"each rank resumes the activation stream in its own slice of the shards, so another number of "
+            f"ranks would train on some rows twice and skip others. Resume with {saved_ranks} (torchrun "
+            f"--nproc_per_node, train.devices, train.num_nodes), or use another train.output_dir"
         )
 
 
