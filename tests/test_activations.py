@@ -383,6 +383,37 @@ def test_live_mode_yields_the_rows_the_store_holds(harvested):
             torch.testing.assert_close(a[h], b[h], rtol=1e-5, atol=1e-6)
 
 
+def test_live_rows_are_rounded_as_a_bfloat16_store_holds_them(pretrained_recipe, tmp_path):
+    recipe = store_recipe(pretrained_recipe, tmp_path, "harvest.dtype=bfloat16", "harvest.heldout_tokens=0")
+    harvest(recipe)
+    live = list(LiveStream(load_lm(recipe), recipe, batch_size=1024))
+    stored = list(ActivationStream(ActivationStore(str(recipe.path("activations"))), 1024, shuffle=False))
+    assert len(live) == len(stored) == 6
+    for a, b in zip(live, stored):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_live_mode_refuses_to_repeat_rows_and_draws_each_sample_from_its_own_windows(harvested):
+    """A store refuses more training rows than it holds (times train.epochs); live activations
+    have no epochs, and Lightning would silently start the stream again. Samples (resampling
+    draws one per resampling step) start at another window per seed, as a store's start at
+    another shard."""
+    import copy
+
+    from framework.training.data import ActivationDataModule
+
+    recipe = copy.deepcopy(harvested)
+    recipe.harvest.mode, recipe.train.n_tokens = "live", 4 * 4096
+    model = load_lm(harvested)
+    with pytest.raises(DataError, match=r"train.n_tokens=16,384 needs 16,384 rows per rank but harvest.mode=live "
+                                        r"with harvest.n_tokens=6,144 generates 6,144 per rank"):
+        ActivationDataModule(recipe, model=model)
+    recipe.train.n_tokens = 4096
+    data = ActivationDataModule(recipe, model=model)
+    one, again, other = data.sample(64, seed=1), data.sample(64, seed=1), data.sample(64, seed=2)
+    assert torch.equal(one[0], again[0]) and not torch.equal(one[0], other[0])
+
+
 def test_live_mode_refuses_dataloader_workers(harvested):
     import copy
 

@@ -400,6 +400,33 @@ def test_bf16_true_precision_trains_and_evaluates_on_bf16_inputs(pretrained_reci
     assert json.loads((out / name / "metrics.json").read_text())["steps"] == 4
 
 
+def test_live_activations_train_end_to_end_with_resampling_and_held_out_metrics(pretrained_recipe, tmp_path,
+                                                                                 monkeypatch):
+    """harvest.mode=live: no store on disk; the LM generates the training rows, each resampling's
+    sample (from its own windows) and the held-out rows."""
+    samples = []
+    original = train_stage.ActivationDataModule.sample
+
+    def recorded(self, n, seed):
+        rows = original(self, n, seed)
+        samples.append((seed, rows[0][:4].clone()))
+        return rows
+
+    monkeypatch.setattr(train_stage.ActivationDataModule, "sample", recorded)
+    recipe = make_recipe(pretrained_recipe, tmp_path / "none", tmp_path / "sae", "harvest.mode=live",
+                         "harvest.n_tokens=8192", "train.resample_steps=[4,8]", "train.dead_window=2",
+                         "sae.l1_coefficient=3e-2")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    assert metrics["steps"] == 16 and metrics["fvu"] < 1
+    assert not (tmp_path / "none").exists()
+    (init_seed, init_rows), *resampled = samples  # the init's sample, then each resampling's (with dead features)
+    assert init_seed == recipe.train.seed and [seed for seed, _ in resampled] and \
+        {seed for seed, _ in resampled} <= {4, 8}
+    assert not any(torch.equal(init_rows, rows) for _, rows in resampled)  # other rows than the init's
+
+
 def test_firing_counters_stay_exact_float64_when_the_module_is_cast_to_bf16():
     """bf16-true casts the whole module: the counters would stop counting at 2^20 rows."""
     from framework.training.module import FeatureStats

@@ -31,6 +31,7 @@ import torch
 
 from framework.activations.format import (
     MANIFEST,
+    TORCH_DTYPES,
     Manifest,
     Rows,
     ShardInfo,
@@ -187,8 +188,13 @@ def _check_storable(acts: torch.Tensor, hook: str, dtype: str, norm_sum: float, 
 
 
 def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:
-    """All rows of one window, shuffled, exactly as its shards hold them."""
-    return collect_window(model, recipe, plan, window).shuffled()
+    """All rows of one window, shuffled, exactly as its shards hold them (rounded to
+    harvest.dtype, as float32)."""
+    rows = collect_window(model, recipe, plan, window).shuffled()
+    stored = TORCH_DTYPES[recipe.harvest.dtype]
+    if stored != torch.float32:
+        rows.acts = [a.to(stored).float() for a in rows.acts]
+    return rows
 
 
 def _sample_positions(activations: dict, cfg: HarvestConfig, context_ids, tokens, generator) -> Rows:

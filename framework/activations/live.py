@@ -24,15 +24,28 @@ from framework.lm import BaseLM
 class LiveStream(IterableDataset):
     def __init__(self, model: BaseLM, recipe: Recipe, batch_size: int, rank: int = 0, world: int = 1,
                  split: str = "train", n_tokens: int | None = None, start_row: int = 0,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, first_window: int = 0):
         super().__init__()
         self.model, self.recipe, self.batch_size = model, recipe, batch_size
         self.rank, self.world, self.start_row, self.max_batches = rank, world, start_row, max_batches
         self.plan: HarvestPlan = make_plan(recipe, model, split, n_tokens or recipe.harvest.n_tokens)
+        # Samples (init, resampling) start at another window per seed, as a store's draw
+        # starts at another shard: training streams start at window 0.
+        self.first_window = first_window % self.plan.n_windows
+
+    def windows(self) -> list[int]:
+        """This rank's windows, in the order it reads them."""
+        order = [(self.first_window + i) % self.plan.n_windows for i in range(self.plan.n_windows)]
+        return order[self.rank::self.world]
+
+    def rows_per_rank(self) -> int:
+        """The fewest rows any rank's stream holds (each row is read once: no epochs)."""
+        return min(sum(self.plan.window_row_count(w) for w in range(r, self.plan.n_windows, self.world))
+                   for r in range(self.world))
 
     def _rows(self) -> Iterator[Rows]:
         to_skip = self.start_row
-        for window in range(self.rank, self.plan.n_windows, self.world):
+        for window in self.windows():
             rows_here = self.plan.window_row_count(window)
             if to_skip >= rows_here:
                 to_skip -= rows_here

@@ -49,8 +49,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.store = None if self.live_model is not None else ActivationStore(
             recipe.store_location(), verify=recipe.harvest.verify_on_read
         )
-        if self.store is not None:
-            self._check_enough_rows()
+        self._check_enough_rows()
 
     # ---- what the store holds -----------------------------------------------------------
 
@@ -79,8 +78,20 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _check_enough_rows(self) -> None:
         cfg = self.recipe.train
-        per_epoch = self.store.rows_per_epoch(0, self.world_size)
         need = self.total_steps * self.rank_batch
+        if self.store is None:
+            from framework.activations.live import LiveStream
+
+            have = LiveStream(self.live_model, self.recipe, self.rank_batch, world=self.world_size).rows_per_rank()
+            if have < need:
+                raise DataError(
+                    f"train.n_tokens={cfg.n_tokens:,} needs {need:,} rows per rank but harvest.mode=live with "
+                    f"harvest.n_tokens={self.recipe.harvest.n_tokens:,} generates {have:,} per rank, each once "
+                    f"(live activations have no epochs). Raise harvest.n_tokens to at least train.n_tokens, or "
+                    f"lower train.n_tokens."
+                )
+            return
+        per_epoch = self.store.rows_per_epoch(0, self.world_size)
         if per_epoch * cfg.epochs < need:
             raise DataError(
                 f"train.n_tokens={cfg.n_tokens:,} needs {need:,} rows per rank but the store "
@@ -125,12 +136,27 @@ class ActivationDataModule(L.LightningDataModule):
 
     def sample(self, n: int, seed: int) -> list[torch.Tensor]:
         """n rows per hook point, drawn reproducibly (for initialisation and resampling)."""
-        stream = self._stream(0, 0, 1, seed=10_007 + seed, max_batches=1, batch=n)
+        if self.store is None:
+            stream = self._live_sample(n, seed)
+        else:
+            stream = self._stream(0, 0, 1, seed=10_007 + seed, max_batches=1, batch=n)
         try:
             return list(next(iter(stream)))
         except StopIteration:
             rows = self.store.manifest.rows if self.store is not None else "too few"
             raise DataError(f"cannot draw a sample of {n:,} rows: the store has {rows} rows") from None
+
+    def _live_sample(self, n: int, seed: int):
+        """n live rows from a seeded place: from window `seed` on (the windows in a ring), past a
+        seeded number of rows, so that each resampling scores other rows, as a store's sample
+        starts at another shard."""
+        from framework.activations.live import LiveStream
+
+        stream = LiveStream(self.live_model, self.recipe, n, max_batches=1, first_window=seed)
+        spare = stream.rows_per_rank() - n
+        if spare > 0:
+            stream.start_row = int(torch.randint(spare + 1, (), generator=torch.Generator().manual_seed(10_007 + seed)))
+        return stream
 
     def heldout_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
         """Held-out rows for periodic evaluation (the store's heldout/ split)."""
