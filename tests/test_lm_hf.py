@@ -16,9 +16,11 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    Olmo2Config,
     PreTrainedTokenizerFast,
 )
 
@@ -147,6 +149,33 @@ def test_every_hook_point_equals_the_activation_computed_by_hand(arch, by_hand, 
     for name, activation in out.activations.items():
         torch.testing.assert_close(activation, expected[name], rtol=1e-4, atol=1e-4, msg=name)
     torch.testing.assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+                 id="gemma2"),
+    pytest.param(Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="olmo2"),
+    pytest.param(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="llama"),
+])
+@torch.no_grad()
+def test_attn_out_and_mlp_out_are_what_the_layer_adds_to_the_residual_stream(config, tokens):
+    """Gemma 2 and OLMo 2 normalise each sub-layer's output before adding it: their hook_attn_out
+    and hook_mlp_out are the normalised outputs (TransformerLens's meaning, which SAELens's hook
+    names carry), so that resid_pre + attn_out + mlp_out = resid_post, as in Llama; a splice there
+    replaces what is added."""
+    lm = build(config)
+    out = lm.run(tokens, capture=list(lm.hook_points()))
+    for i in range(N_LAYERS):
+        a = {name.split(".", 2)[2]: t for name, t in out.activations.items() if name.startswith(f"blocks.{i}.")}
+        torch.testing.assert_close(a["hook_resid_post"], a["hook_resid_pre"] + a["hook_attn_out"] + a["hook_mlp_out"],
+                                   rtol=1e-5, atol=1e-5)
+    zeroed = lm.run(tokens, capture=["blocks.1.hook_resid_post"], splice={"blocks.1.hook_mlp_out": torch.zeros_like})
+    a = {name.split(".", 2)[2]: t for name, t in out.activations.items() if name.startswith("blocks.1.")}
+    torch.testing.assert_close(zeroed.activations["blocks.1.hook_resid_post"], a["hook_resid_pre"] + a["hook_attn_out"],
+                               rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

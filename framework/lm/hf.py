@@ -48,6 +48,7 @@ class Architecture:
 
 ARCHITECTURES = (
     # Llama, Mistral, Qwen2/3, Gemma, OLMo, SmolLM2...: gated MLP down_proj(act_fn(gate_proj(x)) * up_proj(x))
+    # (Gemma 2/3 and OLMo 2 add normalised sub-layer outputs: see _added_to_residual)
     Architecture("llama", "model.layers", "self_attn", "mlp", "mlp.act_fn", "mlp.down_proj", "model.norm"),
     Architecture("gpt2", "transformer.h", "attn", "mlp", "mlp.act", "mlp.c_proj", "transformer.ln_f"),
     Architecture("gpt_neox", "gpt_neox.layers", "attention", "mlp", "mlp.act", "mlp.dense_4h_to_h",
@@ -160,16 +161,29 @@ class HFLM(BaseLM):
         layer_index, kind = parse_hook(name)
         layer = self.layers[layer_index]
         visit = _visitor(name, hooks)
+        attn_out, mlp_out = _added_to_residual(layer, self.arch)
         where = {
             "hook_resid_pre": (layer, _input_hook),
-            "hook_attn_out": (_get(layer, self.arch.attn), _output_hook),
+            "hook_attn_out": (attn_out, _output_hook),
             "mlp.hook_pre": (_get(layer, self.arch.act), _input_hook),
             "mlp.hook_post": (_get(layer, self.arch.mlp_out), _input_hook),
-            "hook_mlp_out": (_get(layer, self.arch.mlp), _output_hook),
+            "hook_mlp_out": (mlp_out, _output_hook),
             "hook_resid_post": (layer, _output_hook),
         }
         module, make_hook = where[kind]
         return make_hook(module, visit)
+
+
+def _added_to_residual(layer: nn.Module, arch: Architecture) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are what attention and the MLP add to the residual stream (the
+    TransformerLens meaning of hook_attn_out / hook_mlp_out). Gemma 2/3 and OLMo 2 normalise each
+    sub-layer's output before adding it (post_attention_layernorm, post_feedforward_layernorm);
+    in Llama-style layers `post_attention_layernorm` is the MLP's input norm instead, and they
+    have no post_feedforward_layernorm, which tells the two apart."""
+    post_mlp = getattr(layer, "post_feedforward_layernorm", None)
+    if post_mlp is not None:
+        return layer.post_attention_layernorm, post_mlp
+    return _get(layer, arch.attn), _get(layer, arch.mlp)
 
 
 def _visitor(name: str, hooks: HookRun) -> Callable[[torch.Tensor], torch.Tensor]:
