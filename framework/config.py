@@ -490,12 +490,14 @@ def _check_choices(recipe: Recipe) -> None:
     # Listed resampling steps the run never reaches were skipped without a word. Checked while
     # train.resample is on (off, the list is never read), whatever the variants: a bank may mix
     # them, and a step outside the run is a mistake for any of them.
+    # The last step is outside too: features resampled after it would be saved untrained.
     steps = total_steps(recipe)
-    outside = sorted(s for s in recipe.train.resample_steps or [] if not 1 <= s <= steps)
+    outside = sorted(s for s in recipe.train.resample_steps or [] if not 1 <= s < steps)
     if recipe.train.resample and outside:
         raise RecipeError(
             f"train.resample_steps lists {outside}, outside the run: it trains {steps:,} steps (train.n_tokens="
-            f"{n_tokens:,} // train.batch_size={batch_size:,}), and resampling happens after steps 1 to {steps}. "
+            f"{n_tokens:,} // train.batch_size={batch_size:,}), and resampling happens after steps 1 to "
+            f"{steps - 1} (after the last, the new features would be saved untrained). "
             f"Set train.resample_steps to steps in that range, raise train.n_tokens, or set train.resample_steps="
             f"null for the paper's schedule scaled to this run"
         )

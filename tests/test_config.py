@@ -256,10 +256,11 @@ def test_a_topk_sparsity_a_run_cannot_use_is_refused_in_the_sae_section_and_in_b
 def test_resample_steps_outside_the_run_are_refused_naming_them_and_the_run_length():
     """A listed step the run never reaches was skipped without a word: no resampling happened."""
     run = ["train.n_tokens=40960", "train.batch_size=4096"]  # 10 steps
-    with pytest.raises(RecipeError, match=r"train.resample_steps lists \[0, 11, 25\], outside the run: it trains 10 "
-                                          r"steps \(train.n_tokens=40,960 // train.batch_size=4,096\).*steps 1 to 10"):
-        load_recipe(None, [*run, "train.resample_steps=[25,5,0,11]"])
-    assert load_recipe(None, [*run, "train.resample_steps=[1,10]"]).train.resample_steps == [1, 10]
+    with pytest.raises(RecipeError, match=r"train.resample_steps lists \[0, 10, 11, 25\], outside the run: it trains "
+                                          r"10 steps \(train.n_tokens=40,960 // train.batch_size=4,096\).*steps 1 to "
+                                          r"9 \(after the last, the new features would be saved untrained\)"):
+        load_recipe(None, [*run, "train.resample_steps=[25,5,0,11,10]"])
+    assert load_recipe(None, [*run, "train.resample_steps=[1,9]"]).train.resample_steps == [1, 9]
     # with resampling off the list is never read
     assert load_recipe(None, [*run, "train.resample=false", "train.resample_steps=[25]"]).train.resample is False
 
