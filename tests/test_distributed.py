@@ -262,6 +262,28 @@ def test_an_fsdp_bank_holds_one_sae_whole_at_a_time_and_trains_as_one_process(re
         assert_same_weights(one, tmp_path / "sae", name)
 
 
+REPORT_THRESHOLDS = """
+from lightning.pytorch.callbacks import Callback
+
+
+class ReportThresholds(Callback):
+    def on_train_end(self, trainer, module):
+        for name, sae in module.saes.items():
+            print(f"rank {trainer.global_rank} {name} threshold {sae.threshold.item()!r};", flush=True)
+"""
+
+
+def test_batchtopk_thresholds_agree_on_every_rank_under_fsdp(recipe_file, overrides, tmp_path):
+    """Each rank updates BatchTopK's threshold from its own share of the batch; FSDP broadcasts
+    no buffers, so without rank 0's being shared after each step the ranks ended apart."""
+    entry = train_entry(tmp_path, REPORT_THRESHOLDS, callback="ReportThresholds")
+    run = torchrun(recipe_file, overrides(tmp_path / "sae", "sae.variant=batchtopk", "sae.k=8",
+                                          "train.strategy=fsdp"), entry=entry)
+    assert succeeded(run)
+    found = dict(re.findall(r"rank (\d) \S+ threshold ([-\d.e]+);", run.stdout))
+    assert sorted(found) == ["0", "1"] and float(found["0"]) > 0 and found["0"] == found["1"], found
+
+
 def test_feature_shards_combine_with_data_parallelism_on_a_two_by_two_mesh(recipe_file, overrides, reference, tmp_path):
     # 4 processes: ranks 0-1 hold the two halves of the features for the first half of each
     # global batch, ranks 2-3 for the second half.
