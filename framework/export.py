@@ -263,6 +263,24 @@ def load_saelens_sae(path: str | Path, device: str | torch.device = "cpu") -> Tr
     return TrainedSAE(name, sae.to(device).eval(), sae_cfg.hook_point, 1.0)
 
 
+def warn_of_other_inputs(path: Path, recipe: Recipe) -> None:
+    """An imported SAE is evaluated on this recipe's contexts (no BOS, text.context_length,
+    positions from harvest.skip_first_tokens): say where its cfg.json records others it was
+    trained on, since its metrics then describe it on inputs it never saw."""
+    meta = _read_saelens_config(path)["metadata"]
+    ours = saelens_metadata(recipe)
+    differ = [f"{key} {meta[key]!r} (this recipe: {ours[key]!r})" for key in ("prepend_bos", "context_size")
+              if meta.get(key) is not None and meta[key] != ours[key]]
+    start = (meta.get("seqpos_slice") or [None])[0]
+    if start is not None and start != ours["seqpos_slice"][0]:
+        differ.append(f"seqpos_slice from position {start} (this recipe: harvest.skip_first_tokens="
+                      f"{ours['seqpos_slice'][0]})")
+    if differ:
+        log.warning("%s was trained on other inputs than this recipe evaluates it on: %s. Its metrics describe it "
+                    "on these inputs; set text.context_length and harvest.skip_first_tokens to match where you "
+                    "can (contexts here never start with BOS)", path, "; ".join(differ))
+
+
 def _read_saelens_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist or is not a directory: eval.sae_path names an SAELens SAE "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from framework.config import SAEConfig, load_recipe
 from framework.errors import CheckpointError, RecipeError
 from framework.export import ARCHITECTURE, export, export_sae, load_saelens_sae
 from framework.sae import VARIANTS, build_sae
-from framework.saved import TrainedSAE, load_framework_sae
+from framework.saved import TrainedSAE, load_framework_sae, load_trained_saes
 from framework.training.train import save_sae
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -143,6 +145,25 @@ def exported(recipe, tmp_path) -> Path:
 def edit_cfg(directory: Path, **changes) -> None:
     cfg = json.loads((directory / "cfg.json").read_text())
     (directory / "cfg.json").write_text(json.dumps(cfg | changes))
+
+
+def test_an_imported_sae_trained_on_other_inputs_is_evaluated_with_a_warning_naming_them(exported, recipe, caplog):
+    """Contexts here never start with BOS and have text.context_length tokens: an SAE whose
+    cfg.json records other inputs is scored on inputs it never saw, and the log says which."""
+    cfg = json.loads((exported / "cfg.json").read_text())
+    here = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=str(exported)))
+    matching = {"prepend_bos": False, "context_size": 96, "seqpos_slice": [1, None]}
+    edit_cfg(exported, metadata=cfg["metadata"] | matching)
+    with caplog.at_level("WARNING", logger="framework.export"):
+        load_trained_saes(here)
+    assert "trained on other inputs" not in caplog.text
+    edit_cfg(exported, metadata=cfg["metadata"] | {"prepend_bos": True, "context_size": 1024, "seqpos_slice": [0, None]})
+    with caplog.at_level("WARNING", logger="framework.export"):
+        (imported,) = load_trained_saes(here)
+    assert imported.name == "jumprelu_test"
+    assert re.search(r"trained on other inputs than this recipe evaluates it on: prepend_bos True \(this recipe: "
+                     r"False\); context_size 1024 \(this recipe: 96\); seqpos_slice from position 0 \(this recipe: "
+                     r"harvest.skip_first_tokens=1\)", caplog.text)
 
 
 @pytest.mark.parametrize("missing", ["cfg.json", "sae_weights.safetensors"])
