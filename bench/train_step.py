@@ -511,7 +511,8 @@ def run(device: str = "cpu", quick: bool = False, precisions: tuple[str, ...] = 
     return {
         "machine": machine(dev),
         "settings": {"d_in": D_IN, "batch": batch, "k": K, "target_l0": TARGET_L0, "lr": LR,
-                     "warmup_rounds": warmup, "repeats": repeats, "quick": quick},
+                     "warmup_rounds": warmup, "repeats": repeats, "quick": quick,
+                     "compile_backend": COMPILE_BACKEND if WITH_COMPILE else None},
         "groups": groups,
     }
 

@@ -360,7 +360,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "analyze.mode": ("features", "splitting", "universality", "autointerp"),
 }
 STAGES = ("pretrain", "harvest", "train", "eval", "analyze", "export")
-MAX_CONTEXT_LENGTH = 32_767  # positions are int16 in the activation shards (activations/format.py)
+MAX_CONTEXT_LENGTH = 32_768  # positions (0 .. length - 1) are int16 in the activation shards (activations/format.py)
 
 
 # Numbers a run cannot use: (dotted key, smallest allowed value, what it means).
@@ -497,7 +497,8 @@ def _check_choices(recipe: Recipe) -> None:
         raise RecipeError(
             f"train.resample_steps lists {outside}, outside the run: it trains {steps:,} steps (train.n_tokens="
             f"{n_tokens:,} // train.batch_size={batch_size:,}), and resampling happens after steps 1 to "
-            f"{steps - 1} (after the last, the new features would be saved untrained). "
+            f"{steps - 1} (after the last, the new features would be saved untrained; a run of one step has "
+            f"none). "
             f"Set train.resample_steps to steps in that range, raise train.n_tokens, or set train.resample_steps="
             f"null for the paper's schedule scaled to this run"
         )

@@ -269,10 +269,14 @@ def warn_of_other_inputs(path: Path, recipe: Recipe) -> None:
     trained on, since its metrics then describe it on inputs it never saw."""
     meta = _read_saelens_config(path)["metadata"]
     ours = saelens_metadata(recipe)
-    differ = [f"{key} {meta[key]!r} (this recipe: {ours[key]!r})" for key in ("prepend_bos", "context_size")
-              if meta.get(key) is not None and meta[key] != ours[key]]
+    differ = []  # only what puts this recipe's inputs outside the SAE's: a subset of them is fine
+    if meta.get("prepend_bos") is not None and meta["prepend_bos"] != ours["prepend_bos"]:
+        differ.append(f"prepend_bos {meta['prepend_bos']!r} (this recipe: {ours['prepend_bos']!r})")
+    if meta.get("context_size") is not None and meta["context_size"] < ours["context_size"]:
+        differ.append(f"context_size {meta['context_size']} (this recipe: text.context_length="
+                      f"{ours['context_size']})")
     start = (meta.get("seqpos_slice") or [None])[0]
-    if start is not None and start != ours["seqpos_slice"][0]:
+    if start is not None and start > ours["seqpos_slice"][0]:
         differ.append(f"seqpos_slice from position {start} (this recipe: harvest.skip_first_tokens="
                       f"{ours['seqpos_slice'][0]})")
     if differ:

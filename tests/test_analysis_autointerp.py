@@ -14,7 +14,14 @@ import pytest
 from test_analysis import TinySetup, build_tiny_setup
 
 from framework.analysis.analyze import analyze, analyze_sae
-from framework.analysis.autointerp import average_ranks, score_unit, spearman, split_examples
+from framework.analysis.autointerp import (
+    average_ranks,
+    report_text,
+    score_kinds,
+    score_unit,
+    spearman,
+    split_examples,
+)
 from framework.analysis.dashboard import unit_page
 from framework.analysis.interp_backends import AutointerpError, HTTPBackend
 from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, shown
@@ -71,6 +78,22 @@ def test_neighbouring_examples_of_one_context_go_to_the_same_side():
     # contexts met in the order 5, 7, 9, 11, 12: explainer, simulator, explainer, ...
     assert [(e["context"], e["position"]) for e in explain] == [(5, 40), (12, 0), (5, 41), (5, 42), (9, 8)]
     assert [(e["context"], e["position"]) for e in simulate] == [(7, 3), (7, 4), (11, 2)]
+
+
+def test_a_unit_whose_examples_all_come_from_one_context_is_left_unscored(tmp_path):
+    """Nothing of it can be held out from the explainer: no score (it used to score 0, with no
+    simulator examples, and count in the summary)."""
+    def example(context, position):
+        return {"context": context, "position": position, "tokens": ["a", "b"], "activations": [0.0, 1.0], "focus": 1}
+
+    pages = {"0": {"top": [example(3, 5), example(3, 9)], "intervals": [], "random": []},
+             "1": {"top": [example(3, 5), example(4, 2)], "intervals": [], "random": []}}
+    data = {"sae": "s", "kinds": {"features": {"pages": pages, "units": [{"max_activation": 1.0}] * 2}}}
+    backend = Oracle([[0.0, 1.0]], lambda a: a)
+    results = score_kinds(data, backend, AnalyzeConfig(), tmp_path / "cache.json")
+    assert list(results["features"]) == ["1"] and results["unscored"] == {"features": [0]}
+    assert results["summary"]["features"] == {"n": 1, "median": 1.0, "mean": 1.0, "unscored": 1}
+    assert "| features | 1 | 1.000 | 1.000 | 1 |" in report_text(results | {"model": "oracle"})
 
 
 def test_positions_the_analysis_skips_are_shown_unlit_and_left_unscored(analysis_dir):

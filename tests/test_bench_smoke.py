@@ -105,6 +105,7 @@ def test_bench_compile_contenders_run_compiled_and_are_compared(run_all, tmp_pat
     finally:
         train_step.WITH_COMPILE = False
     (group,) = results["groups"]
+    assert results["settings"]["compile_backend"] == backend
     assert {"ours topk, torch.compile", "plain topk, torch.compile"} <= {c["name"] for c in group["contenders"]}
     rows = {r["ours"]: r for r in train_step.comparisons(group)}
     assert _finite(rows["ours topk"]["vs_compiled_plain"]) and _finite(rows["ours topk, torch.compile"]["vs_sparsify"])

@@ -212,7 +212,7 @@ def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
     ("train.adam_betas=[0.9]", r"train.adam_betas=\[0.9\] must be two numbers in \[0, 1\).*train.adam_betas=\[0.9,0.999\]"),
     ("train.adam_betas=[0.9,1.0]", r"train.adam_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
     ("train.adam_betas=[-0.1,0.9]", r"train.adam_betas=\[-0.1, 0.9\] must be two numbers"),
-    ("text.context_length=40000", r"text.context_length \(40000\) exceeds 32767: activation shards store each "
+    ("text.context_length=32769", r"text.context_length \(32769\) exceeds 32768: activation shards store each "
                                   r"row's position as int16"),
     ("harvest.split=heldout", r"harvest.split=heldout with harvest.heldout_tokens > 0: the held-out store would "
                               r"repeat the first rows.*Set harvest.heldout_tokens=0"),
@@ -231,7 +231,7 @@ def test_the_edges_of_the_numbers_checked_are_accepted():
     assert recipe.train.checkpoint_every == 0 and recipe.sae.k == 64
     assert load_recipe(None, ["train.lr_decay_fraction=1"]).train.lr_decay_fraction == 1
     assert load_recipe(None, ["harvest.split=heldout", "harvest.heldout_tokens=0"]).harvest.split == "heldout"
-    assert load_recipe(None, ["text.context_length=32767"]).text.context_length == 32767
+    assert load_recipe(None, ["text.context_length=32768"]).text.context_length == 32768
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
@@ -258,7 +258,7 @@ def test_resample_steps_outside_the_run_are_refused_naming_them_and_the_run_leng
     run = ["train.n_tokens=40960", "train.batch_size=4096"]  # 10 steps
     with pytest.raises(RecipeError, match=r"train.resample_steps lists \[0, 10, 11, 25\], outside the run: it trains "
                                           r"10 steps \(train.n_tokens=40,960 // train.batch_size=4,096\).*steps 1 to "
-                                          r"9 \(after the last, the new features would be saved untrained\)"):
+                                          r"9 \(after the last, the new features would be saved untrained"):
         load_recipe(None, [*run, "train.resample_steps=[25,5,0,11,10]"])
     assert load_recipe(None, [*run, "train.resample_steps=[1,9]"]).train.resample_steps == [1, 9]
     # with resampling off the list is never read

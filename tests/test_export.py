@@ -152,18 +152,20 @@ def test_an_imported_sae_trained_on_other_inputs_is_evaluated_with_a_warning_nam
     cfg.json records other inputs is scored on inputs it never saw, and the log says which."""
     cfg = json.loads((exported / "cfg.json").read_text())
     here = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=str(exported)))
-    matching = {"prepend_bos": False, "context_size": 96, "seqpos_slice": [1, None]}
-    edit_cfg(exported, metadata=cfg["metadata"] | matching)
-    with caplog.at_level("WARNING", logger="framework.export"):
-        load_trained_saes(here)
-    assert "trained on other inputs" not in caplog.text
-    edit_cfg(exported, metadata=cfg["metadata"] | {"prepend_bos": True, "context_size": 1024, "seqpos_slice": [0, None]})
+    # The same inputs, or more than this recipe's (longer contexts, from position 0): no warning.
+    for trained_on in ({"prepend_bos": False, "context_size": 96, "seqpos_slice": [1, None]},
+                       {"prepend_bos": False, "context_size": 1024, "seqpos_slice": [0, None]}):
+        edit_cfg(exported, metadata=cfg["metadata"] | trained_on)
+        with caplog.at_level("WARNING", logger="framework.export"):
+            load_trained_saes(here)
+        assert "trained on other inputs" not in caplog.text
+    edit_cfg(exported, metadata=cfg["metadata"] | {"prepend_bos": True, "context_size": 64, "seqpos_slice": [4, None]})
     with caplog.at_level("WARNING", logger="framework.export"):
         (imported,) = load_trained_saes(here)
     assert imported.name == "jumprelu_test"
     assert re.search(r"trained on other inputs than this recipe evaluates it on: prepend_bos True \(this recipe: "
-                     r"False\); context_size 1024 \(this recipe: 96\); seqpos_slice from position 0 \(this recipe: "
-                     r"harvest.skip_first_tokens=1\)", caplog.text)
+                     r"False\); context_size 64 \(this recipe: text.context_length=96\); seqpos_slice from position "
+                     r"4 \(this recipe: harvest.skip_first_tokens=1\)", caplog.text)
 
 
 @pytest.mark.parametrize("missing", ["cfg.json", "sae_weights.safetensors"])

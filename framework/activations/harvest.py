@@ -170,6 +170,7 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
 
 
 FLOAT16_MAX = 65_504.0
+FLOAT16_OVERFLOW = 65_520.0  # from here on the cast to float16 rounds to inf (below, to 65,504)
 
 
 def _check_storable(acts: torch.Tensor, hook: str, dtype: str, norm_sum: float, window: int) -> None:
@@ -180,11 +181,10 @@ def _check_storable(acts: torch.Tensor, hook: str, dtype: str, norm_sum: float, 
     if not math.isfinite(norm_sum):
         raise DataError(f"the LM's activations at {hook} are not finite (window {window}): check lm.dtype "
                         f"(float16 overflows in some LMs; use float32 or bfloat16)")
-    if dtype == "float16" and (peak := acts.abs().max().item()) > FLOAT16_MAX:
+    if dtype == "float16" and (peak := acts.abs().max().item()) >= FLOAT16_OVERFLOW:
         raise DataError(f"activations at {hook} reach {peak:,.0f} (window {window}), beyond float16's largest "
-                        f"value ({FLOAT16_MAX:,.0f}): a float16 store would hold them as inf. Harvest with "
-                        f"harvest.dtype=bfloat16 (same size, float32's range) into a new store "
-                        f"(harvest.output_dir=...)")
+                        f"value ({FLOAT16_MAX:,.0f}): float16 would hold them as inf. Use harvest.dtype=bfloat16 "
+                        f"(same size, float32's range; for a store on disk, into a new harvest.output_dir)")
 
 
 def harvest_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int) -> Rows:

@@ -4,12 +4,16 @@ The paper's protocol (after Bills et al. 2023), on the examples `sae analyze` st
 features.json for each unit with a page:
 
 1. Examples. Three pools: the top activations, the interval samples (highest interval first,
-   taken round-robin across intervals) and the random firing examples. Each pool is dealt
-   alternately to the explainer and the simulator, so the two sets are disjoint; each set
-   takes from the three pools in turn, up to `analyze.autointerp_explain_examples` (the
-   paper's 49) and `analyze.autointerp_simulate_examples` (60). With the default analysis
-   settings (20 top, 10 x 5 interval, 10 random examples) about 40 reach each side; raise
-   `analyze.top_k_examples` etc. for the paper's full counts.
+   taken round-robin across intervals) and the random firing examples. Whole contexts are
+   dealt alternately to the explainer and the simulator, in the order the pools meet them
+   (examples a few tokens apart in one context share most of their window: an explainer shown
+   one would see the truth the simulator is scored on); each side takes from its pools in
+   turn, up to `analyze.autointerp_explain_examples` (the paper's 49) and
+   `analyze.autointerp_simulate_examples` (60). With the default analysis settings (20 top,
+   10 x 5 interval, 10 random examples) about 40 reach each side when the examples come from
+   many contexts; raise `analyze.top_k_examples` etc. for the paper's full counts. A unit
+   whose examples all come from one context has nothing to hold out: it is not scored (listed
+   under "unscored").
 2. Explanation: the explainer sees its examples, activations quantised to 0-9, and writes a
    phrase (interp_prompts.py).
 3. Simulation: given only the explanation, the simulator predicts 0-9 for every token of the
@@ -78,11 +82,15 @@ def score_kinds(data: dict, backend, cfg: AnalyzeConfig, cache_path: Path, seed:
     for kind, record in data["kinds"].items():
         units = select_units(record, cfg.autointerp_n_features, seed)
         progress = Progress(f"autointerp {kind}", len(units), unit="units", every_s=0.0)
-        scored = {}
+        scored, unscored = {}, []
         for unit in units:
             info = record["units"][unit]
             explain, simulate = split_examples(record["pages"][str(unit)], cfg.autointerp_explain_examples,
                                                cfg.autointerp_simulate_examples)
+            if not explain or not simulate:  # every example in one context: nothing held out to score on
+                unscored.append(unit)
+                progress.update(1)
+                continue
             key = cache_key(backend.identity, kind, unit, explain, simulate)
             if key not in cache:
                 start = time.perf_counter()
@@ -92,7 +100,9 @@ def score_kinds(data: dict, backend, cfg: AnalyzeConfig, cache_path: Path, seed:
             scored[str(unit)] = cache[key]
             progress.update(1)
         results[kind] = scored
-    results["summary"] = {kind: _summary(results[kind]) for kind in data["kinds"]}
+        results.setdefault("unscored", {})[kind] = unscored
+    results["summary"] = {kind: _summary(results[kind]) | {"unscored": len(results["unscored"].get(kind, []))}
+                          for kind in data["kinds"]}
     return results
 
 
@@ -182,12 +192,13 @@ def report_text(results: dict) -> str:
         f"# Auto-interpretation: {results['sae']}", "",
         f"Explainer and simulator: `{results['model']}`. Score: Spearman correlation between simulated and true "
         "activations over every token of each unit's held-out examples.", "",
-        "| units | scored | median score | mean score |", "|---|---|---|---|",
+        "| units | scored | median score | mean score | unscored (examples from one context) |",
+        "|---|---|---|---|---|",
     ]
     for kind, s in results["summary"].items():
         median = "n/a" if s["median"] is None else f"{s['median']:.3f}"
         mean = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
-        lines.append(f"| {kind} | {s['n']} | {median} | {mean} |")
+        lines.append(f"| {kind} | {s['n']} | {median} | {mean} | {s.get('unscored', 0)} |")
     for kind in results["summary"]:
         lines += ["", f"## {kind.capitalize()}", "", "| unit | score | explanation |", "|---|---|---|"]
         for unit, s in sorted(results[kind].items(), key=lambda item: -item[1]["score"]):

@@ -13,8 +13,9 @@ One deliberate difference from the update: "mse" here is the mean over elements,
 variant, where the update sums the squared error over d. The two losses differ by a factor d_in,
 so the update's λ carries over as λ / d_in. (The update also normalises activations to
 E‖x‖² = d_in; `train.normalize_activations: norm` brings rows to a mean norm of sqrt(d_in),
-the peers' convention, which gives E‖x‖² = d_in · E‖x‖² / (E‖x‖)²: d_in where row norms
-vary little, more where they vary much, and the update's λ is then that ratio too small.)
+the peers' convention: inputs c = sqrt(E‖x‖² / (E‖x‖)²) ≥ 1 times the update's, equal where
+row norms vary little. Scaling inputs by c scales the squared error by c² and the L1 by c, so
+the update's λ matches as λ · c.)
 """
 
 from __future__ import annotations

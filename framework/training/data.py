@@ -87,8 +87,9 @@ class ActivationDataModule(L.LightningDataModule):
                 raise DataError(
                     f"train.n_tokens={cfg.n_tokens:,} needs {need:,} rows per rank but harvest.mode=live with "
                     f"harvest.n_tokens={self.recipe.harvest.n_tokens:,} generates {have:,} per rank, each once "
-                    f"(live activations have no epochs). Raise harvest.n_tokens to at least train.n_tokens, or "
-                    f"lower train.n_tokens."
+                    f"(live activations have no epochs; each rank generates whole windows of "
+                    f"harvest.shuffle_window rows, so with several ranks the fewest rows per rank decide). Raise "
+                    f"harvest.n_tokens, or lower train.n_tokens."
                 )
             return
         per_epoch = self.store.rows_per_epoch(0, self.world_size)
