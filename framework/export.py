@@ -249,10 +249,13 @@ def saelens_tensors(trained: TrainedSAE) -> dict[str, Tensor]:
 # Import
 
 
-def load_saelens_sae(path: str | Path, device: str | torch.device = "cpu") -> TrainedSAE:
-    """An SAELens-format directory as a framework SAE reading raw activations (input_scale 1)."""
+def load_saelens_sae(path: str | Path, device: str | torch.device = "cpu", recipe: Recipe | None = None) -> TrainedSAE:
+    """An SAELens-format directory as a framework SAE reading raw activations (input_scale 1);
+    with the `recipe` that will evaluate it, a warning where its inputs fall outside the SAE's."""
     path = Path(path)
     cfg = _read_saelens_config(path)
+    if recipe is not None:
+        _warn_of_other_inputs(path, cfg["metadata"], recipe)
     architecture = cfg["architecture"]
     tensors = _read_saelens_tensors(path, cfg)
     _fold_saelens_options(architecture, cfg, tensors)
@@ -263,11 +266,10 @@ def load_saelens_sae(path: str | Path, device: str | torch.device = "cpu") -> Tr
     return TrainedSAE(name, sae.to(device).eval(), sae_cfg.hook_point, 1.0)
 
 
-def warn_of_other_inputs(path: Path, recipe: Recipe) -> None:
+def _warn_of_other_inputs(path: Path, meta: dict[str, Any], recipe: Recipe) -> None:
     """An imported SAE is evaluated on this recipe's contexts (no BOS, text.context_length,
-    positions from harvest.skip_first_tokens): say where its cfg.json records others it was
-    trained on, since its metrics then describe it on inputs it never saw."""
-    meta = _read_saelens_config(path)["metadata"]
+    positions from harvest.skip_first_tokens): say where its cfg.json's `meta`data records others
+    it was trained on, since its metrics then describe it on inputs it never saw."""
     ours = saelens_metadata(recipe)
     differ = []  # only what puts this recipe's inputs outside the SAE's: a subset of them is fine
     if meta.get("prepend_bos") is not None and meta["prepend_bos"] != ours["prepend_bos"]:

@@ -72,11 +72,9 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu", *, for
     """The recipe's trained bank, or the SAELens-format SAE at eval.sae_path (`for_export`: only
     the bank, and an error message that does not suggest eval.sae_path, which export ignores)."""
     if recipe.eval.sae_path:
-        from framework.export import load_saelens_sae, warn_of_other_inputs
+        from framework.export import load_saelens_sae
 
-        trained = load_saelens_sae(recipe.eval.sae_path, device)
-        warn_of_other_inputs(Path(recipe.eval.sae_path), recipe)
-        return [trained]
+        return [load_saelens_sae(recipe.eval.sae_path, device, recipe)]
     root = recipe.path("sae")
     check_trained_by(root, recipe)
     names = [c.name for c in recipe.sae_configs()]
