@@ -51,6 +51,13 @@ VOLATILE = {
 FORMERLY_FINGERPRINTED = {
     "analyze": ("autointerp", "autointerp_model", "autointerp_api_key_env", "autointerp_n_features"),
 }
+# Keys added to a section after outputs were made, with the value those outputs implicitly
+# had: a recorded fingerprint without one is read as having that value. So a store harvested
+# before harvest.context_order existed counts as `source` order: a recipe asking for that keeps
+# using it, and the default (shuffled) is refused naming the key.
+ADDED_LATER = {
+    "harvest": {"context_order": "source"},
+}
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
@@ -86,10 +93,11 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def without_former_keys(fingerprint: dict) -> dict:
-    """A recorded fingerprint less FORMERLY_FINGERPRINTED: output finished before those keys
-    became volatile still counts as this recipe's."""
-    return {section: {k: v for k, v in values.items() if k not in FORMERLY_FINGERPRINTED.get(section, ())}
+def as_fingerprinted_now(fingerprint: dict) -> dict:
+    """A recorded fingerprint less FORMERLY_FINGERPRINTED (output finished before those keys
+    became volatile still counts as this recipe's) and with the ADDED_LATER keys it lacks."""
+    return {section: ADDED_LATER.get(section, {}) | {k: v for k, v in values.items()
+                                                     if k not in FORMERLY_FINGERPRINTED.get(section, ())}
             if isinstance(values, dict) else values for section, values in fingerprint.items()}
 
 
@@ -97,7 +105,7 @@ def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
     """How a recorded fingerprint of `stage` differs from this recipe's, one "key: value there,
     value here" each; empty when they are the same."""
     mine = json.loads(json.dumps(stage_fingerprint(recipe, stage), default=str))
-    recorded = json.loads(json.dumps(recorded, default=str))
+    recorded = json.loads(json.dumps(as_fingerprinted_now(recorded), default=str))
     if recorded == mine:
         return []
     return _diff(mine, recorded) or ["unknown differences"]
@@ -134,7 +142,7 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
         return False
     saved = read_marker(marker)
     fingerprint = stage_fingerprint(recipe, stage)
-    recorded = without_former_keys(saved.get("fingerprint", {}))
+    recorded = as_fingerprinted_now(saved.get("fingerprint", {}))
     if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):
         return True
     differences = _diff(fingerprint, recorded)

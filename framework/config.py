@@ -87,6 +87,10 @@ class HarvestConfig:
     tokens_per_context: int = 64  # sampled from each context, as the paper draws 250 of 1024
     skip_first_tokens: int = 1  # position 0 sees only itself; its activations are atypical
     shuffle_window: int = 65_536  # rows mixed together before a shard is written
+    # Which contexts each window takes: "shuffled" (a seeded permutation of the whole split, so
+    # every window, and every shard, samples the whole corpus) or "source" (consecutive contexts
+    # in the split's order, as stores harvested before this key existed hold them).
+    context_order: str = "shuffled"
     rows_per_sample: int = 1024  # rows in one tar member
     rows_per_shard: int = 65_536
     dtype: str = "float32"  # float32, float16 or bfloat16 on disk
@@ -348,6 +352,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "harvest.mode": ("shards", "live"),
     "harvest.dtype": ("float32", "float16", "bfloat16"),
     "harvest.split": ("train", "heldout"),
+    "harvest.context_order": ("shuffled", "source"),
     "sae.variant": ("paper", "april2024", "topk", "batchtopk", "jumprelu", "gated"),
     "sae.init": ("kaiming", "transpose", "data"),
     "sae.decoder_bias_init": ("geometric_median", "mean", "zeros"),

@@ -17,15 +17,15 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
 
-from framework.activations.harvest import harvest
+from framework.activations.harvest import harvest, harvest_differences, make_plan
 from framework.activations.live import LiveStream
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.activations.verify import verify_store
 from framework.cli import main
-from framework.config import load_recipe, save_recipe
+from framework.config import load_recipe, save_recipe, with_overrides
 from framework.errors import DataError, RecipeError
 from framework.lm import load_lm
-from framework.text import iter_context_batches
+from framework.text import iter_chosen_context_batches
 
 HOOKS = "[blocks.0.mlp.hook_post,blocks.0.hook_resid_pre]"
 SMALL_STORE = [
@@ -74,15 +74,50 @@ def test_harvested_rows_equal_a_direct_forward_pass_each_row_once(harvested):
     assert len(pairs) == len(context), "a (context, position) row appears twice"
 
     model = load_lm(harvested)
-    n_contexts = int(context.max()) + 1
-    assert n_contexts == 6144 // 32
-    _, tokens = next(iter_context_batches(harvested.text, model.tokenizer, "train", n_contexts, 0, n_contexts))
+    plan = make_plan(harvested, model, "train", harvested.harvest.n_tokens)
+    chosen = torch.cat([plan.window_contexts(w) for w in range(plan.n_windows)]).sort().values
+    assert len(chosen) == 6144 // 32 and torch.equal(context.unique(), chosen)
+    assert (context.bincount()[chosen] == 32).all(), "each context gives tokens_per_context rows"
+    _, tokens = next(iter_chosen_context_batches(harvested.text, model.tokenizer, "train", chosen, len(chosen)))
     hooks = ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_pre"]
     direct = model.run(tokens, capture=hooks).activations
+    row_of = torch.searchsorted(chosen, context)  # the row of `tokens` holding each row's context
     for h, hook in enumerate(hooks):
-        torch.testing.assert_close(acts[h], direct[hook][context, position], rtol=1e-5, atol=1e-5)
-    assert torch.equal(token, tokens[context, position])
+        torch.testing.assert_close(acts[h], direct[hook][row_of, position], rtol=1e-5, atol=1e-5)
+    assert torch.equal(token, tokens[row_of, position])
     assert (position >= harvested.harvest.skip_first_tokens).all()
+
+
+def test_windows_sample_the_whole_split_and_a_larger_harvest_keeps_the_earlier_windows(harvested):
+    model = load_lm(harvested)
+    plan = make_plan(harvested, model, "train", harvested.harvest.n_tokens)
+    windows = [plan.window_contexts(w) for w in range(plan.n_windows)]
+    assert plan.n_windows == 3 and all(len(w) == 2048 // 32 for w in windows)
+    assert len(torch.cat(windows).unique()) == 3 * 64, "windows are disjoint"
+    # Each window samples the whole split, not a run of neighbouring contexts at its start.
+    for ids in windows:
+        assert ids.min() < plan.split_contexts / 8 and ids.max() > plan.split_contexts * 7 / 8
+    larger = make_plan(with_overrides(harvested, ["harvest.n_tokens=12288"]), model, "train", 12288)
+    assert all(torch.equal(larger.window_contexts(w), windows[w]) for w in range(3))
+    other_seed = make_plan(with_overrides(harvested, ["harvest.seed=1"]), model, "train", 6144)
+    assert not torch.equal(other_seed.window_contexts(0), windows[0])
+    heldout = make_plan(harvested, model, "heldout", 1024)
+    assert heldout.split_contexts < plan.split_contexts and heldout.window_contexts(0).max() < heldout.split_contexts
+    # harvest.context_order=source: consecutive contexts from the start, as stores made before the key.
+    source = make_plan(with_overrides(harvested, ["harvest.context_order=source"]), model, "train", 6144)
+    assert [source.window_contexts(w).tolist() for w in range(3)] == [list(range(64 * w, 64 * (w + 1))) for w in range(3)]
+
+
+def test_a_store_harvested_before_context_order_existed_counts_as_source_order(pretrained_recipe, harvested,
+                                                                                tmp_path):
+    store = tmp_path / "activations"
+    store.mkdir()
+    claim = json.loads((harvested.path("activations") / "harvest-recipe.json").read_text())
+    assert claim["harvest"].pop("context_order") == "shuffled"
+    (store / "harvest-recipe.json").write_text(json.dumps(claim))
+    with pytest.raises(RecipeError, match=r"harvest.context_order: 'source' there, 'shuffled' here"):
+        harvest(store_recipe(pretrained_recipe, tmp_path))
+    assert harvest_differences(store, store_recipe(pretrained_recipe, tmp_path, "harvest.context_order=source")) == []
 
 
 def test_manifest_describes_the_store(harvested):

@@ -14,6 +14,7 @@ from framework.lm.tokenizer import train_tokenizer
 from framework.text import (
     TextSourceError,
     count_contexts,
+    iter_chosen_context_batches,
     iter_context_batches,
     iter_contexts,
     iter_documents,
@@ -169,6 +170,16 @@ def test_batches_hold_the_same_contexts_with_a_short_last_batch(tokenizer):
     tokens = torch.cat([t for _, t in batches])
     assert ids.tolist() == list(range(3, 24))
     assert torch.equal(tokens, load_contexts(STDLIB_SAMPLE, tokenizer, "train", start=3, stop=24))
+
+
+def test_chosen_contexts_come_in_the_order_asked_and_an_id_past_the_split_is_named(tokenizer):
+    everything = load_contexts(STDLIB_SAMPLE, tokenizer, "train")
+    chosen = torch.tensor([len(everything) - 1, 5, 0, 17, 5])
+    batches = list(iter_chosen_context_batches(STDLIB_SAMPLE, tokenizer, "train", chosen, batch_size=2))
+    assert [ids.tolist() for ids, _ in batches] == [[len(everything) - 1, 5], [0, 17], [5]]
+    assert torch.equal(torch.cat([t for _, t in batches]), everything[chosen])
+    with pytest.raises(TextSourceError, match=f"context {len(everything)} was asked for"):
+        list(iter_chosen_context_batches(STDLIB_SAMPLE, tokenizer, "train", torch.tensor([len(everything)]), 4))
 
 
 def test_iteration_stops_at_the_end_of_the_split(tmp_path, tokenizer):

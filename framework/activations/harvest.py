@@ -1,8 +1,10 @@
 """`sae harvest`: run the base LM over text and write activation shards.
 
-The unit of work is a *window*: a fixed range of contexts whose sampled tokens are shuffled
-together and cut into `shuffle_window / rows_per_shard` shards. Window w always covers the same
-contexts, samples the same positions and shuffles with the same seed, so
+The unit of work is a *window*: a fixed set of contexts whose sampled tokens are shuffled
+together and cut into `shuffle_window / rows_per_shard` shards. Windows take consecutive slices
+of a seeded permutation of the split's contexts (`harvest.context_order: shuffled`), so each one
+samples the whole corpus. Window w always covers the same contexts, samples the same positions
+and shuffles with the same seed, so
 
 - a re-run skips windows whose shards are all complete and redoes the others identically (an
   interrupted harvest, resumed, equals an uninterrupted one, row for row);
@@ -17,6 +19,7 @@ Like the paper (250 tokens drawn from each context, shuffled together), each con
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -46,7 +50,7 @@ from framework.distributed import barrier, current_rank, init_process_group
 from framework.errors import DataError, FrameworkError
 from framework.lm import BaseLM, load_lm, weights_sha256
 from framework.progress import Progress
-from framework.text import count_contexts, iter_context_batches
+from framework.text import count_contexts, iter_chosen_context_batches
 
 log = logging.getLogger(__name__)
 CLAIM = "harvest-recipe.json"  # the harvest fingerprint of the recipe a store belongs to
@@ -63,6 +67,28 @@ class HarvestPlan:
     window_rows: int
     rows_per_shard: int
     seed: int
+    split_contexts: int  # full contexts the split holds
+    context_order: str  # harvest.context_order: "shuffled" or "source"
+
+    @cached_property
+    def context_sequence(self) -> torch.Tensor:
+        """Every context id of the split, in the order windows take them: window w takes the
+        next `contexts_per_window`. Shuffled, a store smaller than the split samples all of it
+        (not its first documents), and each window (hence each shard, read for several steps in
+        a row) mixes contexts from the whole corpus rather than a run of neighbouring files. It
+        depends on the seed, split and split size only, so a larger n_tokens extends a store
+        without changing its earlier windows."""
+        if self.context_order == "source":
+            return torch.arange(self.split_contexts)
+        digest = hashlib.sha256(f"{self.seed}:{self.split}:context-order".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
+        return torch.randperm(self.split_contexts, generator=generator)
+
+    def window_contexts(self, window: int) -> torch.Tensor:
+        """The ids of the contexts window `window` samples, ascending."""
+        first = window * self.contexts_per_window
+        n = math.ceil(self.window_row_count(window) / self.tokens_per_context)
+        return self.context_sequence[first : first + n].sort().values
 
     @property
     def contexts_per_window(self) -> int:
@@ -93,7 +119,8 @@ def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> Harve
             f"({cfg.rows_per_shard}), which must be a multiple of harvest.tokens_per_context "
             f"({cfg.tokens_per_context})"
         )
-    available = count_contexts(recipe.text, model.tokenizer, split) * cfg.tokens_per_context
+    split_contexts = count_contexts(recipe.text, model.tokenizer, split)
+    available = split_contexts * cfg.tokens_per_context
     if available == 0:
         raise DataError(
             f"the {split} split of text source {recipe.text.source!r} holds no complete context of "
@@ -106,7 +133,7 @@ def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> Harve
             f"{available:,}", f"{n_tokens:,}", f"{available:,}",
         )
     return HarvestPlan(split, min(n_tokens, available), cfg.tokens_per_context, window,
-                       cfg.rows_per_shard, cfg.seed)
+                       cfg.rows_per_shard, cfg.seed, split_contexts, cfg.context_order)
 
 
 @dataclass
@@ -129,8 +156,6 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     """Run the LM over one window's contexts: a pure function of (recipe, plan, window)."""
     cfg = recipe.harvest
     n_rows = plan.window_row_count(window)
-    n_contexts = math.ceil(n_rows / plan.tokens_per_context)
-    first = window * plan.contexts_per_window
     generator = torch.Generator().manual_seed(hash_seed(plan.seed, plan.split, window))
     stop_at = model.last_hook(cfg.hook_points)
     widths = model.hook_points()
@@ -144,8 +169,8 @@ def collect_window(model: BaseLM, recipe: Recipe, plan: HarvestPlan, window: int
     sums = [torch.zeros(widths[h], dtype=torch.float64) for h in cfg.hook_points]
     norm_sums = [0.0 for _ in cfg.hook_points]
     filled = 0
-    for context_ids, tokens in iter_context_batches(
-        recipe.text, model.tokenizer, plan.split, cfg.batch_size, start=first, stop=first + n_contexts
+    for context_ids, tokens in iter_chosen_context_batches(
+        recipe.text, model.tokenizer, plan.split, plan.window_contexts(window), cfg.batch_size
     ):
         out = model.run(tokens.to(model.device), capture=cfg.hook_points, stop_at=stop_at)
         block = _sample_positions(out.activations, cfg, context_ids, tokens, generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from framework.artifacts import MARKER, mark_complete, stage_fingerprint, without_former_keys
+from framework.artifacts import MARKER, as_fingerprinted_now, mark_complete, stage_fingerprint
 from framework.config import Recipe
 
 
@@ -26,7 +26,7 @@ def is_done(out: Path, recipe: Recipe, settings: dict) -> bool:
     if not marker.is_file():
         return False
     saved = json.loads(marker.read_text())
-    return (without_former_keys(saved.get("fingerprint", {})) == _normalised(stage_fingerprint(recipe, "analyze"))
+    return (as_fingerprinted_now(saved.get("fingerprint", {})) == _normalised(stage_fingerprint(recipe, "analyze"))
             and saved.get("settings") == _normalised(settings))
 
 

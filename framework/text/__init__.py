@@ -2,6 +2,7 @@
 
 from framework.text.contexts import (
     count_contexts,
+    iter_chosen_context_batches,
     iter_context_batches,
     iter_contexts,
     load_contexts,
@@ -12,5 +13,5 @@ from framework.text.split import SPLITS, iter_split, split_of
 
 __all__ = [
     "Document", "TextSourceError", "iter_documents", "SPLITS", "iter_split", "split_of",
-    "iter_contexts", "iter_context_batches", "load_contexts", "count_contexts", "token_stream",
+    "iter_contexts", "iter_context_batches", "iter_chosen_context_batches", "load_contexts", "count_contexts", "token_stream",
 ]

@@ -108,6 +108,28 @@ def iter_context_batches(
         first = last
 
 
+def iter_chosen_context_batches(
+    cfg: TextConfig, tokenizer: Tokenizer, split: str, ids: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(context ids (b,), tokens (b, context_length)) for the given ids, in their order; the last
+    batch may be short. For contexts scattered over the split (a harvest's shuffled windows)."""
+    length = cfg.context_length
+    stream = token_stream(cfg, tokenizer, split)
+    _require_one_context(stream, length)
+    if len(ids) == 0:
+        return
+    highest = int(ids.max())
+    tokens = stream.tokens((highest + 1) * length)
+    n = len(tokens) // length
+    if highest >= n:
+        raise TextSourceError(f"{stream.description} has {n} contexts of {length} tokens; context {highest} "
+                              f"was asked for. The text source changed: use a fixed corpus")
+    contexts = tokens[: n * length].reshape(n, length)
+    for first in range(0, len(ids), batch_size):
+        chosen = ids[first : first + batch_size]
+        yield chosen, torch.from_numpy(contexts[chosen.numpy()].astype(np.int64))  # (b, context_length)
+
+
 def iter_contexts(
     cfg: TextConfig, tokenizer: Tokenizer, split: str, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
 from framework.activations.harvest import check_harvested_lm, harvest_differences
-from framework.artifacts import is_complete, mark_complete, stage_fingerprint
+from framework.artifacts import differences_from, is_complete, mark_complete
 from framework.config import Recipe, is_url, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError
 from framework.lm import weights_sha256
@@ -243,11 +243,8 @@ def check_checkpoint(path: Path, recipe: Recipe) -> None:
     saved = state.get("sae_framework", {}).get("fingerprint")
     if saved is None:
         raise CheckpointError(f"{path} was not written by `sae train`; delete it or use another train.output_dir")
-    mine = json.loads(json.dumps(stage_fingerprint(recipe, "train"), default=str))
-    if json.loads(json.dumps(saved, default=str)) != mine:
-        from framework.artifacts import _diff
-
-        differences = _diff(mine, saved)
+    differences = differences_from(saved, recipe, "train")
+    if differences:
         raise CheckpointError(
             f"checkpoint {path} belongs to a different recipe ({'; '.join(differences[:5])}). "
             f"Resuming would mix two experiments: use another train.output_dir, or delete "
