@@ -375,6 +375,7 @@ def shard_features(module, mesh) -> None:
 
 class FeatureShardedLayout(ParameterLayout):
     whole_tensors = False
+    strategy_broadcasts_buffers = False
 
     def __init__(self, mesh):
         super().__init__(mesh["data_parallel"].get_group())

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework.evaluation.metrics import evaluate_sae
-from framework.sae import FEATURE_DIM, SAE, build_sae, resample_dead_features, reset_adam_state
+from framework.sae import FEATURE_DIM, SAE, BatchTopKSAE, build_sae, resample_dead_features, reset_adam_state
 
 LOSS_CHUNK = 8192  # rows per forward when scoring the resampling sample
 
@@ -65,6 +65,8 @@ class ParameterLayout:
 
     name = "replicated"
     whole_tensors = True  # every rank holds every tensor whole
+    # DDP broadcasts rank 0's buffers before every forward; the other strategies do not.
+    strategy_broadcasts_buffers = True
 
     def __init__(self, data_group=None):
         self.data_group = data_group  # None: the default group (all ranks) when distributed
@@ -102,6 +104,17 @@ class ParameterLayout:
     def clip_grad_norm_(self, sae, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(list(sae.parameters()), max_norm)
 
+    def share_running_statistics(self, sae) -> None:
+        """After each step: rank 0's running statistics to every rank. BatchTopK's inference
+        threshold is updated by each rank from its own share of the batch; where the strategy
+        does not broadcast buffers (fsdp, deepspeed, a 2-D feature_sharded mesh) the ranks'
+        thresholds drifted apart, and export, held-out metrics and a resumed run took one rank's."""
+        if self.strategy_broadcasts_buffers or not distributed():
+            return
+        inner = getattr(sae, "local", sae)  # feature_sharded wraps the rank's slice
+        if isinstance(inner, BatchTopKSAE):
+            dist.broadcast(inner.threshold, src=0)
+
     # ---- resampling, evaluation, export -----------------------------------------------------
 
     @torch.no_grad()
@@ -130,6 +143,7 @@ class GatheredLayout(ParameterLayout):
     """
 
     whole_tensors = False
+    strategy_broadcasts_buffers = False
 
     def full_parameter(self, sae, name: str) -> Tensor:
         raise NotImplementedError

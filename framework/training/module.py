@@ -29,7 +29,7 @@ from torch import nn
 from framework.config import Recipe, SAEConfig, total_steps
 from framework.errors import TrainingError
 from framework.memory import HostCopy
-from framework.sae import BatchTopKSAE, build_sae
+from framework.sae import build_sae
 from framework.tracking import log_metrics
 from framework.training.layout import ParameterLayout
 from framework.training.strategies import data_parallel_ranks
@@ -309,21 +309,9 @@ class SAEModule(L.LightningModule):
             # Renormalise right after the step, before any callback (resampling, checkpointing)
             # sees the weights: a checkpoint must hold the constrained decoder.
             self._constrain_weights()
-            self._share_thresholds()
+            for sae in self.saes.values():
+                self.layout.share_running_statistics(sae)
         self._check_finite(step)
-
-    def _share_thresholds(self) -> None:
-        """BatchTopK's inference threshold is a running statistic each rank updates from its own
-        share of the batch. DDP broadcasts rank 0's buffers before every forward; fsdp, deepspeed
-        and the data-parallel groups of a 2-D feature_sharded mesh do not, and their ranks' thresholds
-        drifted apart (export, held-out metrics and a resumed run then took one rank's): rank
-        0's goes to every rank after each step, as under DDP."""
-        if self.layout.name == "replicated" or not torch.distributed.is_initialized():
-            return
-        for sae in self.saes.values():
-            inner = getattr(sae, "local", sae)  # feature_sharded wraps the rank's slice
-            if isinstance(inner, BatchTopKSAE):
-                torch.distributed.broadcast(inner.threshold, src=0)
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
         if self._recorded_steps is None:  # a recorded step's gradients live in its graph: each replay overwrites them
