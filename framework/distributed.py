@@ -1,13 +1,14 @@
-"""Where this process sits in a torchrun job, for the stages that run outside Lightning."""
+"""Where this process sits in a torchrun job, for the stages that run outside Lightning.
+
+Imports no torch until a process group is joined: the CLI's locks ask for the rank before any
+stage (and `sae --help` never) imports it.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,32 @@ class Rank:
 
 
 def current_rank() -> Rank:
-    """From torchrun's environment; a plain process is rank 0 of 1."""
-    return Rank(
-        rank=int(os.environ.get("RANK", 0)),
-        world=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    """From the launcher's environment; a plain process is rank 0 of 1."""
+    env = os.environ
+    local = int(env.get("LOCAL_RANK") or 0)
+    return Rank(rank=_global_rank(env, local), world=int(env.get("WORLD_SIZE") or 1), local_rank=local)
+
+
+def _global_rank(env, local: int) -> int:
+    """torchrun's RANK. Without it: the processes Lightning itself starts for `train.devices` > 1
+    (no torchrun) carry only LOCAL_RANK and NODE_RANK, and would each take themselves for rank 0
+    (locking their own job's directories, writing its reports); then SLURM's task id (srun without
+    torchrun). LOCAL_RANK before SLURM_PROCID: Lightning's children inside a batch job inherit the
+    batch step's SLURM_PROCID of 0. A child on another node than the first gets a rank past every
+    rank of node 0 (its exact rank is Lightning's business; here only "is it rank 0" is asked)."""
+    if env.get("RANK"):
+        return int(env["RANK"])
+    if env.get("LOCAL_RANK"):
+        node = int(env.get("NODE_RANK") or 0)
+        return local if node == 0 else node * int(env.get("WORLD_SIZE") or 1) + local
+    return int(env.get("SLURM_PROCID") or 0)
 
 
 def init_process_group(rank: Rank) -> bool:
     """Join the job's process group if there is more than one process; True if joined here."""
+    import torch
+    import torch.distributed as dist
+
     if rank.world == 1 or dist.is_initialized():
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -44,5 +61,7 @@ def init_process_group(rank: Rank) -> bool:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()

@@ -9,7 +9,8 @@ never blocks a re-run; the file itself stays (empty of meaning once unlocked) an
 of the last holder for the message a second process prints.
 
 Under torchrun every rank runs the stage: only global rank 0 locks, so one job's ranks do not
-refuse each other. `sae sweep --point N` (one SLURM array task per point) waits for the shared
+refuse each other (nor do the processes Lightning starts itself for `train.devices` > 1, which
+carry LOCAL_RANK but no RANK: `distributed.current_rank`). `sae sweep --point N` (one SLURM array task per point) waits for the shared
 LM and store's locks instead of refusing them (`wait=True`): the first task makes them.
 """
 
@@ -22,6 +23,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from framework.distributed import current_rank
 from framework.errors import FrameworkError
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class LockedError(FrameworkError):
 
 
 def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
+    return current_rank().is_main
 
 
 @contextlib.contextmanager

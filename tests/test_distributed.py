@@ -225,6 +225,23 @@ def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_g
         assert resampled(two, name) == resampled(one, name) > 0
 
 
+def test_two_processes_that_lightning_starts_itself_train_as_torchrun_ranks_do(recipe_file, overrides, reference,
+                                                                              tmp_path):
+    """`sae train ... train.devices=2` without torchrun: Lightning starts the second process with
+    LOCAL_RANK but no RANK, which once took itself for rank 0 and was refused by its own job's
+    lock on the output directory."""
+    two = tmp_path / "two"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-m", "framework.cli", "train", str(recipe_file),
+                          *overrides(two, *PAPER, "train.strategy=ddp", "train.devices=2")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert succeeded(run)
+    assert "MEMBER: 2/2" in run.stderr + run.stdout
+    assert_same_weights(reference(tuple(PAPER), True), two, PAPER_SAE)
+
+
 # `sae train` under torchrun that prints, at the first step, whether each SAE's parameters are
 # sharded again (FSDP2 swaps a module's parameters to DTensor shards when it reshards) once every
 # forward of the bank has run and before the backward.
