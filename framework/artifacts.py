@@ -115,7 +115,7 @@ def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **in
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)
     marker = directory / MARKER
-    tmp = directory / f".{MARKER}.tmp"
+    tmp = directory / f".{MARKER}.{os.getpid()}.tmp"  # the process's own: two never share a temporary
     tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
     tmp.replace(marker)
     return marker

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from framework.config import is_url, load_recipe
+from framework.distributed import PARALLEL_STAGES, current_rank, on_rank_zero
 from framework.errors import FrameworkError
 from framework.locks import output_locks
 from framework.memory import keep_freed_memory
@@ -80,6 +81,10 @@ def _call_stage(stage: str, recipe, args) -> object:
         return verify_store(recipe)
     if stage == "sweep" and args.point is not None:
         return function(recipe, point_index=args.point)
+    from framework.pipeline import STAGE_FUNCTIONS
+
+    if stage in STAGE_FUNCTIONS and stage not in PARALLEL_STAGES:
+        return on_rank_zero(stage, recipe.workdir, lambda: function(recipe))
     return function(recipe)
 
 
@@ -207,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
             result = _call_stage(args.command, recipe, args)
         # Once per job (not once per torchrun rank); `sae run` has printed its summary, which
         # ends with the report it returns.
-        from framework.distributed import current_rank  # here: `sae --help` need not import torch
-
         if result is not None and args.command != "run" and current_rank().is_main:
             print(result)
         return 0

@@ -750,7 +750,7 @@ def save_recipe(recipe: Recipe, directory: str | os.PathLike) -> Path:
     """Write the resolved recipe beside an artifact, so the artifact explains itself."""
     out = Path(directory) / "recipe.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
+    tmp = out.with_name(f".recipe.yaml.{os.getpid()}.tmp")  # the process's own: torchrun ranks write it too
     tmp.write_text(recipe_to_yaml(recipe))
     tmp.replace(out)
     return out

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+# The stages that divide their work over a job's ranks; every other stage runs on rank 0 alone.
+PARALLEL_STAGES = ("harvest", "train")
+POLL_S = 2.0  # how often the other ranks look whether rank 0 has finished such a stage
 
 
 @dataclass(frozen=True)
@@ -65,3 +74,38 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_rank_zero(stage: str, workdir: str | os.PathLike, work: Callable[[], T]) -> T | None:
+    """Run `work` (a stage that does not divide its work over ranks: pretrain, eval, analyze,
+    export) on global rank 0 alone. Every rank of a torchrun job runs the same command; the
+    others wait until rank 0 has finished the stage, so that a parallel stage after it
+    (`sae run`'s harvest, train) finds its inputs, and then go on with nothing (None). They
+    wait for a file rank 0 writes into `workdir` naming this job attempt, not on a collective:
+    a stage can take longer than any process-group timeout, and torchrun stops the waiting ranks
+    if rank 0 fails. The processes Lightning starts itself for train.devices > 1 only join the
+    training: whatever comes before it was done before they started, and rank 0 does what
+    comes after."""
+    rank = current_rank()
+    if rank.world == 1 or rank.is_main:
+        result = work()
+        if rank.world > 1:
+            done = Path(workdir) / f".{stage}.rank0-done"
+            done.parent.mkdir(parents=True, exist_ok=True)
+            tmp = done.with_name(f"{done.name}.{os.getpid()}.tmp")
+            tmp.write_text(_job_attempt())
+            tmp.replace(done)
+        return result
+    if not os.environ.get("RANK"):  # started by Lightning (LOCAL_RANK only)
+        return None
+    done, attempt = Path(workdir) / f".{stage}.rank0-done", _job_attempt()
+    while not (done.is_file() and done.read_text() == attempt):
+        time.sleep(POLL_S)
+    return None
+
+
+def _job_attempt() -> str:
+    """Names this torchrun job and restart: its run id, restart count and rendezvous address."""
+    env = os.environ
+    return "/".join(env.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                                                   "MASTER_ADDR", "MASTER_PORT"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from framework.artifacts import is_complete
 from framework.config import Recipe, RecipeError, save_recipe
-from framework.distributed import current_rank
+from framework.distributed import PARALLEL_STAGES, current_rank, on_rank_zero
 
 log = logging.getLogger(__name__)
 LIVE_HARVEST = "(live: generated while training)"  # harvest's output with harvest.mode=live
@@ -35,9 +35,14 @@ REPORTED_STAGES = ("pretrain", "train", "eval", "analyze")  # those that write a
 EARLIER = "earlier run"  # report.md's time column for a complete output of an earlier run
 
 
-def run_stage(stage: str, recipe: Recipe) -> Path | str:
+def run_stage(stage: str, recipe: Recipe) -> Path | str | None:
+    """Run one stage; under torchrun a stage that does not divide its work over ranks runs on
+    rank 0 alone, and returns None on the others (`distributed.on_rank_zero`)."""
     module_name, function_name = STAGE_FUNCTIONS[stage]
-    return getattr(importlib.import_module(module_name), function_name)(recipe)
+    function = getattr(importlib.import_module(module_name), function_name)
+    if stage in PARALLEL_STAGES:
+        return function(recipe)
+    return on_rank_zero(stage, recipe.workdir, lambda: function(recipe))
 
 
 def stages_for(recipe: Recipe) -> list[str]:
@@ -58,7 +63,7 @@ def run(recipe: Recipe) -> Path:
             output = LIVE_HARVEST  # nothing was written: training generates its activations itself
         outputs[stage] = (output, time.perf_counter() - start)
     report = workdir / "report.md"
-    if current_rank().is_main:  # under torchrun every rank ran the stages; one writes and prints
+    if current_rank().is_main:  # under torchrun every rank ran the parallel stages; one writes and prints
         report.write_text(pipeline_report(recipe, outputs))
         print(summary_text(outputs, report))
     return report

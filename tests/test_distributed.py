@@ -242,6 +242,23 @@ def test_two_processes_that_lightning_starts_itself_train_as_torchrun_ranks_do(r
     assert_same_weights(reference(tuple(PAPER), True), two, PAPER_SAE)
 
 
+def test_under_torchrun_stages_that_do_not_divide_their_work_run_on_rank_zero_alone(recipe_file, overrides, reference,
+                                                                                    tmp_path):
+    """`sae run` under torchrun: every rank runs the command; eval and export ran on every rank
+    (each writing the same files through the same temporary names); now rank 0 does them and
+    the other ranks wait for it, then finish."""
+    trained = reference(tuple(PAPER), True)
+    entry = tmp_path / "entry.py"
+    entry.write_text('import sys\n\nfrom framework.cli import program\n\nsys.exit(program(["run", *sys.argv[1:]]))\n')
+    run = torchrun(recipe_file, [*overrides(trained, *PAPER), f"workdir={tmp_path}", "eval.n_contexts=4",
+                                 "run.stages=[train,eval,export]"], entry=entry)
+    assert succeeded(run)
+    logged = run.stdout + run.stderr
+    assert logged.count("evaluating paper_256") == 1 and logged.count(f"exported {PAPER_SAE}") == 1
+    assert (tmp_path / "eval" / "COMPLETE").is_file() and (tmp_path / "export" / "COMPLETE").is_file()
+    assert logged.count("Done. Where everything went") == 1
+
+
 # `sae train` under torchrun that prints, at the first step, whether each SAE's parameters are
 # sharded again (FSDP2 swaps a module's parameters to DTensor shards when it reshards) once every
 # forward of the bank has run and before the backward.
