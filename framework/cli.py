@@ -95,10 +95,11 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        from framework.sweep import point_directory, shared_outputs
+        from framework.sweep import expand_points, point_directory, shared_outputs
 
-        if args.point is None:
-            return [Path(recipe.workdir) / "sweep", *shared_outputs(recipe)]
+        if args.point is None:  # every point's directory too: a `--point N` run beside it is refused
+            points = [point_directory(recipe, i) for i in range(len(expand_points(recipe)))]
+            return [Path(recipe.workdir) / "sweep", *points, *shared_outputs(recipe)]
         # SLURM array tasks (one --point each) share the sweep directory, so it is not locked;
         # the point's own directory, where its stages write, is: a second process running the
         # same point is refused, other points run side by side. The shared LM and store they may

@@ -733,6 +733,16 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return _finish([OmegaConf.structured(Recipe), OmegaConf.structured(recipe), _override_layer(overrides)])
 
 
+def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """A validated copy of a recipe with typed `{dotted key: value}` overrides (a sweep's points,
+    already read from YAML): a value is never turned back into text and read again, so null
+    stays None, a quoted "off" a string and "1e3" not a number."""
+    layer = OmegaConf.create()
+    for key, value in values.items():
+        OmegaConf.update(layer, key, value, merge=False)
+    return _finish([OmegaConf.structured(Recipe), OmegaConf.structured(recipe), layer])
+
+
 def recipe_to_dict(recipe: Recipe) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
 

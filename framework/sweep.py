@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from framework.artifacts import atomic_save_figure, atomic_write_text
-from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_overrides
+from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_values
 from framework.locks import output_locks
 from framework.pipeline import run_stage
 
@@ -118,15 +118,15 @@ def _apply(recipe: Recipe, point: dict, workdir: Path | None = None) -> Recipe:
         # directory the base recipe names, where the base's would be overwritten).
         data["lm"]["path"] = "" if _changes(point, LM_SECTIONS) else str(recipe.path("lm"))
         if _changes(point, STORE_SECTIONS):
-            if not is_url(data["harvest"]["output_dir"]):
-                data["harvest"]["output_dir"] = ""
+            # Its own store in its workdir, even where the base reads one from a URL: training
+            # does not check a remote store's recipe, and would take the base's rows.
+            data["harvest"]["output_dir"] = ""
         else:
             data["harvest"]["output_dir"] = recipe.store_location()
         data["workdir"] = str(workdir)
         for section in ("train", "eval", "analyze", "export"):
             data[section]["output_dir"] = ""
-    overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in point.items()]
-    return with_overrides(recipe_from_dict(data), overrides)
+    return with_values(recipe_from_dict(data), point)
 
 
 def _changes(point: dict, sections: tuple[str, ...]) -> bool:
@@ -135,10 +135,10 @@ def _changes(point: dict, sections: tuple[str, ...]) -> bool:
 
 def point_stages(recipe: Recipe, point: dict) -> list[str]:
     """What a point runs itself: its own pretraining and harvest only if it changes them."""
-    own = []
-    if _changes(point, LM_SECTIONS) and recipe.pretrains_lm:
+    own, point_recipe = [], _apply(recipe, point)  # the point's: it may change the LM or the mode
+    if _changes(point, LM_SECTIONS) and point_recipe.pretrains_lm:
         own.append("pretrain")
-    if _changes(point, STORE_SECTIONS) and recipe.harvest.mode == "shards":
+    if _changes(point, STORE_SECTIONS) and point_recipe.harvest.mode == "shards":
         own.append("harvest")
     return own + list(recipe.sweep.stages)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import framework.cli as cli
-from framework.cli import main
+from framework.cli import _written_dirs, main
+from framework.config import load_recipe
 from framework.locks import LockedError, lock_path, output_locks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +105,14 @@ def test_sae_sweep_point_locks_its_point_directory_not_the_sweep_directory(tmp_p
     assert f"{sweep_dir / 'l1_coefficient=0p001'} is being written by another sae process" in same.stderr
     assert other.returncode == 2 and "another sae process" not in other.stderr, other.stderr
     assert "l1_coefficient=0p002/sae; run `sae train RECIPE` first" in other.stderr  # it ran its point
-    with output_locks([sweep_dir], "sweep"):  # another array task's point, or a whole sweep
+    with output_locks([sweep_dir], "sweep"):  # the sweep directory alone: other points' tasks share it
         result = sae("sweep", str(recipe), "--point", "0")
     assert result.returncode == 2 and "another sae process" not in result.stderr, result.stderr
+    whole_sweep = _written_dirs("sweep", load_recipe(recipe), argparse.Namespace(point=None))
+    assert sweep_dir / "l1_coefficient=0p002" in whole_sweep
+    with output_locks(whole_sweep, "sweep"):  # a whole sweep also writes every point's directory
+        result = sae("sweep", str(recipe), "--point", "1")
+    assert result.returncode == 2 and "is being written by another sae process" in result.stderr, result.stderr
     result = sae("sweep", str(recipe), "--point", "2")
     assert result.returncode == 2 and "--point 2 is out of range: the sweep has 2 points" in result.stderr
 

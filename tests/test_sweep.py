@@ -118,6 +118,33 @@ def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
     assert [[c.k for c in _apply(swept, p).sae_configs()] for p in points] == [[8, 8], [16, 16]]
 
 
+def test_point_values_keep_their_yaml_types(tmp_path):
+    """Points were turned back into `key=value` text and read again: null became "None", a
+    quoted "off" the boolean false, "1e3" the number 1000.0."""
+    (tmp_path / "sweep.yaml").write_text('sweep:\n  grid:\n    train.resample_steps: [null, [5, 9]]\n'
+                                         '    train.wandb.project: ["off", "1e3"]\n')
+    recipe = load_recipe(tmp_path / "sweep.yaml")
+    points = [_apply(recipe, p) for p in expand_points(recipe)]
+    assert [(r.train.resample_steps, r.train.wandb.project) for r in points] == [
+        (None, "off"), (None, "1e3"), ([5, 9], "off"), ([5, 9], "1e3")]
+
+
+def test_a_point_that_changes_the_harvest_makes_its_own_store_even_when_the_base_reads_a_url(tmp_path):
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "harvest.output_dir=https://example.com/stores/base",
+                                "sweep.points=[{harvest.tokens_per_context: 32}, {train.lr: 0.002}]"])
+    own, shared = expand_points(recipe)
+    root = tmp_path / "sweep"
+    assert _apply(recipe, own, root / point_name(own)).store_location() == str(root / "tokens_per_context=32" / "activations")
+    assert _apply(recipe, shared, root / point_name(shared)).store_location() == "https://example.com/stores/base"
+
+
+def test_a_point_runs_the_stages_its_own_recipe_needs(tmp_path):
+    live = load_recipe(None, ["harvest.mode=live", "sweep.points=[{harvest.mode: shards}]"])
+    assert point_stages(live, expand_points(live)[0])[0] == "harvest"
+    hub = load_recipe(None, ["lm.name=smollm2", "sweep.points=[{lm.name: builtin}]"])
+    assert point_stages(hub, expand_points(hub)[0])[:2] == ["pretrain", "harvest"]
+
+
 def test_points_that_change_the_lm_pretrain_and_harvest_their_own(tmp_path):
     """A point with its own LM trained on the base store, which is refused for other LM weights:
     it pretrains and harvests in its own directory, never in the base recipe's."""
