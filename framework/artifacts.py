@@ -24,7 +24,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "harvest": ("text", "lm", "harvest"),
     "train": ("text", "lm", "harvest", "sae", "train"),
     "eval": ("text", "lm", "harvest", "sae", "train", "eval"),
-    "analyze": ("text", "lm", "harvest", "sae", "train", "analyze"),
+    "analyze": ("text", "lm", "harvest", "sae", "train", "analyze", "seed"),  # seed: its random examples
     "export": ("text", "lm", "harvest", "sae", "train", "export"),
 }
 # Fields that change how or where a stage runs, not what it produces: a store moved to
@@ -51,12 +51,14 @@ VOLATILE = {
 FORMERLY_FINGERPRINTED = {
     "analyze": ("autointerp", "autointerp_model", "autointerp_api_key_env", "autointerp_n_features"),
 }
-# Keys added to a section after outputs were made, with the value those outputs implicitly
+# Keys added to fingerprints after outputs were made, with the value those outputs implicitly
 # had: a recorded fingerprint without one is read as having that value. So a store harvested
 # before harvest.context_order existed counts as `source` order: a recipe asking for that keeps
-# using it, and the default (shuffled) is refused naming the key.
+# using it, and the default (shuffled) is refused naming the key. A top-level key (no dot) is
+# added only to the fingerprints of the stages that list it.
 ADDED_LATER = {
-    "harvest": {"context_order": "source"},
+    "harvest.context_order": "source",
+    "seed": 0,  # analyze's (the default; earlier analyses did not record theirs)
 }
 
 
@@ -66,6 +68,9 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
         data["sae"]["hook_point"] = data["harvest"]["hook_points"][0]
     picked = {}
     for section in STAGE_SECTIONS[stage]:
+        if not isinstance(data[section], dict):  # a top-level value (seed)
+            picked[section] = data[section]
+            continue
         values = dict(data[section])
         for key in VOLATILE.get(section, ()):
             values.pop(key, None)
@@ -93,19 +98,27 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def as_fingerprinted_now(fingerprint: dict) -> dict:
-    """A recorded fingerprint less FORMERLY_FINGERPRINTED (output finished before those keys
-    became volatile still counts as this recipe's) and with the ADDED_LATER keys it lacks."""
-    return {section: ADDED_LATER.get(section, {}) | {k: v for k, v in values.items()
-                                                     if k not in FORMERLY_FINGERPRINTED.get(section, ())}
-            if isinstance(values, dict) else values for section, values in fingerprint.items()}
+def as_fingerprinted_now(fingerprint: dict, stage: str) -> dict:
+    """A recorded fingerprint of `stage` less FORMERLY_FINGERPRINTED (output finished before
+    those keys became volatile still counts as this recipe's) and with the ADDED_LATER keys it
+    lacks."""
+    now = {section: {k: v for k, v in values.items() if k not in FORMERLY_FINGERPRINTED.get(section, ())}
+           if isinstance(values, dict) else values for section, values in fingerprint.items()}
+    for dotted, value in ADDED_LATER.items():
+        section, _, key = dotted.rpartition(".")
+        if not section:
+            if key in STAGE_SECTIONS[stage]:
+                now.setdefault(key, value)
+        elif isinstance(now.get(section), dict):
+            now[section].setdefault(key, value)
+    return now
 
 
 def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
     """How a recorded fingerprint of `stage` differs from this recipe's, one "key: value there,
     value here" each; empty when they are the same."""
     mine = json.loads(json.dumps(stage_fingerprint(recipe, stage), default=str))
-    recorded = json.loads(json.dumps(as_fingerprinted_now(recorded), default=str))
+    recorded = json.loads(json.dumps(as_fingerprinted_now(recorded, stage), default=str))
     if recorded == mine:
         return []
     return _diff(mine, recorded) or ["unknown differences"]
@@ -142,7 +155,7 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
         return False
     saved = read_marker(marker)
     fingerprint = stage_fingerprint(recipe, stage)
-    recorded = as_fingerprinted_now(saved.get("fingerprint", {}))
+    recorded = as_fingerprinted_now(saved.get("fingerprint", {}), stage)
     if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):
         return True
     differences = _diff(fingerprint, recorded)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from framework import pipeline
-from framework.artifacts import MARKER, fingerprint_digest, is_complete, mark_complete
-from framework.config import Recipe, RecipeError, load_recipe
+from framework.artifacts import MARKER, fingerprint_digest, is_complete, mark_complete, stage_fingerprint
+from framework.config import Recipe, RecipeError, load_recipe, with_overrides
 
 
 @pytest.fixture
@@ -113,3 +113,24 @@ def test_output_finished_before_a_key_became_volatile_is_still_this_recipes(tmp_
     marker.write_text(json.dumps(saved))
     assert is_done(splitting, load_recipe(None, [f"workdir={tmp_path}", "analyze.autointerp=true"]), {"feature": 3})
     assert not is_done(splitting, load_recipe(None, [f"workdir={tmp_path}", "analyze.n_tokens=1000"]), {"feature": 3})
+
+
+def test_keys_added_to_fingerprints_later_read_as_what_earlier_outputs_had(tmp_path):
+    """The top-level seed picks the analysis's random examples (it was in no fingerprint: a run
+    with another seed was skipped as complete); harvest.context_order is new. A marker written
+    before either counts as seed 0 and source order, and anything else is refused naming them."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "harvest.context_order=source"])
+    assert stage_fingerprint(recipe, "analyze") != stage_fingerprint(with_overrides(recipe, ["seed=1"]), "analyze")
+    assert stage_fingerprint(recipe, "train") == stage_fingerprint(with_overrides(recipe, ["seed=1"]), "train")
+    out = tmp_path / "analysis"
+    out.mkdir()
+    marker = mark_complete(out, recipe, "analyze")
+    saved = json.loads(marker.read_text())
+    del saved["fingerprint"]["seed"], saved["fingerprint"]["harvest"]["context_order"]
+    saved["digest"] = fingerprint_digest(saved["fingerprint"])
+    marker.write_text(json.dumps(saved))
+    assert is_complete(out, recipe, "analyze")
+    with pytest.raises(RecipeError, match=r"different recipe \(seed: 0 there, 1 here\)"):
+        is_complete(out, with_overrides(recipe, ["seed=1"]), "analyze")
+    with pytest.raises(RecipeError, match=r"harvest.context_order: 'source' there, 'shuffled' here"):
+        is_complete(out, with_overrides(recipe, ["harvest.context_order=shuffled"]), "analyze")

@@ -26,7 +26,7 @@ def is_done(out: Path, recipe: Recipe, settings: dict) -> bool:
     if not marker.is_file():
         return False
     saved = json.loads(marker.read_text())
-    return (as_fingerprinted_now(saved.get("fingerprint", {})) == _normalised(stage_fingerprint(recipe, "analyze"))
+    return (as_fingerprinted_now(saved.get("fingerprint", {}), "analyze") == _normalised(stage_fingerprint(recipe, "analyze"))
             and saved.get("settings") == _normalised(settings))
 
 
