@@ -725,7 +725,26 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         layers += _read_yaml(Path(path))
     if overrides:
         layers.append(_override_layer(overrides))
-    return _finish(layers)
+    recipe = _finish(layers)
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if setting := bank_entries_setting(recipe, key):
+            raise RecipeError(
+                f"override {key} does not reach the SAEs: train.bank entries {setting} set "
+                f"{key[len('sae.'):]} themselves, and an entry overrides the sae section (the outputs would "
+                f"record the override for SAEs trained without it). Override the bank instead "
+                f"(train.bank=[...]), or remove {key[len('sae.'):]} from those entries"
+            )
+    return recipe
+
+
+def bank_entries_setting(recipe: Recipe, key: str) -> list[int]:
+    """The `train.bank` entries that set the field of `sae.*` key `key` themselves, so that a
+    value given to `key` reaches none of them."""
+    if not key.startswith("sae."):
+        return []
+    field_name = key[len("sae."):]
+    return [i for i, entry in enumerate(recipe.train.bank) if field_name in entry]
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

@@ -87,21 +87,27 @@ def on_rank_zero(stage: str, workdir: str | os.PathLike, work: Callable[[], T]) 
     training: whatever comes before it was done before they started, and rank 0 does what
     comes after."""
     rank = current_rank()
+    done = Path(workdir) / f".{stage}.rank0-done"
+    # Every rank makes the same calls in the same order: the count tells the same stage run
+    # twice in one job apart (a bank sweep analyses each of its SAEs).
+    _calls[done] = _calls.get(done, 0) + 1
+    attempt = f"{_job_attempt()}#{_calls[done]}"
     if rank.world == 1 or rank.is_main:
         result = work()
         if rank.world > 1:
-            done = Path(workdir) / f".{stage}.rank0-done"
             done.parent.mkdir(parents=True, exist_ok=True)
             tmp = done.with_name(f"{done.name}.{os.getpid()}.tmp")
-            tmp.write_text(_job_attempt())
+            tmp.write_text(attempt)
             tmp.replace(done)
         return result
     if not os.environ.get("RANK"):  # started by Lightning (LOCAL_RANK only)
         return None
-    done, attempt = Path(workdir) / f".{stage}.rank0-done", _job_attempt()
     while not (done.is_file() and done.read_text() == attempt):
         time.sleep(POLL_S)
     return None
+
+
+_calls: dict[Path, int] = {}
 
 
 def _job_attempt() -> str:

@@ -22,7 +22,15 @@ import logging
 from pathlib import Path
 
 from framework.artifacts import atomic_save_figure, atomic_write_text
-from framework.config import Recipe, RecipeError, is_url, recipe_from_dict, recipe_to_dict, with_values
+from framework.config import (
+    Recipe,
+    RecipeError,
+    bank_entries_setting,
+    is_url,
+    recipe_from_dict,
+    recipe_to_dict,
+    with_values,
+)
 from framework.locks import output_locks
 from framework.pipeline import run_stage
 
@@ -69,11 +77,8 @@ def _check_not_overridden_by_bank(point_recipe: Recipe, point: dict) -> None:
     """A swept `sae.*` key that a `train.bank` entry also sets never reaches that SAE: the entry
     overrides the `sae` section, and the points would train the same dictionaries."""
     for key in point:
-        if not key.startswith("sae."):
-            continue
-        field_name = key[len("sae."):]
-        setting = [i for i, entry in enumerate(point_recipe.train.bank) if field_name in entry]
-        if setting:
+        if setting := bank_entries_setting(point_recipe, key):
+            field_name = key[len("sae."):]
             raise RecipeError(
                 f"sweep key {key} is overridden by train.bank entries {setting}, which set {field_name} "
                 f"themselves: every point would train the bank's values under different labels. Sweep "
@@ -195,7 +200,13 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         _prepare_shared(recipe, points)
         bank = _bank_recipe(recipe, points, root / "bank")
         for stage in recipe.sweep.stages:
-            run_stage(stage, bank)
+            if stage != "analyze":
+                run_stage(stage, bank)
+                continue
+            for point in points:  # the analysis reads one SAE: each point's in a directory of its own
+                name = point_name(point, keys)
+                run_stage(stage, with_values(bank, {"analyze.sae_name": name,
+                                                    "analyze.output_dir": str(root / "bank" / "analysis" / name)}))
         results = [(p, _read_metrics(bank, point_name(p, keys))) for p in points]
     else:
         selected = [points[point_index]] if point_index is not None else points

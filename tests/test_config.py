@@ -97,6 +97,16 @@ def test_bank_entries_override_the_sae_section_and_get_names():
     assert len({c.name for c in configs}) == 2
 
 
+def test_an_override_that_bank_entries_mask_is_refused_and_one_that_reaches_them_applies():
+    """`sae run recipes/paper/bank.yaml sae.n_features=1024` trained the bank's sizes and recorded
+    1,024 in every output's fingerprint."""
+    with pytest.raises(RecipeError, match=r"override sae.n_features does not reach the SAEs: train.bank entries "
+                                          r"\[0, 1, 2, 3\] set n_features themselves"):
+        load_recipe(REPO / "recipes/paper/bank.yaml", ["sae.n_features=1024"])
+    recipe = load_recipe(REPO / "recipes/paper/bank.yaml", ["sae.l1_coefficient=0.002"])
+    assert {c.l1_coefficient for c in recipe.sae_configs()} == {0.002}
+
+
 def test_bank_entry_with_unknown_key_is_refused():
     with pytest.raises(RecipeError, match=r"'n_featurs' in section 'train.bank\[0\]'"):
         load_recipe(None, ["train.bank=[{n_featurs: 512}]"])

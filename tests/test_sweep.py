@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY_PRETRAIN
 from lightning.pytorch.callbacks import Callback
 
+import framework.sweep as sweep_module
 import framework.training.train as train_stage
 from framework.config import load_recipe
 from framework.errors import RecipeError
@@ -103,6 +104,20 @@ def test_sweep_over_sae_keys_trains_one_bank_in_one_pass(pretrained_recipe, tmp_
     (own_metrics,) = (root / names[1] / "sae").glob("*/metrics.json")
     own = json.loads(own_metrics.read_text())["l0"]
     assert float(rows[names[1]][header.index("l0")]) == pytest.approx(own)
+
+
+def test_a_bank_sweep_analyses_each_points_sae_in_a_directory_of_its_own(tmp_path, monkeypatch):
+    """The analysis reads one SAE, the bank's first unless analyze.sae_name says: a bank sweep
+    with analyze among its stages analysed its first point only."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", "harvest.mode=live",
+                                "sweep.grid={sae.l1_coefficient: [0.001, 0.002]}", "sweep.stages=[train, analyze]"])
+    calls = []
+    monkeypatch.setattr(sweep_module, "run_stage", lambda stage, r: calls.append((stage, r.analyze.sae_name, r.path("analysis"))))
+    sweep(recipe)
+    bank = tmp_path / "sweep" / "bank"
+    assert calls == [("train", "", bank / "analysis"),
+                     ("analyze", "l1_coefficient=0p001", bank / "analysis" / "l1_coefficient=0p001"),
+                     ("analyze", "l1_coefficient=0p002", bank / "analysis" / "l1_coefficient=0p002")]
 
 
 def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
