@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -706,8 +707,33 @@ def _override_layer(overrides: list[str]) -> DictConfig:
         raise RecipeError(f"cannot parse overrides {overrides}: {err}") from None
 
 
+# `${oc.env:NAME}` is resolved when the recipe loads and then saved like any value (recipe.yaml,
+# checkpoints, W&B's config): fine for a path (`${oc.env:SCRATCH}/runs`), not for a secret.
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:\s*([^,}\s]+)")
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+
+
+def _refuse_secret_interpolations(node: Any, where: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_secret_interpolations(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_secret_interpolations(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        for name in _ENV_INTERPOLATION.findall(node):
+            if _SECRET_NAME.search(name):
+                raise RecipeError(
+                    f"{where} reads ${{oc.env:{name}}}: a recipe's values are saved (recipe.yaml, checkpoints, "
+                    f"W&B's config), so a secret must not be one. Keys stay in the environment: name the variable "
+                    f"(analyze.autointerp_api_key_env={name}; W&B reads WANDB_API_KEY itself), or in a pipe "
+                    f"command let the shell expand it (pipe:curl -H \"Authorization: Bearer ${name}\" ...)"
+                )
+
+
 def _finish(layers: list) -> Recipe:
     merged = _merge_checked(layers)
+    _refuse_secret_interpolations(OmegaConf.to_container(merged, resolve=False))
     try:
         OmegaConf.resolve(merged)
         recipe: Recipe = OmegaConf.to_object(merged)

@@ -107,6 +107,18 @@ def test_an_override_that_bank_entries_mask_is_refused_and_one_that_reaches_them
     assert {c.l1_coefficient for c in recipe.sae_configs()} == {0.002}
 
 
+def test_a_secret_read_through_oc_env_is_refused_and_a_path_is_resolved(monkeypatch, tmp_path):
+    """`${oc.env:...}` is resolved and saved like any value: a key read that way reached
+    recipe.yaml and W&B's config."""
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    monkeypatch.setenv("SERVICE_TOKEN", "s3cr3t")
+    assert load_recipe(None, ["workdir=${oc.env:SCRATCH}/runs"]).workdir == f"{tmp_path}/runs"
+    (tmp_path / "r.yaml").write_text("harvest:\n  output_dir: 'pipe:curl -H \"X: ${oc.env:SERVICE_TOKEN}\" {name}'\n")
+    with pytest.raises(RecipeError, match=r"harvest.output_dir reads \$\{oc.env:SERVICE_TOKEN\}.*saved") as refused:
+        load_recipe(tmp_path / "r.yaml")
+    assert "s3cr3t" not in str(refused.value)
+
+
 def test_bank_entry_with_unknown_key_is_refused():
     with pytest.raises(RecipeError, match=r"'n_featurs' in section 'train.bank\[0\]'"):
         load_recipe(None, ["train.bank=[{n_featurs: 512}]"])
