@@ -388,3 +388,41 @@ def test_dockerignore_check_fails_a_broken_copy(tmp_path, missing):
     problems = dockerignore_problems(tmp_path)
     assert problems, f"no problem found with {missing or '.dockerignore'} missing"
     assert any((missing or ".dockerignore is missing") in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/docker-run.sh, with stand-ins for `docker`, `id` and `chown` that record their arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def docker_run(tmp_path: Path, uid: int, *args: str, **env: str) -> tuple[list[str], str]:
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    (stubs / "docker").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {calls}\n')
+    (stubs / "chown").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "chowned"}\n')
+    (stubs / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    run = subprocess.run(["bash", str(REPO / "launch" / "docker-run.sh"), *args], cwd=tmp_path, text=True,
+                         capture_output=True, env={"PATH": f"{stubs}:/usr/bin:/bin", **env})
+    assert run.returncode == 0, run.stderr
+    chowned = (tmp_path / "chowned").read_text().strip() if (tmp_path / "chowned").is_file() else ""
+    return calls.read_text().splitlines(), chowned
+
+
+def test_docker_run_runs_as_the_host_user_and_passes_the_keys_through(tmp_path):
+    """The container ran as uid 1000 over a runs/ the host user owned (any other uid could not
+    write it); WANDB_PROJECT was passed (it has no effect) and the autointerp key was not."""
+    argv, chowned = docker_run(tmp_path, 1234, "run", "recipes/quickstart.yaml", AUTOINTERP_KEY_ENV="MY_LLM_KEY")
+    assert argv[argv.index("--user") + 1] == "1234:1234" and not chowned
+    passed = {argv[i + 1] for i, a in enumerate(argv) if a == "-e"}
+    assert {"WANDB_API_KEY", "HF_TOKEN", "MY_LLM_KEY", "HOME=/work/runs/.home"} <= passed
+    assert "WANDB_PROJECT" not in passed
+    assert argv[-3:] == ["sae-framework", "run", "recipes/quickstart.yaml"] and (tmp_path / "runs").is_dir()
+
+
+def test_docker_run_for_root_on_the_host_keeps_the_images_user_and_gives_it_runs(tmp_path):
+    argv, chowned = docker_run(tmp_path, 0, "train", "recipes/distributed/ddp.yaml", NPROC="2")
+    assert "--user" not in argv and chowned == "1000:1000 runs"
+    assert "OPENAI_API_KEY" in argv and "--nproc_per_node=2" in argv
