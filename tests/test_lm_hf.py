@@ -6,7 +6,11 @@ matrices, so a hook on the wrong module (or the wrong side of it) cannot pass.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,6 +182,18 @@ def test_attn_out_and_mlp_out_are_what_the_layer_adds_to_the_residual_stream(con
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_that_scales_what_its_sub_layers_add_is_refused_not_taken_for_llama():
+    """Granite's module tree is Llama's, but it adds residual_multiplier x each sub-layer's output:
+    its hook_attn_out / hook_mlp_out were not what the residual stream receives."""
+    from transformers import GraniteConfig
+
+    config = GraniteConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           residual_multiplier=0.22)
+    with pytest.raises(RecipeError, match=r"'granite' scales what each sub-layer adds.*residual_multiplier=0.22"):
+        build(config)
+
+
 @torch.no_grad()
 def test_gpt_neox_parallel_residual_adds_attention_and_mlp_to_the_same_input(neox, tokens):
     out = neox.run(tokens, capture=list(neox.hook_points()))
@@ -295,6 +311,33 @@ def test_load_lm_reads_a_local_hf_directory_with_its_tokenizer_and_identity(llam
     assert len(lm.identity["weights_sha256"]) == 64 and len(lm.identity["tokenizer_sha256"]) == 64
     # what `sae train` compares with a store's manifest, computed without loading the model
     assert weights_sha256(recipe) == lm.identity["weights_sha256"]
+
+
+def test_a_hub_id_records_its_cached_snapshot_and_its_weights_hash_and_a_home_path_loads(llama_dir, tmp_path):
+    """A hub id's identity had neither a revision (transformers 5 keeps no `_commit_hash`) nor a
+    weights hash, so nothing said which weights made a store; a `~/...` directory was taken for
+    a hub id. In a fresh process: the Hugging Face cache location is read at import."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    shutil.copytree(llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(llama_dir, tmp_path / "home" / "tiny")
+    script = ("import json\nfrom framework.config import load_recipe\nfrom framework.lm import load_lm, weights_sha256\n"
+              "out = {}\nfor name in ('org/tiny', '~/tiny'):\n"
+              "    recipe = load_recipe(None, [f'lm.name={name}', 'lm.device=cpu'])\n"
+              "    out[name] = load_lm(recipe).identity | {'without_loading': weights_sha256(recipe)}\n"
+              "print(json.dumps(out))\n")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path / "home")}
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hub, home = json.loads(run.stdout.splitlines()[-1]).values()
+    local = load_lm(load_recipe(None, [f"lm.name={llama_dir}", "lm.device=cpu"])).identity["weights_sha256"]
+    assert hub["revision"] == commit and hub["weights_sha256"] == hub["without_loading"] == local
+    assert home["revision"] is None and home["weights_sha256"] == home["without_loading"] == local
 
 
 def test_list_hooks_reads_a_local_hf_directory_without_loading_weights(llama_dir):

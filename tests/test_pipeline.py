@@ -134,3 +134,20 @@ def test_keys_added_to_fingerprints_later_read_as_what_earlier_outputs_had(tmp_p
         is_complete(out, with_overrides(recipe, ["seed=1"]), "analyze")
     with pytest.raises(RecipeError, match=r"harvest.context_order: 'source' there, 'shuffled' here"):
         is_complete(out, with_overrides(recipe, ["harvest.context_order=shuffled"]), "analyze")
+
+
+def test_an_lm_pretrained_once_serves_recipes_of_any_lm_dtype(tmp_path):
+    """Pretraining trains and saves in float32 whatever lm.dtype says; `sae run ... lm.dtype=bfloat16`
+    after a float32 pretrain was refused as another recipe's (also by markers written before)."""
+    recipe = load_recipe(None, [f"workdir={tmp_path}"])
+    out = tmp_path / "lm"
+    out.mkdir()
+    marker = mark_complete(out, recipe, "pretrain")
+    bf16 = with_overrides(recipe, ["lm.dtype=bfloat16"])
+    assert is_complete(out, bf16, "pretrain")
+    saved = json.loads(marker.read_text())
+    saved["fingerprint"]["lm"]["dtype"] = "float32"  # as markers recorded it before
+    saved["digest"] = fingerprint_digest(saved["fingerprint"])
+    marker.write_text(json.dumps(saved))
+    assert is_complete(out, bf16, "pretrain")
+    assert stage_fingerprint(bf16, "harvest") != stage_fingerprint(recipe, "harvest")  # the harvest reads it

@@ -358,7 +358,7 @@ def check_harvested_lm(store: Path, recipe: Recipe, weights_sha256: str | None) 
     """Refuse a store harvested from other LM weights than the recipe's (`weights_sha256`, as its
     identity records it): lm.path is left out of the recipe fingerprint so a moved LM still
     matches, which lets another pretrained LM, or a re-pretrained one, pass every key. Nothing is
-    compared where either hash is unknown (a store from before the hash was recorded, a hub id,
+    compared where either hash is unknown (a store from before the hash was recorded, a hub id not cached,
     an LM not on this machine)."""
     recorded = harvested_lm(store) or {}
     if not weights_sha256 or not recorded.get("weights_sha256") or recorded["weights_sha256"] == weights_sha256:

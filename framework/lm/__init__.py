@@ -59,12 +59,13 @@ def weights_sha256(recipe: Recipe) -> str | None:
 
     None where this machine cannot tell: a built-in LM not pretrained at lm.path (a stage may run
     on a machine that holds only the previous stage's output), SmolLM2 without its package, or a
-    hub id (named by its revision; its files are not hashed).
+    hub id that is not in the local Hugging Face cache.
     """
     cfg = recipe.lm
     if cfg.name == "builtin":
         directory = recipe.path("lm")
         return builtin_weights_sha256(directory) if (directory / MARKER).is_file() else None
+    from framework.lm.hf import model_directory
     from framework.lm.hf import weights_sha256 as hf_weights_sha256
 
     if cfg.name == "smollm2":
@@ -75,7 +76,7 @@ def weights_sha256(recipe: Recipe) -> str | None:
         except RecipeError:
             return None
         return hf_weights_sha256(directory, GGUF_FILE)
-    return hf_weights_sha256(Path(cfg.name), None)
+    return hf_weights_sha256(model_directory(cfg.name), None)
 
 
 def check_context_length(model: BaseLM, recipe: Recipe) -> None:

@@ -154,7 +154,7 @@ class BaseLM(nn.Module):
                 raise UnknownHookError(
                     f"hook point {hook!r} does not exist on {self.name} "
                     f"({len(available)} hook points, blocks 0..{self.n_layers - 1}).{hint} "
-                    f"List them with `sae hooks {self.name}`."
+                    f"List them with `sae hooks {'RECIPE.yaml' if self.name == 'builtin' else self.name}`."
                 )
 
     def last_hook(self, names: Iterable[str]) -> str:
@@ -180,8 +180,7 @@ class BaseLM(nn.Module):
         self, tokens: torch.Tensor, splice: dict[str, Splice] | None = None, reduction: str = "mean"
     ) -> torch.Tensor:
         """Cross-entropy of predicting tokens[:, 1:] (per token if reduction='none')."""
-        logits = self.run(tokens, splice=splice).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction=reduction
-        )
+        logits = self.run(tokens, splice=splice).logits  # run() takes tokens on any device
+        targets = tokens[:, 1:].flatten().to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction=reduction)
         return loss.view(tokens.shape[0], -1) if reduction == "none" else loss

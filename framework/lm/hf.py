@@ -65,13 +65,22 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def detect_architecture(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    multiplier = getattr(getattr(model, "config", None), "residual_multiplier", 1.0)
+    if multiplier not in (None, 1, 1.0):
+        # Granite and its kin scale each sub-layer's output before adding it: their module tree
+        # matches Llama's, but hook_attn_out / hook_mlp_out would miss that factor.
+        raise RecipeError(
+            f"model type {model_type!r} scales what each sub-layer adds to the residual stream "
+            f"(residual_multiplier={multiplier}); its attention and MLP outputs are not what the "
+            f"residual stream receives, and no hook adapter accounts for that yet (framework/lm/hf.py)"
+        )
     for arch in ARCHITECTURES:
         layers = _get(model, arch.layers)
         if isinstance(layers, nn.ModuleList) and _get(model, arch.final_norm) is not None and all(
             _get(layers[0], path) is not None for path in (arch.attn, arch.mlp, arch.act, arch.mlp_out)
         ):
             return arch
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise RecipeError(
         f"no hook adapter for model type {model_type!r}; supported layouts: "
         f"{', '.join(a.family for a in ARCHITECTURES)} (add one to framework/lm/hf.py ARCHITECTURES)"
@@ -230,14 +239,15 @@ def load_hf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    source = _expanded(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
-        hf_tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        hf_tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError) as err:  # not found / offline; a directory that is no model
         raise RecipeError(_not_found_message(name_or_path, err)) from None
     tokenizer = Tokenizer(hf_tokenizer)
-    identity = hf_identity(name or name_or_path, name_or_path, model, tokenizer,
-                           getattr(hf_tokenizer, "name_or_path", name_or_path), gguf_file)
+    identity = hf_identity(name or name_or_path, source, model, tokenizer,
+                           getattr(hf_tokenizer, "name_or_path", source), gguf_file)
     # GGUF weights are dequantised to float32 whatever `dtype` says; cast to what was asked.
     model = model.to(device=device, dtype=dtype)
     return HFLM(model, tokenizer, name or name_or_path, identity)
@@ -245,12 +255,16 @@ def load_hf(
 
 def hf_identity(name: str, source: str, model: nn.Module, tokenizer: Tokenizer, tokenizer_source: str,
                 gguf_file: str | None = None) -> dict:
-    """What an HF model's activations and SAEs record of it (BaseLM.identity)."""
+    """What an HF model's activations and SAEs record of it (BaseLM.identity). A hub id's
+    revision is the commit of the cached snapshot its files were read from, and its weights are
+    hashed there as a local directory's are, so a store is refused for other weights either way."""
+    directory = model_directory(source)
+    from_hub = directory is not None and not Path(source).is_dir()
     return {
         "name": name,
         "source": source,
-        "revision": getattr(model.config, "_commit_hash", None),
-        "weights_sha256": weights_sha256(Path(source), gguf_file),
+        "revision": directory.name if from_hub else None,
+        "weights_sha256": weights_sha256(directory, gguf_file),
         "tokenizer": tokenizer_source,
         "tokenizer_sha256": tokenizer.fingerprint,
     }
@@ -262,7 +276,7 @@ def meta_hf_lm(name_or_path: str, gguf_file: str | None = None, name: str | None
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **extra)
+        config = AutoConfig.from_pretrained(_expanded(name_or_path), **extra)
     except (OSError, ValueError) as err:  # not found / offline; a directory that is no model
         raise RecipeError(_not_found_message(name_or_path, err)) from None
     with torch.device("meta"):
@@ -270,9 +284,30 @@ def meta_hf_lm(name_or_path: str, gguf_file: str | None = None, name: str | None
     return HFLM(model, tokenizer=None, name=name or name_or_path, identity={"name": name or name_or_path})
 
 
-def weights_sha256(path: Path, gguf_file: str | None) -> str | None:
-    """sha256 of a local model's weight files; None for hub ids (their revision names them)."""
-    if not path.is_dir():
+def _expanded(name_or_path: str) -> str:
+    """`~/models/x` as the directory it names (from_pretrained would take it for a hub id)."""
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+
+
+def model_directory(name_or_path: str) -> Path | None:
+    """The directory whose files `from_pretrained(name_or_path)` reads: a local directory, or for
+    a hub id the snapshot of the local Hugging Face cache its main branch points to; None where
+    neither is on this machine."""
+    path = Path(_expanded(name_or_path))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # not a valid repo id: nothing of it is cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def weights_sha256(path: Path | None, gguf_file: str | None) -> str | None:
+    """sha256 of a model directory's weight files (`model_directory`); None without one."""
+    if path is None or not path.is_dir():
         return None
     files = [path / gguf_file] if gguf_file else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
     return files_sha256(files)
