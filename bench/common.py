@@ -143,6 +143,9 @@ class Timed:
     times: list[float] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
     peak_bytes: int | None = None
+    # Its first step records a CUDA graph, whose temporaries are allocated then (into the graph's
+    # own pool) and never again: a replay allocates nothing, so its peak is not a replay's.
+    records_graph: bool = False
 
     def summary(self, rows_per_step: int) -> dict:
         median = statistics.median(self.times)
@@ -187,11 +190,13 @@ def round_robin(contenders: list[Timed], device: torch.device, warmup: int, repe
 
 def measure_peak(build: Callable[[], Timed], device: torch.device, steps: int = 2) -> Timed:
     """Build a contender and run `steps` untimed steps; the peak is the last one's (the first
-    may allocate lazily: Adam's state, workspaces)."""
+    may allocate lazily: Adam's state, workspaces), or for a contender that records a CUDA graph
+    the peak over every step, its recording included (an upper bound: the eager warm-up steps
+    before the recording count too; they run the recorded code)."""
     memory = PeakMemory(device)
     contender = build()
     for i in range(steps):
-        if i == steps - 1:
+        if i == steps - 1 and not contender.records_graph:
             memory.reset()
         run_step(contender, device)
     contender.peak_bytes = memory.peak()

@@ -10,9 +10,14 @@ Every peer runs its own training code, not a reimplementation:
 - sparsify: its training step lives inside `Trainer.fit`'s forward hook, so `sparsify_step`
   repeats that loop body line for line for `loss_fn="fvu"` (decoder renormalisation, the
   SparseCoder forward, did-fire bookkeeping, backward, the parallel-gradient removal, Adam,
-  the LR schedule), leaving out only the LM forward that produces the activations. sparsify
-  enables bf16 autocast inside `SparseCoder.forward` on CUDA only; on CPU the bench wraps the
-  forward in the same autocast, and the CUDA fp32 column calls the undecorated forward.
+  the LR schedule). Left out: the LM forward that produces the activations, and what the hook
+  does around the step with them (a detached clone of the outputs, a boolean-mask copy, a
+  `.item()` sync per batch): sparsify's timed step is lighter than its trainer's. Also left
+  out: `fit()` sets `torch.set_float32_matmul_precision("high")` process-wide (TF32 on a GPU);
+  every contender here runs strict fp32 in the fp32 column, a setting sparsify's trainer never
+  uses on a GPU. sparsify enables bf16 autocast inside `SparseCoder.forward` on CUDA only; on
+  CPU the bench wraps the forward in the same autocast, and the CUDA fp32 column calls the
+  undecorated forward.
 - ours: `sae(x)`, backward, `before_optimizer_step`, Adam, `after_optimizer_step`, and the
   feature statistics `SAEModule.training_step` keeps -- its step without Lightning.
 
@@ -176,7 +181,7 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
         loss, l0 = out.loss.detach(), out.losses["l0"]  # read before the next step (bench/common.py run_step)
         return lambda: {"loss": loss.item(), "l0": l0.item()}
 
-    return Timed("ours", step)
+    return Timed("ours", step, records_graph=cuda_graphs)
 
 
 WITH_COMPILE = False  # --compile: the torch.compile contenders too (compiling takes ~10 s each on CPU)
@@ -311,6 +316,28 @@ def _timed_parts(device: torch.device, parts: list[tuple[str, Callable[[], objec
     return times
 
 
+def _parts_step(device: torch.device, parts: list[tuple[str, Callable[[], object]]]) -> Callable:
+    """A limit's step: its parts back to back, as a real step queues its kernels, with no sync
+    between them (which would add a host round-trip per part to the limit on a GPU); each part's
+    time from CUDA events (read after run_step's final sync), or the clock on a CPU, where every
+    operation finishes before the next starts."""
+    def step():
+        if device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(parts) + 1)]
+            events[0].record()
+            for (_, run), done in zip(parts, events[1:]):
+                run()
+                done.record()
+            return lambda: {name: events[i].elapsed_time(events[i + 1]) / 1000 for i, (name, _) in enumerate(parts)}
+        marks = [time.perf_counter()]
+        for _, run in parts:
+            run()
+            marks.append(time.perf_counter())
+        return lambda: {name: marks[i + 1] - marks[i] for i, (name, _) in enumerate(parts)}
+
+    return step
+
+
 def limit_paper(setup: Setup, with_adam: bool = False) -> Timed:
     """The five (batch × d_in × n) GEMMs of a dense step: encoder, decoder, decoder-weight
     gradient, gradient at the codes, encoder-weight gradient.
@@ -344,12 +371,7 @@ def limit_paper(setup: Setup, with_adam: bool = False) -> Timed:
         grad_W_enc_step()
 
     parts = [("gemms_s", gemms)] + ([("adam_s", optimizer.step)] if optimizer else [])
-
-    def step():
-        times = _timed_parts(dev, parts)
-        return lambda: times
-
-    return Timed("limit", step)
+    return Timed("limit", _parts_step(dev, parts))
 
 
 def _fastest(runs: list[Callable[[], object]], device: torch.device) -> Callable[[], object]:
@@ -370,12 +392,7 @@ def limit_topk(setup: Setup) -> Timed:
         ("topk_s", lambda: pre.topk(K, dim=1, sorted=False)),
         ("adam_s", optimizer.step),
     ]
-
-    def step():
-        times = _timed_parts(dev, parts)
-        return lambda: times
-
-    return Timed("limit", step)
+    return Timed("limit", _parts_step(dev, parts))
 
 
 # ---- groups ------------------------------------------------------------------------------------

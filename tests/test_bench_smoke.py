@@ -126,3 +126,33 @@ def test_bf16_is_left_out_on_a_cpu_without_native_bf16_products(run_all, monkeyp
     results = run_all.train_step.main(["--quick", "--families", "topk", "--out", str(tmp_path)])
     assert [g["precision"] for g in results["groups"]] == list(both if native else ("fp32",))
     assert results["machine"]["native_bf16_matmul"] is native
+
+
+def test_a_limit_step_runs_its_parts_without_syncing_between_them(run_all, monkeypatch):
+    """A sync after each part put a host round-trip per part into the GPU limit."""
+    import train_step
+
+    setup = train_step.make_setup(64, 16, torch.device("cpu"), "fp32", d_in=8)
+    limit = train_step.limit_topk(setup)
+    syncs = []
+    monkeypatch.setattr(train_step, "synchronize", lambda device: syncs.append(device))
+    report = limit.step()
+    assert syncs == [] and set(report()) == {"gemm_s", "topk_s", "adam_s"}
+
+
+def test_a_contender_that_records_a_graph_has_its_peak_taken_over_the_recording(run_all):
+    """A replay allocates nothing: the peak of the last step alone missed the graph's temporaries."""
+    import common
+
+    def build(records_graph: bool):
+        steps = []
+
+        def step():  # like a recording: the first step's temporaries (256 MiB), none after it
+            if not steps:
+                torch.ones(64 * 2**20).sum()
+            steps.append(1)
+        return common.Timed("c", step, records_graph=records_graph)
+
+    recorded = common.measure_peak(lambda: build(True), torch.device("cpu"))
+    eager = common.measure_peak(lambda: build(False), torch.device("cpu"))
+    assert recorded.peak_bytes >= 200 * 2**20 > eager.peak_bytes
