@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from framework.config import Recipe, RecipeError, recipe_to_dict
+from framework.distributed import process_tag
 
 MARKER = "COMPLETE"
 
@@ -137,7 +138,7 @@ def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **in
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)
     marker = directory / MARKER
-    tmp = directory / f".{MARKER}.{os.getpid()}.tmp"  # the process's own: two never share a temporary
+    tmp = directory / f".{MARKER}.{process_tag()}.tmp"  # the process's own: two never share a temporary
     tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
     tmp.replace(marker)
     return marker
@@ -182,7 +183,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     writing the same file (array tasks rewriting a sweep's summary) do not write into each
     other's temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{process_tag()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
     return path
@@ -193,7 +194,7 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells savefig the format
+    tmp = path.with_name(f".{path.name}.{process_tag()}.tmp{path.suffix}")  # the suffix tells savefig the format
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from framework.distributed import process_tag
 from framework.errors import RecipeError  # re-exported: stages raise it from here
 
 
@@ -805,7 +806,7 @@ def save_recipe(recipe: Recipe, directory: str | os.PathLike) -> Path:
     """Write the resolved recipe beside an artifact, so the artifact explains itself."""
     out = Path(directory) / "recipe.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".recipe.yaml.{os.getpid()}.tmp")  # the process's own: torchrun ranks write it too
+    tmp = out.with_name(f".recipe.yaml.{process_tag()}.tmp")  # the process's own: torchrun ranks write it too
     tmp.write_text(recipe_to_yaml(recipe))
     tmp.replace(out)
     return out

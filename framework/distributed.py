@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def on_rank_zero(stage: str, workdir: str | os.PathLike, work: Callable[[], T]) 
         result = work()
         if rank.world > 1:
             done.parent.mkdir(parents=True, exist_ok=True)
-            tmp = done.with_name(f"{done.name}.{os.getpid()}.tmp")
+            tmp = done.with_name(f"{done.name}.{process_tag()}.tmp")
             tmp.write_text(attempt)
             tmp.replace(done)
         return result
@@ -108,6 +109,12 @@ def on_rank_zero(stage: str, workdir: str | os.PathLike, work: Callable[[], T]) 
 
 
 _calls: dict[Path, int] = {}
+
+
+def process_tag() -> str:
+    """This process among all that share a file system: host and pid (array tasks on different
+    nodes can have the same pid). For temporary names that no other process may write."""
+    return f"{socket.gethostname()}.{os.getpid()}"
 
 
 def _job_attempt() -> str:

@@ -53,7 +53,6 @@ def stages_for(recipe: Recipe) -> list[str]:
 def run(recipe: Recipe) -> Path:
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, workdir)
     outputs: dict[str, tuple[Path | str, float]] = {}  # str: a store read from a URL, or LIVE_HARVEST
     for stage in stages_for(recipe):
         log.info("== %s ==", stage)
@@ -62,6 +61,9 @@ def run(recipe: Recipe) -> Path:
         if stage == "harvest" and recipe.harvest.mode == "live":
             output = LIVE_HARVEST  # nothing was written: training generates its activations itself
         outputs[stage] = (output, time.perf_counter() - start)
+    # Once every stage is done: {workdir}/recipe.yaml describes the last run that finished here
+    # (universality's analyze.other_workdir reads it), not an invocation a stage then refused.
+    save_recipe(recipe, workdir)
     report = workdir / "report.md"
     if current_rank().is_main:  # under torchrun every rank ran the parallel stages; one writes and prints
         report.write_text(pipeline_report(recipe, outputs))

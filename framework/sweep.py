@@ -21,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from framework.artifacts import atomic_save_figure, atomic_write_text
+from framework.artifacts import atomic_save_figure, atomic_write_text, is_complete
 from framework.config import (
     Recipe,
     RecipeError,
@@ -262,11 +262,22 @@ def _point_metrics(recipe: Recipe) -> dict:
 
 
 def _read_metrics(recipe: Recipe, name: str) -> dict:
-    eval_file = recipe.path("eval") / "metrics.json"
-    if eval_file.is_file():
-        return json.loads(eval_file.read_text()).get(name, {})
-    train_file = recipe.path("sae") / name / "metrics.json"
-    return json.loads(train_file.read_text()) if train_file.is_file() else {}
+    """SAE `name`'s metrics from `sae eval`, else from training; only from output this recipe
+    finished (a point's directory can hold an earlier version of the sweep's output)."""
+    eval_dir, sae_dir = recipe.path("eval"), recipe.path("sae")
+    if (eval_dir / "metrics.json").is_file() and _finished_by(recipe, eval_dir, "eval"):
+        return json.loads((eval_dir / "metrics.json").read_text()).get(name, {})
+    train_file = sae_dir / name / "metrics.json"
+    if train_file.is_file() and _finished_by(recipe, sae_dir, "train"):
+        return json.loads(train_file.read_text())
+    return {}
+
+
+def _finished_by(recipe: Recipe, directory: Path, stage: str) -> bool:
+    try:
+        return is_complete(directory, recipe, stage)
+    except RecipeError:  # another recipe's: its numbers are not this point's
+        return False
 
 
 def write_summary(root: Path, results: list[tuple[dict, dict]]) -> None:

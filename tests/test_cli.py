@@ -279,3 +279,19 @@ def test_a_path_the_machine_refuses_or_a_full_disk_is_one_line_not_a_traceback(r
     monkeypatch.setattr(cli, "_call_stage", a_bug)
     with pytest.raises(FileNotFoundError):  # not the machine's refusal: the traceback shows where
         main(["train", str(recipe_file)])
+
+
+def test_a_resumed_progress_takes_its_rate_from_this_runs_work_alone(monkeypatch, caplog):
+    """An analysis resumed at batch 900 of 1,000 reported 900 batches in its first second as its
+    rate, and an ETA of a fraction of a second."""
+    import logging
+
+    import framework.progress as progress_module
+
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    progress = progress_module.Progress("analyze", 1000, unit="batches", already=900)
+    with caplog.at_level(logging.INFO, logger="framework.progress"):
+        progress.update(10)  # 10 batches in 10 s
+    assert progress.rate() == 1.0
+    assert "910/1,000 batches (91%), 1 batches/s, ETA 90s" in caplog.text

@@ -151,3 +151,18 @@ def test_an_lm_pretrained_once_serves_recipes_of_any_lm_dtype(tmp_path):
     marker.write_text(json.dumps(saved))
     assert is_complete(out, bf16, "pretrain")
     assert stage_fingerprint(bf16, "harvest") != stage_fingerprint(recipe, "harvest")  # the harvest reads it
+
+
+def test_the_workdirs_recipe_is_written_once_the_stages_are_done_not_by_a_refused_run(tmp_path):
+    """`sae run` wrote {workdir}/recipe.yaml before any stage ran: a run that a stage then refused
+    left its recipe there, and universality (analyze.other_workdir) read the wrong SAEs from it."""
+    from framework.pipeline import run
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "run.stages=[train]"])
+    (tmp_path / "sae").mkdir(parents=True)
+    mark_complete(tmp_path / "sae", recipe, "train")
+    run(recipe)
+    assert load_recipe(tmp_path / "recipe.yaml").sae.n_features == recipe.sae.n_features
+    with pytest.raises(RecipeError, match="different recipe"):
+        run(with_overrides(recipe, ["sae.n_features=8192"]))
+    assert load_recipe(tmp_path / "recipe.yaml").sae.n_features == recipe.sae.n_features

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 import framework.sweep as sweep_module
 import framework.training.train as train_stage
-from framework.config import load_recipe
+from framework.config import load_recipe, with_overrides
 from framework.errors import RecipeError
 from framework.sweep import _apply, expand_points, point_name, point_stages, sweep
 
@@ -118,6 +118,23 @@ def test_a_bank_sweep_analyses_each_points_sae_in_a_directory_of_its_own(tmp_pat
     assert calls == [("train", "", bank / "analysis"),
                      ("analyze", "l1_coefficient=0p001", bank / "analysis" / "l1_coefficient=0p001"),
                      ("analyze", "l1_coefficient=0p002", bank / "analysis" / "l1_coefficient=0p002")]
+
+
+def test_the_summary_shows_only_metrics_this_sweeps_recipe_finished(tmp_path):
+    """After the sweep's recipe changed, a `--point` run rewrote the summary with the other
+    points' metrics of the old recipe."""
+    from framework.artifacts import mark_complete
+    from framework.sweep import _point_results
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", "harvest.mode=live",
+                                "sweep.grid={train.lr: [0.001, 0.002]}", "sweep.stages=[train, eval]"])
+    root = tmp_path / "sweep"
+    for point, l0 in zip(expand_points(recipe), (11.0, 22.0)):
+        point_recipe = _apply(recipe, point, root / point_name(point))
+        (eval_dir := point_recipe.path("eval")).mkdir(parents=True)
+        (eval_dir / "metrics.json").write_text(json.dumps({point_recipe.sae_configs()[0].name: {"l0": l0}}))
+        mark_complete(eval_dir, point_recipe if l0 == 11.0 else with_overrides(point_recipe, ["eval.n_tokens=99"]), "eval")
+    assert [m.get("l0") for _, m in _point_results(recipe, expand_points(recipe), root)] == [11.0, None]
 
 
 def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):

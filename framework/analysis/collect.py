@@ -109,8 +109,7 @@ def stream_unit_stats(
     n_batches = corpus.n_batches(cfg.batch_size)
     for pass_number in range(done_pass, DONE):
         first = done_batches if pass_number == done_pass else 0
-        progress = Progress(f"analyze pass {pass_number}/2", n_batches, unit="batches")
-        progress.update(first)
+        progress = Progress(f"analyze pass {pass_number}/2", n_batches, unit="batches", already=first)
         for batch, (ids, tokens) in enumerate(corpus.batches(cfg.batch_size, first), start=first):
             acts, index = hook_rows(model, hook, corpus, ids, tokens)
             generator = torch.Generator(device).manual_seed(seed * 1_000_003 + batch)
