@@ -110,6 +110,7 @@ class PeakMemory:
         gc.collect()
         _trim_heap()
         self.baseline = self._current()
+        self.reset()  # the high-water mark from here: not an earlier contender's
 
     def _current(self) -> int:
         if self.device.type == "cuda":

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from framework.config import Recipe, RecipeError, recipe_to_dict
+from framework.config import Recipe, RecipeError, load_recipe, recipe_to_dict
 from framework.distributed import process_tag
 
 MARKER = "COMPLETE"
@@ -67,6 +67,23 @@ ADDED_LATER = {
     "harvest.context_order": "source",
     "seed": 0,  # analyze's (the default; earlier analyses did not record theirs)
 }
+
+
+def load_saved_recipe(path: str | os.PathLike) -> Recipe:
+    """A recipe.yaml an output saved beside itself. Keys added since (ADDED_LATER) that it lacks
+    read as the value that output had, not today's default: a workdir's recipe from before
+    harvest.context_order describes source-order activations, and its SAEs are that recipe's."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    missing = []
+    for dotted, value in ADDED_LATER.items():
+        node = saved
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(f"{dotted}={value}")
+    return load_recipe(path, missing)
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> dict:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from framework.config import is_url, load_recipe
-from framework.distributed import PARALLEL_STAGES, current_rank, on_rank_zero
+from framework.distributed import current_rank
 from framework.errors import FrameworkError
 from framework.locks import output_locks
 from framework.memory import keep_freed_memory
@@ -81,10 +81,10 @@ def _call_stage(stage: str, recipe, args) -> object:
         return verify_store(recipe)
     if stage == "sweep" and args.point is not None:
         return function(recipe, point_index=args.point)
-    from framework.pipeline import STAGE_FUNCTIONS
+    from framework.pipeline import STAGE_FUNCTIONS, call_stage
 
-    if stage in STAGE_FUNCTIONS and stage not in PARALLEL_STAGES:
-        return on_rank_zero(stage, recipe.workdir, lambda: function(recipe))
+    if stage in STAGE_FUNCTIONS:  # as `sae run` runs it: under torchrun, some stages on rank 0 alone
+        return call_stage(stage, recipe, function)
     return function(recipe)
 
 
@@ -95,11 +95,10 @@ def _written_dirs(stage: str, recipe, args) -> list[Path]:
     if stage == "run":
         return [d for s in stages_for(recipe) for d in _written_dirs(s, recipe, args)]
     if stage == "sweep":
-        from framework.sweep import expand_points, point_directory, shared_outputs
+        from framework.sweep import point_directories, point_directory, shared_outputs
 
         if args.point is None:  # every point's directory too: a `--point N` run beside it is refused
-            points = [point_directory(recipe, i) for i in range(len(expand_points(recipe)))]
-            return [Path(recipe.workdir) / "sweep", *points, *shared_outputs(recipe)]
+            return [Path(recipe.workdir) / "sweep", *point_directories(recipe), *shared_outputs(recipe)]
         # SLURM array tasks (one --point each) share the sweep directory, so it is not locked;
         # the point's own directory, where its stages write, is: a second process running the
         # same point is refused, other points run side by side. The shared LM and store they may

@@ -90,22 +90,33 @@ def on_rank_zero(stage: str, workdir: str | os.PathLike, work: Callable[[], T]) 
     rank = current_rank()
     done = Path(workdir) / f".{stage}.rank0-done"
     # Every rank makes the same calls in the same order: the count tells the same stage run
-    # twice in one job apart (a bank sweep analyses each of its SAEs).
-    _calls[done] = _calls.get(done, 0) + 1
-    attempt = f"{_job_attempt()}#{_calls[done]}"
-    if rank.world == 1 or rank.is_main:
+    # several times in one job apart (a bank sweep analyses each of its SAEs). Rank 0 writes
+    # "JOB#n" after its n-th; a rank waiting for its n-th goes on at n or more (rank 0 may be
+    # further on by the time it looks).
+    _calls[done] = call = _calls.get(done, 0) + 1
+    job = _job_attempt()
+    if rank.is_main:
         result = work()
         if rank.world > 1:
             done.parent.mkdir(parents=True, exist_ok=True)
             tmp = done.with_name(f"{done.name}.{process_tag()}.tmp")
-            tmp.write_text(attempt)
+            tmp.write_text(f"{job}#{call}")
             tmp.replace(done)
         return result
-    if not os.environ.get("RANK"):  # started by Lightning (LOCAL_RANK only)
+    if not os.environ.get("RANK"):  # started by Lightning (LOCAL_RANK; WORLD_SIZE is gone after fit)
         return None
-    while not (done.is_file() and done.read_text() == attempt):
+    while _finished_calls(done, job) < call:
         time.sleep(POLL_S)
     return None
+
+
+def _finished_calls(done: Path, job: str) -> int:
+    """How many times rank 0 of this job has finished the stage, from its done file."""
+    try:
+        written_job, _, count = done.read_text().rpartition("#")
+    except FileNotFoundError:
+        return 0
+    return int(count) if written_job == job and count.isdigit() else 0
 
 
 _calls: dict[Path, int] = {}

@@ -41,10 +41,11 @@ from framework.artifacts import (
     differences_from,
     fingerprint_digest,
     is_complete,
+    load_saved_recipe,
     mark_complete,
     stage_fingerprint,
 )
-from framework.config import Recipe, RecipeError, SAEConfig, load_recipe, save_recipe
+from framework.config import Recipe, RecipeError, SAEConfig, save_recipe
 from framework.errors import CheckpointError
 from framework.sae import SAE, build_sae
 from framework.saved import TrainedSAE, load_trained_saes
@@ -118,7 +119,7 @@ def _check_recipe_file(out: Path, recipe: Recipe) -> None:
     if not path.is_file():
         return
     try:
-        differences = differences_from(stage_fingerprint(load_recipe(path, []), "export"), recipe, "export")
+        differences = differences_from(stage_fingerprint(load_saved_recipe(path), "export"), recipe, "export")
     except RecipeError as err:
         differences = [f"it is not a recipe ({str(err).splitlines()[0]})"]
     if differences:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from framework.artifacts import is_complete
@@ -39,7 +40,12 @@ def run_stage(stage: str, recipe: Recipe) -> Path | str | None:
     """Run one stage; under torchrun a stage that does not divide its work over ranks runs on
     rank 0 alone, and returns None on the others (`distributed.on_rank_zero`)."""
     module_name, function_name = STAGE_FUNCTIONS[stage]
-    function = getattr(importlib.import_module(module_name), function_name)
+    return call_stage(stage, recipe, getattr(importlib.import_module(module_name), function_name))
+
+
+def call_stage(stage: str, recipe: Recipe, function: Callable[[Recipe], object]) -> object:
+    """`function` (stage `stage`'s) on this recipe: on every rank where the stage divides its
+    work over ranks, on rank 0 alone otherwise."""
     if stage in PARALLEL_STAGES:
         return function(recipe)
     return on_rank_zero(stage, recipe.workdir, lambda: function(recipe))
@@ -61,11 +67,11 @@ def run(recipe: Recipe) -> Path:
         if stage == "harvest" and recipe.harvest.mode == "live":
             output = LIVE_HARVEST  # nothing was written: training generates its activations itself
         outputs[stage] = (output, time.perf_counter() - start)
-    # Once every stage is done: {workdir}/recipe.yaml describes the last run that finished here
-    # (universality's analyze.other_workdir reads it), not an invocation a stage then refused.
-    save_recipe(recipe, workdir)
     report = workdir / "report.md"
     if current_rank().is_main:  # under torchrun every rank ran the parallel stages; one writes and prints
+        # Once every stage is done: {workdir}/recipe.yaml describes the last run that finished
+        # here (universality's analyze.other_workdir reads it), not an invocation a stage refused.
+        save_recipe(recipe, workdir)
         report.write_text(pipeline_report(recipe, outputs))
         print(summary_text(outputs, report))
     return report

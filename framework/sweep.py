@@ -247,12 +247,19 @@ def point_directory(recipe: Recipe, point_index: int) -> Path:
     """The directory of point `point_index` (0-based), where `sae sweep --point N` runs the
     point's stages; the CLI locks it, so that two processes running the same point refuse each
     other while array tasks running other points share the sweep directory."""
+    directories = point_directories(recipe)
+    _check_point_index(point_index, directories)
+    return directories[point_index]
+
+
+def point_directories(recipe: Recipe) -> list[Path]:
+    """Every point's directory, in point order."""
     points = expand_points(recipe)
-    _check_point_index(point_index, points)
-    return Path(recipe.workdir) / "sweep" / point_name(points[point_index], sweep_keys(points))
+    keys = sweep_keys(points)
+    return [Path(recipe.workdir) / "sweep" / point_name(point, keys) for point in points]
 
 
-def _check_point_index(point_index: int, points: list[dict]) -> None:
+def _check_point_index(point_index: int, points: list) -> None:
     if not 0 <= point_index < len(points):
         raise RecipeError(f"--point {point_index} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})")
 

@@ -144,11 +144,11 @@ def test_a_contender_that_records_a_graph_has_its_peak_taken_over_the_recording(
     """A replay allocates nothing: the peak of the last step alone missed the graph's temporaries."""
     import common
 
-    def build(records_graph: bool):
+    def build(records_graph: bool, allocates: bool = True):
         steps = []
 
         def step():  # like a recording: the first step's temporaries (256 MiB), none after it
-            if not steps:
+            if not steps and allocates:
                 torch.ones(64 * 2**20).sum()
             steps.append(1)
         return common.Timed("c", step, records_graph=records_graph)
@@ -156,3 +156,5 @@ def test_a_contender_that_records_a_graph_has_its_peak_taken_over_the_recording(
     recorded = common.measure_peak(lambda: build(True), torch.device("cpu"))
     eager = common.measure_peak(lambda: build(False), torch.device("cpu"))
     assert recorded.peak_bytes >= 200 * 2**20 > eager.peak_bytes
+    # and from its own start: not the high-water mark an earlier contender left
+    assert common.measure_peak(lambda: build(True, allocates=False), torch.device("cpu")).peak_bytes < 50 * 2**20

@@ -295,3 +295,20 @@ def test_a_resumed_progress_takes_its_rate_from_this_runs_work_alone(monkeypatch
         progress.update(10)  # 10 batches in 10 s
     assert progress.rate() == 1.0
     assert "910/1,000 batches (91%), 1 batches/s, ETA 90s" in caplog.text
+
+
+def test_a_rank_waiting_for_a_rank_zero_stage_goes_on_at_its_call_or_a_later_one(tmp_path, monkeypatch):
+    """A bank sweep analyses each SAE in turn: rank 0 can finish the second before another rank
+    looks for the first, which then waited forever for a done file that said exactly "#1"."""
+    import framework.distributed as distributed
+
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job-7",
+                        "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    done = tmp_path / ".analyze.rank0-done"
+    done.write_text(f"{distributed._job_attempt()}#2")
+    for _ in range(2):  # its first and second call: rank 0 has finished both; neither runs the work here
+        assert distributed.on_rank_zero("analyze", tmp_path, lambda: 1 / 0) is None
+    assert distributed._finished_calls(done, distributed._job_attempt()) == 2
+    done.write_text("another-job/0/node0/29500#5")  # an earlier job's file counts for nothing
+    assert distributed._finished_calls(done, distributed._job_attempt()) == 0

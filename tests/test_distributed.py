@@ -225,20 +225,23 @@ def test_two_processes_give_the_weights_and_metrics_of_one_process_on_the_same_g
         assert resampled(two, name) == resampled(one, name) > 0
 
 
-def test_two_processes_that_lightning_starts_itself_train_as_torchrun_ranks_do(recipe_file, overrides, reference,
+def test_two_processes_that_lightning_starts_itself_train_as_torchrun_ranks_do_and_only_the_first_evaluates(recipe_file, overrides, reference,
                                                                               tmp_path):
-    """`sae train ... train.devices=2` without torchrun: Lightning starts the second process with
-    LOCAL_RANK but no RANK, which once took itself for rank 0 and was refused by its own job's
-    lock on the output directory."""
+    """`sae run ... train.devices=2` without torchrun: Lightning starts the second process with
+    LOCAL_RANK but no RANK (and no WORLD_SIZE once training is over). It took itself for rank 0:
+    refused by its own job's lock on the output directory, and then (once let through) it ran
+    eval beside the first process. It trains, and leaves the other stages to the first."""
     two = tmp_path / "two"
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(name, None)
-    run = subprocess.run([sys.executable, "-m", "framework.cli", "train", str(recipe_file),
-                          *overrides(two, *PAPER, "train.strategy=ddp", "train.devices=2")],
+    run = subprocess.run([sys.executable, "-m", "framework.cli", "run", str(recipe_file),
+                          *overrides(two, *PAPER, "train.strategy=ddp", "train.devices=2"), f"workdir={tmp_path}",
+                          "run.stages=[train,eval]", "eval.n_contexts=4"],
                          env=env, capture_output=True, text=True, timeout=240)
     assert succeeded(run)
-    assert "MEMBER: 2/2" in run.stderr + run.stdout
+    logged = run.stderr + run.stdout
+    assert "MEMBER: 2/2" in logged and logged.count("evaluating paper_256") == 1
     assert_same_weights(reference(tuple(PAPER), True), two, PAPER_SAE)
 
 

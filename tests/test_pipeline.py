@@ -166,3 +166,21 @@ def test_the_workdirs_recipe_is_written_once_the_stages_are_done_not_by_a_refuse
     with pytest.raises(RecipeError, match="different recipe"):
         run(with_overrides(recipe, ["sae.n_features=8192"]))
     assert load_recipe(tmp_path / "recipe.yaml").sae.n_features == recipe.sae.n_features
+
+
+def test_a_recipe_saved_before_a_key_existed_loads_with_the_value_its_outputs_had(tmp_path):
+    """A workdir's recipe.yaml from before harvest.context_order loaded with today's default
+    (shuffled), and its own SAEs were then refused as another recipe's (universality's
+    analyze.other_workdir, export's check of its own recipe.yaml)."""
+    from framework.artifacts import load_saved_recipe
+    from framework.config import recipe_to_yaml
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "harvest.context_order=source"])
+    (tmp_path / "sae").mkdir()
+    mark_complete(tmp_path / "sae", recipe, "train")
+    old_yaml = recipe_to_yaml(recipe).replace("  context_order: source\n", "")
+    assert "context_order" not in old_yaml
+    (tmp_path / "recipe.yaml").write_text(old_yaml)
+    saved = load_saved_recipe(tmp_path / "recipe.yaml")
+    assert saved.harvest.context_order == "source" and is_complete(tmp_path / "sae", saved, "train")
+    assert load_recipe(tmp_path / "recipe.yaml").harvest.context_order == "shuffled"  # what it was read as

@@ -36,8 +36,8 @@ from framework.analysis.analyze import pick_sae
 from framework.analysis.collect import hook_rows
 from framework.analysis.corpus import Corpus, analysis_corpus
 from framework.analysis.correlation import PairCorrelation
-from framework.artifacts import MARKER, atomic_save_figure, atomic_write_text
-from framework.config import Recipe, RecipeError, load_recipe, save_recipe
+from framework.artifacts import MARKER, atomic_save_figure, atomic_write_text, load_saved_recipe
+from framework.config import Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM, parse_hook
 from framework.progress import Progress
@@ -148,7 +148,7 @@ def _other_recipe(workdir: str) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"analyze.other_workdir={workdir!r} holds no recipe.yaml; point it at a run's workdir "
                           f"(`sae run` writes one there)")
-    return load_recipe(path)
+    return load_saved_recipe(path)
 
 
 def _settings(recipe: Recipe, other: Recipe) -> dict:

@@ -309,8 +309,14 @@ def weights_sha256(path: Path | None, gguf_file: str | None) -> str | None:
     """sha256 of a model directory's weight files (`model_directory`); None without one."""
     if path is None or not path.is_dir():
         return None
-    files = [path / gguf_file] if gguf_file else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
-    return files_sha256(files)
+    if gguf_file:
+        return files_sha256([path / gguf_file])
+    weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    # from_pretrained reads the safetensors files where there are any: a .bin beside them (a
+    # full download of a hub repo holds both; from_pretrained fetches only what it reads) is not
+    # the model's, and must not make the same weights hash differently.
+    safetensors = [p for p in weights if p.suffix == ".safetensors"]
+    return files_sha256(safetensors or weights)
 
 
 def _not_found_message(name: str, err: Exception) -> str:
