@@ -108,6 +108,19 @@ def test_windows_sample_the_whole_split_and_a_larger_harvest_keeps_the_earlier_w
     assert [source.window_contexts(w).tolist() for w in range(3)] == [list(range(64 * w, 64 * (w + 1))) for w in range(3)]
 
 
+def test_the_context_order_is_fixed_arithmetic_not_a_librarys_shuffle():
+    """Which contexts a store holds must not change with a torch or numpy upgrade (a resumed or
+    extended harvest would mix two orders): the order is pinned here."""
+    from framework.activations.harvest import HarvestPlan
+
+    def order(split: str, seed: int = 0) -> list[int]:
+        return HarvestPlan(split, 640, 64, 128, 64, seed, 12, "shuffled").context_sequence.tolist()
+
+    assert order("train") == [3, 10, 1, 9, 4, 2, 6, 5, 11, 7, 8, 0]
+    assert order("heldout") == [3, 10, 4, 0, 1, 6, 11, 9, 7, 8, 5, 2]
+    assert order("train", seed=1) != order("train")
+
+
 def test_a_store_harvested_before_context_order_existed_counts_as_source_order(pretrained_recipe, harvested,
                                                                                 tmp_path):
     store = tmp_path / "activations"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from framework.activations.format import (
@@ -80,9 +81,13 @@ class HarvestPlan:
         without changing its earlier windows."""
         if self.context_order == "source":
             return torch.arange(self.split_contexts)
+        # Context ids sorted by a keyed 64-bit hash of each id (splitmix64's finaliser): a
+        # permutation fixed by arithmetic alone, so no library's shuffling algorithm (which a
+        # torch or numpy upgrade may change) decides which contexts a resumed or extended
+        # harvest takes.
         digest = hashlib.sha256(f"{self.seed}:{self.split}:context-order".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
-        return torch.randperm(self.split_contexts, generator=generator)
+        keys = _mix64(np.arange(self.split_contexts, dtype=np.uint64) ^ np.uint64(int.from_bytes(digest[:8], "big")))
+        return torch.from_numpy(np.argsort(keys, kind="stable").astype(np.int64))
 
     def window_contexts(self, window: int) -> torch.Tensor:
         """The ids of the contexts window `window` samples, ascending."""
@@ -108,6 +113,14 @@ class HarvestPlan:
     def window_shards(self, window: int) -> list[int]:
         n = math.ceil(self.window_row_count(window) / self.rows_per_shard)
         return [window * self.shards_per_window + i for i in range(n)]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64s (wrapping arithmetic): a bijection that scatters
+    neighbouring inputs over the whole 64-bit range."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def make_plan(recipe: Recipe, model: BaseLM, split: str, n_tokens: int) -> HarvestPlan:
