@@ -755,12 +755,13 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     recipe = _finish(layers)
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
-        if setting := bank_entries_setting(recipe, key):
+        setting = bank_entries_setting(recipe, key)
+        if setting and len(setting) == len(recipe.train.bank):  # it reaches no SAE at all
             raise RecipeError(
-                f"override {key} does not reach the SAEs: train.bank entries {setting} set "
-                f"{key[len('sae.'):]} themselves, and an entry overrides the sae section (the outputs would "
+                f"override {key} does not reach the SAEs: every train.bank entry ({setting}) sets "
+                f"{key[len('sae.'):]} itself, and an entry overrides the sae section (the outputs would "
                 f"record the override for SAEs trained without it). Override the bank instead "
-                f"(train.bank=[...]), or remove {key[len('sae.'):]} from those entries"
+                f"(train.bank=[...]), or remove {key[len('sae.'):]} from the entries"
             )
     return recipe
 

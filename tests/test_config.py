@@ -100,11 +100,14 @@ def test_bank_entries_override_the_sae_section_and_get_names():
 def test_an_override_that_bank_entries_mask_is_refused_and_one_that_reaches_them_applies():
     """`sae run recipes/paper/bank.yaml sae.n_features=1024` trained the bank's sizes and recorded
     1,024 in every output's fingerprint."""
-    with pytest.raises(RecipeError, match=r"override sae.n_features does not reach the SAEs: train.bank entries "
-                                          r"\[0, 1, 2, 3\] set n_features themselves"):
+    with pytest.raises(RecipeError, match=r"override sae.n_features does not reach the SAEs: every train.bank entry "
+                                          r"\(\[0, 1, 2, 3\]\) sets n_features itself"):
         load_recipe(REPO / "recipes/paper/bank.yaml", ["sae.n_features=1024"])
     recipe = load_recipe(REPO / "recipes/paper/bank.yaml", ["sae.l1_coefficient=0.002"])
     assert {c.l1_coefficient for c in recipe.sae_configs()} == {0.002}
+    # one that some entries leave to the sae section reaches those
+    recipe = load_recipe(None, ["train.bank=[{n_features: 64}, {n_features: 128, k: 16}]", "sae.variant=topk", "sae.k=8"])
+    assert [c.k for c in recipe.sae_configs()] == [8, 16]
 
 
 def test_a_secret_read_through_oc_env_is_refused_and_a_path_is_resolved(monkeypatch, tmp_path):

@@ -22,10 +22,12 @@ def _module(d_in: int = D_IN, n_features: int = 384, bank: bool = False, variant
             target_l0: int = 0, **train) -> SAEModule:
     """A TopK (or paper) SAE, or with `bank` two of other sizes on the same batches; with
     `target_l0`, initialised from data to fire that often (the paper SAE's sparse codes)."""
-    overrides = [f"sae.variant={variant}", f"sae.n_features={n_features}", "sae.k=8", "sae.aux_k=32", "sae.init=transpose",
+    overrides = [f"sae.variant={variant}", "sae.k=8", "sae.aux_k=32", "sae.init=transpose",
                  "sae.dead_steps_threshold=6", "train.log_every=1000", *(f"train.{k}={v}" for k, v in train.items())]
-    if bank:
+    if bank:  # the entries set their sizes (an sae.n_features beside them would be refused: it reaches none)
         overrides.append(f"train.bank=[{{n_features: {n_features}}}, {{n_features: {2 * n_features}, k: 16}}]")
+    else:
+        overrides.append(f"sae.n_features={n_features}")
     recipe = load_recipe(None, overrides)
     hook = recipe.sae_configs()[0].hook_point
     torch.manual_seed(0)

@@ -54,9 +54,14 @@ def store_dir(pretrained_recipe, tmp_path_factory) -> Path:
     return harvest(recipe)
 
 
-def make_recipe(pretrained_recipe, store_dir: Path, out: Path, *extra: str):
+def make_recipe(pretrained_recipe, store_dir: Path, out: Path, *extra: str, train: tuple[str, ...] = tuple(TRAIN)):
     return load_recipe(None, [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", *STORE,
-                              f"harvest.output_dir={store_dir}", f"train.output_dir={out}", *TRAIN, *extra])
+                              f"harvest.output_dir={store_dir}", f"train.output_dir={out}", *train, *extra])
+
+
+# For a bank whose entries set their sizes: an sae.n_features override beside them reaches no SAE
+# and is refused.
+TRAIN_FOR_BANK = tuple(t for t in TRAIN if not t.startswith("sae.n_features="))
 
 
 def inject(monkeypatch, callback: Callback) -> None:
@@ -570,7 +575,7 @@ def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
 
 def test_bank_trains_several_saes_on_the_same_batches(pretrained_recipe, store_dir, tmp_path):
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae",
-                         "train.bank=[{n_features: 128}, {n_features: 256, variant: topk, k: 8}]")
+                         "train.bank=[{n_features: 128}, {n_features: 256, variant: topk, k: 8}]", train=TRAIN_FOR_BANK)
     out = train_stage.train(recipe)
     names = [c.name for c in recipe.sae_configs()]
     assert names == ["paper_128_l1_1e-03", "topk_256_k8"]
