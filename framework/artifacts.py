@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from framework.config import Recipe, RecipeError, load_recipe, recipe_to_dict
 from framework.distributed import process_tag
 
 MARKER = "COMPLETE"
+log = logging.getLogger(__name__)
 
 # Which recipe sections determine each stage's output (its inputs included, transitively).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -69,6 +71,47 @@ ADDED_LATER = {
 }
 
 
+# Stages that read the trained SAEs. Their markers also record a digest of the weights they read
+# (`trained_weights_digest`): SAEs trained again under the same fingerprint (another
+# train.devices, or the SAE directory deleted and trained again) make different weights, and
+# output made from the earlier ones then reads as unfinished and is made again.
+READS_TRAINED_SAES = ("eval", "analyze", "export")
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, cached per process by path, size and modification time: `sae run`
+    asks about the same SAEs several times (each stage, the report, a sweep's summary)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def trained_weights_digest(recipe: Recipe, stage: str) -> str | None:
+    """A digest of the SAE files `stage` reads: each bank SAE's config.json and sae.safetensors,
+    or, for eval and analyze with eval.sae_path set, that SAELens directory's cfg.json and
+    sae_weights.safetensors (export always reads the bank). None when any is missing: the stage's
+    own loader says what to do about that."""
+    if recipe.eval.sae_path and stage != "export":
+        root = Path(recipe.eval.sae_path)
+        files = [root / "cfg.json", root / "sae_weights.safetensors"]
+    else:
+        root = recipe.path("sae")
+        files = [root / cfg.name / name for cfg in recipe.sae_configs() for name in ("config.json", "sae.safetensors")]
+    if not all(f.is_file() for f in files):
+        return None
+    combined = hashlib.sha256()
+    for f in files:
+        combined.update(f"{f.parent.name}/{f.name}:{_file_digest(f)}\n".encode())
+    return combined.hexdigest()[:16]
+
+
 def load_saved_recipe(path: str | os.PathLike) -> Recipe:
     """A recipe.yaml an output saved beside itself. Keys added since (ADDED_LATER) that it lacks
     read as the value that output had, not today's default: a workdir's recipe from before
@@ -105,8 +148,8 @@ def stage_fingerprint(recipe: Recipe, stage: str) -> dict:
 def fingerprint_digest(fingerprint: dict) -> str:
     """A short, stable name of a fingerprint (`stage_fingerprint`): the first 16 hex digits of the
     sha256 of its JSON with sorted keys. The `digest` a COMPLETE marker records, and what other
-    outputs carry to say which recipe made them (an export's `metadata.framework_export`, the
-    analysis's resumable stream state), so that all of them agree."""
+    outputs carry to say which recipe made them (an export's `metadata.framework_export`; the
+    analysis's resumable stream state, with the SAE weights' digest beside the fingerprint)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -154,6 +197,8 @@ def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
 def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **info) -> Path:
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)
+    if stage in READS_TRAINED_SAES:
+        info["sae_weights"] = trained_weights_digest(recipe, stage)
     marker = directory / MARKER
     tmp = directory / f".{MARKER}.{process_tag()}.tmp"  # the process's own: two never share a temporary
     tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
@@ -173,7 +218,8 @@ def read_marker(marker: Path) -> dict:
 
 
 def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> bool:
-    """True if `directory` holds this stage's finished output for this recipe.
+    """True if `directory` holds this stage's finished output for this recipe, made (for the
+    stages that read trained SAEs) from the SAE weights there now.
 
     Raises RecipeError if it holds finished output of a different recipe.
     """
@@ -184,7 +230,7 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
     fingerprint = stage_fingerprint(recipe, stage)
     recorded = as_fingerprinted_now(saved.get("fingerprint", {}), stage)
     if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):
-        return True
+        return made_from_current_weights(directory, saved, recipe, stage)
     differences = _diff(fingerprint, recorded)
     raise RecipeError(
         f"{directory} already holds `{stage}` output made with a different recipe "
@@ -192,6 +238,20 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
         f"Point the recipe at another directory (workdir=... or the stage's output_dir), "
         f"or delete {directory} to redo it."
     )
+
+
+def made_from_current_weights(directory: str | os.PathLike, saved: dict, recipe: Recipe, stage: str) -> bool:
+    """Whether finished output of this recipe was made from the SAE weights there now. A marker
+    from before the digest was recorded, or SAEs no longer there to compare, count as current."""
+    made_from = saved.get("sae_weights")
+    if stage not in READS_TRAINED_SAES or made_from is None:
+        return True
+    now = trained_weights_digest(recipe, stage)
+    if now is None or now == made_from:
+        return True
+    log.warning("%s holds `%s` output of SAE weights that have changed since (trained again); making it again",
+                directory, stage)
+    return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

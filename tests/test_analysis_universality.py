@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,15 @@ def test_universality_mode_compares_two_runs_and_writes_its_report(pretrained_re
     written = (out / "universality.json").stat().st_mtime_ns
     assert analyze(recipe) == out and (out / "universality.json").stat().st_mtime_ns == written
     assert Path(out / "COMPLETE").is_file()
+
+    # Either run's SAE made again with other weights: the comparison is made again.
+    for name, seed in (("b", 2), ("a", 3)):
+        sae = build_sae(width, SAEConfig(n_features=64, init="transpose", seed=seed))
+        shutil.rmtree(tmp_path / name / "export")
+        export_sae(TrainedSAE(f"sae_{name}", sae.eval(), HOOK, 1.0), tmp_path / name / "export")
+        assert analyze(recipe) == out and (out / "universality.json").stat().st_mtime_ns > written
+        written = (out / "universality.json").stat().st_mtime_ns
+        assert analyze(recipe) == out and (out / "universality.json").stat().st_mtime_ns == written
 
 
 def test_universality_without_trained_saes_leaves_no_output_directory(pretrained_recipe, tmp_path):

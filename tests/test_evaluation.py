@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_PRETRAIN
+from safetensors.torch import load_file, save_file
 
 from framework.activations.harvest import harvest
 from framework.activations.reader import ActivationStore, ActivationStream, sub_store
 from framework.analysis.analyze import analyze_features
+from framework.artifacts import is_complete
 from framework.cli import STAGES, main
 from framework.config import SAEConfig, load_recipe, save_recipe
 from framework.errors import CheckpointError, RecipeError
@@ -365,6 +369,43 @@ def test_rerunning_a_complete_eval_does_nothing(trained_recipe, evaluated, monke
     monkeypatch.setattr(eval_stage, "load_lm", no_lm)
     assert eval_stage.evaluate(trained_recipe) == evaluated
     assert {p: p.stat().st_mtime_ns for p in evaluated.iterdir()} == files
+
+
+def test_output_of_saes_trained_again_is_made_again_and_of_the_same_weights_kept(pretrained_recipe, trained_recipe,
+                                                                               evaluated, tmp_path, caplog):
+    """eval and export record a digest of the weights they read: SAEs trained again under the
+    same fingerprint (another train.devices, or their directory deleted and trained again) make
+    the earlier output unfinished; the same weights written again (a deterministic retrain) do not."""
+    shutil.copytree(trained_recipe.path("sae"), tmp_path / "sae")
+    recipe = make_recipe(pretrained_recipe, Path(trained_recipe.workdir), f"train.output_dir={tmp_path / 'sae'}",
+                         f"eval.output_dir={tmp_path / 'eval'}", f"export.output_dir={tmp_path / 'export'}")
+    name = recipe.sae_configs()[0].name
+    weights = tmp_path / "sae" / name / "sae.safetensors"
+    eval_dir, export_dir = eval_stage.evaluate(recipe), export(recipe)
+    before = json.loads((eval_dir / "metrics.json").read_text())[name]
+    assert json.loads((eval_dir / "metrics.json").read_text()) == json.loads((evaluated / "metrics.json").read_text())
+
+    save_file(load_file(str(weights)), str(weights))  # the same tensors, a new file
+    assert is_complete(eval_dir, recipe, "eval") and is_complete(export_dir, recipe, "export")
+
+    state = load_file(str(weights))
+    state["W_dec"] = state["W_dec"] * 0.5
+    save_file(state, str(weights))
+    imported = make_recipe(pretrained_recipe, Path(trained_recipe.workdir), f"eval.sae_path={export_dir / name}",
+                           f"eval.output_dir={tmp_path / 'eval_imported'}")
+    assert is_complete(eval_stage.evaluate(imported), imported, "eval")
+    with caplog.at_level(logging.WARNING):
+        assert not is_complete(eval_dir, recipe, "eval") and not is_complete(export_dir, recipe, "export")
+    assert "output of SAE weights that have changed since (trained again); making it again" in caplog.text
+    after = json.loads((eval_stage.evaluate(recipe) / "metrics.json").read_text())[name]
+    assert after["fvu"] != pytest.approx(before["fvu"]) and is_complete(eval_dir, recipe, "eval")
+    assert is_complete(imported.path("eval"), imported, "eval")  # its SAELens directory is as it was
+    export(recipe)
+    assert is_complete(export_dir, recipe, "export")
+    assert not is_complete(imported.path("eval"), imported, "eval")  # exported again: new weights there
+    scale = json.loads((weights.parent / "config.json").read_text())["input_scale"]
+    exported = load_file(str(export_dir / name / "sae_weights.safetensors"))
+    assert torch.allclose(exported["W_dec"] * scale, state["W_dec"])  # the new weights
 
 
 def test_eval_of_another_recipe_into_a_complete_directory_is_refused(pretrained_recipe, trained_recipe, evaluated):

@@ -59,6 +59,7 @@ from framework.artifacts import (
     is_complete,
     mark_complete,
     stage_fingerprint,
+    trained_weights_digest,
 )
 from framework.config import AnalyzeConfig, Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
@@ -99,7 +100,10 @@ def analyze_features(recipe: Recipe) -> Path:
     model = load_lm(recipe)
     trained = pick_sae(load_saes_for_lm(recipe, model), recipe.analyze.sae_name)
     corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
-    digest = fingerprint_digest(stage_fingerprint(recipe, "analyze"))
+    # Progress resumes only for the same recipe and the same weights (SAEs trained again in
+    # between make other features).
+    digest = fingerprint_digest({**stage_fingerprint(recipe, "analyze"),
+                                 "sae_weights": trained_weights_digest(recipe, "analyze")})
     analyze_sae(model, trained, corpus, recipe.analyze, out, digest, recipe.seed)
     save_recipe(recipe, out)
     mark_complete(out, recipe, "analyze", sae=trained.name)

@@ -12,7 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from framework.artifacts import MARKER, as_fingerprinted_now, mark_complete, stage_fingerprint
+from framework.artifacts import (
+    MARKER,
+    as_fingerprinted_now,
+    made_from_current_weights,
+    mark_complete,
+    stage_fingerprint,
+)
 from framework.config import Recipe
 
 
@@ -21,13 +27,15 @@ def _normalised(value) -> object:
 
 
 def is_done(out: Path, recipe: Recipe, settings: dict) -> bool:
-    """True if `out` holds this mode's finished output for this recipe and these settings."""
+    """True if `out` holds this mode's finished output for this recipe and these settings, made
+    from the SAE weights there now."""
     marker = out / MARKER
     if not marker.is_file():
         return False
     saved = json.loads(marker.read_text())
     return (as_fingerprinted_now(saved.get("fingerprint", {}), "analyze") == _normalised(stage_fingerprint(recipe, "analyze"))
-            and saved.get("settings") == _normalised(settings))
+            and saved.get("settings") == _normalised(settings)
+            and made_from_current_weights(out, saved, recipe, "analyze"))
 
 
 def start(out: Path) -> None:

@@ -36,7 +36,12 @@ from framework.analysis.analyze import pick_sae
 from framework.analysis.collect import hook_rows
 from framework.analysis.corpus import Corpus, analysis_corpus
 from framework.analysis.correlation import PairCorrelation
-from framework.artifacts import MARKER, atomic_save_figure, atomic_write_text, load_saved_recipe
+from framework.artifacts import (
+    atomic_save_figure,
+    atomic_write_text,
+    load_saved_recipe,
+    trained_weights_digest,
+)
 from framework.config import Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM, parse_hook
@@ -152,13 +157,13 @@ def _other_recipe(workdir: str) -> Recipe:
 
 
 def _settings(recipe: Recipe, other: Recipe) -> dict:
-    """What the output depends on beyond the analyze fingerprint: the other run's trained SAEs."""
+    """What the output depends on beyond the analyze fingerprint: the other run's trained SAEs
+    (this run's are in the marker's own weights digest)."""
     cfg = recipe.analyze
-    marker = other.path("sae") / MARKER
     return {
         "other_workdir": cfg.other_workdir, "other_sae_name": cfg.other_sae_name, "ceiling_sae": cfg.ceiling_sae,
         "ultralow_log10_density": cfg.ultralow_log10_density,
-        "other_sae": json.loads(marker.read_text()).get("digest") if marker.is_file() else None,
+        "other_sae": trained_weights_digest(other, "analyze"),
     }
 
 
