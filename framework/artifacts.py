@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from framework.config import Recipe, RecipeError, load_recipe, recipe_to_dict
@@ -76,21 +77,32 @@ ADDED_LATER = {
 # train.devices, or the SAE directory deleted and trained again) make different weights, and
 # output made from the earlier ones then reads as unfinished and is made again.
 READS_TRAINED_SAES = ("eval", "analyze", "export")
-_file_digests: dict[tuple[str, int, int], str] = {}
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, cached per process by path, size and modification time: `sae run`
-    asks about the same SAEs several times (each stage, the report, a sweep's summary)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_digests:
+def files_sha256(paths: Iterable[Path]) -> str:
+    """One sha256 over the files' bytes, in path order: an LM's weights, a bank's SAE files.
+    Within a process a file unchanged since (same inode, size and modification times) is not read
+    again: one `sae run` asks for the same LM's hash at every stage that loads or checks the LM
+    (about 100 MB to read for SmolLM2), and for the SAEs' at each stage that reads them."""
+    paths = sorted(paths)
+    key = tuple((str(p.resolve()), *_version(p.stat())) for p in paths)
+    if key not in _HASHED:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-        _file_digests[key] = digest.hexdigest()
-    return _file_digests[key]
+        for path in paths:
+            with path.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+_HASHED: dict[tuple, str] = {}  # files_sha256's results, by the files' paths and _version
+
+
+def _version(stat) -> tuple[int, ...]:
+    """What changes when a file is rewritten: a new file renamed over it (another inode), or
+    bytes written in place (its size or modification time)."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def trained_weights_digest(recipe: Recipe, stage: str) -> str | None:
@@ -106,10 +118,7 @@ def trained_weights_digest(recipe: Recipe, stage: str) -> str | None:
         files = [root / cfg.name / name for cfg in recipe.sae_configs() for name in ("config.json", "sae.safetensors")]
     if not all(f.is_file() for f in files):
         return None
-    combined = hashlib.sha256()
-    for f in files:
-        combined.update(f"{f.parent.name}/{f.name}:{_file_digest(f)}\n".encode())
-    return combined.hexdigest()[:16]
+    return files_sha256(files)[:16]
 
 
 def load_saved_recipe(path: str | os.PathLike) -> Recipe:

@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from framework.artifacts import files_sha256
 from framework.config import BuiltinLMConfig
 from framework.lm.base import BaseLM, LMOutput, Splice, Tokenizer, hook_name
 from framework.lm.hooks import HookRun, StopForward
-from framework.lm.identity import files_sha256
 from framework.lm.tokenizer import load_tokenizer
 
 

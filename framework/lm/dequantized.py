@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
+from framework.artifacts import files_sha256
 from framework.lm.base import Tokenizer
 from framework.lm.hf import HFLM, hf_identity, load_hf, weights_sha256
-from framework.lm.identity import files_sha256
 from framework.locks import lock_file
 
 log = logging.getLogger(__name__)

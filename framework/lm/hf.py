@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from framework.artifacts import files_sha256
 from framework.errors import RecipeError
 from framework.lm.base import BaseLM, LMOutput, Splice, Tokenizer, hook_name, parse_hook
 from framework.lm.hooks import HookRun, StopForward
-from framework.lm.identity import files_sha256, parameters_sha256
+from framework.lm.identity import parameters_sha256
 
 
 @dataclass(frozen=True)
