@@ -17,7 +17,7 @@ from framework.activations.reader import ActivationStore, ActivationStream, sub_
 from framework.artifacts import atomic_write_text, is_complete, mark_complete
 from framework.config import Recipe, save_recipe
 from framework.errors import DataError
-from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae
+from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae, in_activation_units
 from framework.evaluation.spliced import spliced_metrics
 from framework.lm import load_lm
 from framework.saved import TrainedSAE, load_saes_for_lm
@@ -69,12 +69,8 @@ def evaluate_one(recipe: Recipe, model, trained: TrainedSAE, token_batches) -> d
                     "use those %d (raise harvest.heldout_tokens, or text.heldout_fraction, for more)",
                     recipe.eval.n_tokens, n_rows, trained.hook_point, trained.name, n_rows)
     batches = [b.to(device) * trained.input_scale for b in rows]
-    metrics = evaluate_sae(trained.sae, batches)
+    metrics = in_activation_units(evaluate_sae(trained.sae, batches), trained.input_scale)
     metrics["heldout_rows"] = n_rows  # the rows the activation metrics are over (eval.n_tokens at most)
-    # The SAE sees x * input_scale; report MSE in the activations' own units, so that it does
-    # not depend on train.normalize_activations, and an SAE scores the same after `sae export`
-    # (which folds the scale into the weights) and a re-import through eval.sae_path.
-    metrics["mse"] /= trained.input_scale**2
     counter = DensityCounter(trained.sae.n_features)
     with torch.no_grad():
         for x in batches:

@@ -24,6 +24,15 @@ def evaluate_sae(sae, batches: list[torch.Tensor], sum_over_features=None) -> di
         sae.train(was_training)
 
 
+def in_activation_units(metrics: dict[str, float], input_scale: float) -> dict[str, float]:
+    """`evaluate_sae`'s metrics of an SAE that sees x * input_scale, with the MSE in the
+    activations' own units: so it does not depend on train.normalize_activations, training's
+    held-out MSE and `sae eval`'s agree, and an SAE scores the same after `sae export` (which
+    folds the scale into the weights) and a re-import through eval.sae_path. The rest is
+    scale-free (FVU, L0) or in the SAE's own units (L1)."""
+    return {**metrics, "mse": metrics["mse"] / input_scale**2}
+
+
 def _evaluate(sae, batches: list[torch.Tensor], sum_over_features) -> dict[str, float]:
     sq_err = total_var = 0.0
     tallies = torch.zeros(3, dtype=torch.float64, device=batches[0].device)  # active, Σ|f|, never fired

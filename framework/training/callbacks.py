@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from framework.config import Recipe
-from framework.evaluation.metrics import density_summary
+from framework.evaluation.metrics import density_summary, in_activation_units
 from framework.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,10 @@ class HeldoutEval(L.Callback):
     def evaluate(self, trainer, module) -> dict[str, dict[str, float]]:
         self._load_batches()
         for name, sae in module.saes.items():
-            metrics = module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
-                                                   for b in self.batches])
-            # In the activations' own units, as `sae eval` reports it (the SAE sees x * input_scale).
-            metrics["mse"] /= module.input_scales.get(module.hook_of[name], 1.0) ** 2
+            metrics = in_activation_units(
+                module.layout.evaluate(sae, [module.scaled_input(tuple(t.to(module.device) for t in b), name)
+                                             for b in self.batches]),
+                module.input_scales.get(module.hook_of[name], 1.0))
             self.results[name] = metrics
             module.record_metrics({f"{name}/eval/{key}": value for key, value in metrics.items()},
                                   step=trainer.global_step - 1)
