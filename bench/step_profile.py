@@ -4,7 +4,7 @@ when there is no GPU), and how the step's wall time compares with the time its k
 device busy (on a GPU, a step whose wall time is much larger than its kernels' time is bound by
 launches and host syncs, not by the kernels: the case for CUDA graphs or fewer, fused kernels).
 
-    python bench/step_profile.py --device cuda              # topk, topk with CUDA graphs, paper (sparse); n 16,384, bf16
+    python bench/step_profile.py --device cuda   # topk, paper (sparse) at n 16,384; with CUDA graphs: topk 16,384, paper 4,096; bf16
     python bench/step_profile.py --case topk:16384:fp32 --rows 30
 """
 

@@ -11,13 +11,21 @@
 #   MASTER_ADDR  rendezvous host (default 127.0.0.1)  MASTER_PORT (default 29500)
 #   MAX_RESTARTS torchrun restarts after a failure; a restarted job resumes from its last
 #                checkpoint (default 0)
+#   PYTHON       the interpreter (default: the active environment's python, else this
+#                checkout's .venv/bin/python where `make setup` made one, else python)
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
   sed -n '2,15p' "$0"; exit 2
 fi
 
-gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+checkout=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python
+  [[ -z "${VIRTUAL_ENV:-}" && -x "$checkout/.venv/bin/python" ]] && PYTHON="$checkout/.venv/bin/python"
+fi
+
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NPROC=${NPROC:-$([[ "$gpus" -gt 0 ]] && echo "$gpus" || echo 2)}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -35,7 +43,7 @@ fi
 # restart fails to connect or hangs (pytorch/pytorch#135712, #167288). c10d rendezvous with its
 # own store per attempt restarts cleanly.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec python -m torch.distributed.run \
+exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --max_restarts="$MAX_RESTARTS" \
