@@ -488,6 +488,14 @@ def _check_choices(recipe: Recipe) -> None:
     if recipe.text.context_length > MAX_CONTEXT_LENGTH:
         raise RecipeError(f"text.context_length ({recipe.text.context_length}) exceeds {MAX_CONTEXT_LENGTH}: "
                           f"activation shards store each row's position as int16")
+    harvest = recipe.harvest
+    if max(harvest.shuffle_window, harvest.rows_per_shard) % harvest.rows_per_shard \
+            or harvest.rows_per_shard % harvest.tokens_per_context:
+        raise RecipeError(
+            f"harvest.shuffle_window ({harvest.shuffle_window}) must be a multiple of harvest.rows_per_shard "
+            f"({harvest.rows_per_shard}), which must be a multiple of harvest.tokens_per_context "
+            f"({harvest.tokens_per_context}): a window's contexts fill whole shards"
+        )
     if recipe.harvest.tokens_per_context + recipe.harvest.skip_first_tokens > recipe.text.context_length:
         raise RecipeError(
             f"harvest.tokens_per_context ({recipe.harvest.tokens_per_context}) + "

@@ -431,6 +431,32 @@ def test_live_mode_yields_the_rows_the_store_holds(harvested):
             torch.testing.assert_close(a[h], b[h], rtol=1e-5, atol=1e-6)
 
 
+def test_live_mode_reads_the_split_a_harvest_of_the_recipe_reads(harvested):
+    """harvest.split=heldout makes a store of held-out text; live mode read the train split
+    whatever the recipe said (its stream, its row count check and its samples)."""
+    model = load_lm(harvested)
+    heldout_recipe = with_overrides(harvested, ["harvest.split=heldout", "harvest.heldout_tokens=0"])
+    live = next(iter(LiveStream(model, heldout_recipe, batch_size=64)))
+    named = next(iter(LiveStream(model, harvested, batch_size=64, split="heldout")))
+    train = next(iter(LiveStream(model, harvested, batch_size=64)))
+    assert torch.equal(live[0], named[0]) and not torch.equal(live[0], train[0])
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"model": {}}, r"is not a valid manifest \(KeyError: 'shards'\); re-run `sae harvest RECIPE`"),
+    ([1, 2], r"is not a valid manifest \((TypeError|ValueError)"),
+    ("format 2", r"is in shard format 2; this version of the framework reads format 1"),
+])
+def test_a_manifest_this_version_cannot_read_is_named_with_what_to_do(harvested, tmp_path, manifest, message):
+    """JSON that is no manifest came out as a KeyError traceback from the reader (URL stores,
+    the held-out split, `sae eval`); a newer shard format was read as if it were this one."""
+    if manifest == "format 2":
+        manifest = json.loads((harvested.path("activations") / "manifest.json").read_text()) | {"format_version": 2}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message):
+        ActivationStore(str(tmp_path))
+
+
 def test_live_rows_are_rounded_as_a_bfloat16_store_holds_them(pretrained_recipe, tmp_path):
     recipe = store_recipe(pretrained_recipe, tmp_path, "harvest.dtype=bfloat16", "harvest.heldout_tokens=0")
     harvest(recipe)

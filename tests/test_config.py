@@ -241,6 +241,11 @@ def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
                                   r"row's position as int16"),
     ("harvest.split=heldout", r"harvest.split=heldout with harvest.heldout_tokens > 0: the held-out store would "
                               r"repeat the first rows.*Set harvest.heldout_tokens=0"),
+    # checked when `sae harvest` planned its windows, after the recipe had loaded (and the LM too)
+    ("harvest.rows_per_shard=1000", r"harvest.shuffle_window \(65536\) must be a multiple of harvest.rows_per_shard "
+                                    r"\(1000\), which must be a multiple of harvest.tokens_per_context \(64\)"),
+    ("harvest.rows_per_shard=65560", r"harvest.rows_per_shard \(65560\), which must be a multiple of "
+                                     r"harvest.tokens_per_context \(64\)"),
 ])
 def test_more_numbers_a_run_cannot_use_are_refused_naming_key_value_and_meaning(override, message):
     """Each of these was accepted and then crashed the run (a division by zero, an empty

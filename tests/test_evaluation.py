@@ -26,7 +26,7 @@ from framework.analysis.analyze import analyze_features
 from framework.artifacts import is_complete
 from framework.cli import STAGES, main
 from framework.config import SAEConfig, load_recipe, save_recipe
-from framework.errors import CheckpointError, RecipeError
+from framework.errors import CheckpointError, DataError, RecipeError
 from framework.evaluation import evaluate as eval_stage
 from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae
 from framework.evaluation.spliced import hook_mean, spliced_metrics
@@ -491,6 +491,20 @@ def test_an_sae_that_does_not_fit_the_lms_hook_point_is_refused_when_loaded(pret
                                               rf"Point eval.sae_path at an SAE trained on '{hook}' of this LM"):
         stage(recipe)
     assert not recipe.path("eval").exists() and not recipe.path("analysis").exists()
+
+
+def test_an_unreadable_heldout_split_is_an_error_not_a_quiet_switch_to_the_lm(pretrained_recipe, trained_recipe,
+                                                                             tmp_path):
+    """A held-out store that is there but damaged: `sae eval` ran the LM over held-out text
+    instead, without a word (training and `sae harvest --verify` refuse it)."""
+    store = tmp_path / "activations"
+    shutil.copytree(trained_recipe.path("activations"), store)
+    (store / "heldout" / "manifest.json").write_text("xx{")
+    recipe = make_recipe(pretrained_recipe, Path(trained_recipe.workdir), f"harvest.output_dir={store}",
+                         f"eval.output_dir={tmp_path / 'eval'}")
+    with pytest.raises(DataError, match=r"cannot read .*heldout/manifest.json .*Run `sae harvest RECIPE`"):
+        eval_stage.evaluate(recipe)
+    assert not (tmp_path / "eval" / "COMPLETE").exists()
 
 
 def test_eval_of_a_directory_that_is_no_saelens_sae_is_refused(pretrained_recipe, trained_recipe, tmp_path):

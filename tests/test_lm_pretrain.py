@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
 
-from framework.config import load_recipe
-from framework.errors import DataError
+from framework.config import load_recipe, with_overrides
+from framework.errors import DataError, RecipeError
 from framework.lm import BuiltinLM, load_lm
 from framework.lm.baselines import bigram_loss, unigram_loss
 from framework.lm.pretrain import pretrain
@@ -51,6 +52,21 @@ def test_load_lm_reads_the_pretrained_builtin_model(pretrained_recipe):
     heldout = load_contexts(pretrained_recipe.text, lm.tokenizer, "heldout", stop=16)
     metrics = json.loads((pretrained_recipe.path("lm") / "metrics.json").read_text())
     assert lm.next_token_loss(heldout).item() < metrics["unigram_heldout_loss"]
+
+
+def test_a_builtin_lm_of_another_shape_than_the_recipes_is_refused_naming_both(pretrained_recipe, tmp_path):
+    """lm.path at another recipe's LM (or a config.json edited by hand, which the weights hash
+    leaves out): every output would record the recipe's shape for rows of another model."""
+    other = with_overrides(pretrained_recipe, ["lm.builtin.n_heads=8", f"lm.path={pretrained_recipe.path('lm')}"])
+    with pytest.raises(RecipeError, match=r"not the shape this recipe's lm.builtin describes \(n_heads: 4 there, "
+                                          r"8 here; from its config.json\)"):
+        load_lm(other)
+    edited = tmp_path / "lm"
+    shutil.copytree(pretrained_recipe.path("lm"), edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"n_heads": 2}))
+    with pytest.raises(RecipeError, match=r"n_heads: 2 there, 4 here"):
+        load_lm(with_overrides(pretrained_recipe, [f"lm.path={edited}"]))
 
 
 def test_pretrain_of_a_ready_made_lm_does_nothing_and_says_so(tmp_path):

@@ -730,6 +730,17 @@ def test_a_broken_heldout_split_stops_training_before_its_first_step(pretrained_
     assert steps.taken == []
 
 
+def test_a_heldout_split_smaller_than_one_batch_is_evaluated_whole(pretrained_recipe, store_dir, tmp_path):
+    """2,048 held-out rows and batches of 4,096: the periodic evaluation read no batch at all
+    (a stream drops a last partial batch) and failed at the last step, before the final
+    checkpoint, losing the run; now it scores the rows there are."""
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.batch_size=4096")
+    out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    assert "dead_fraction_heldout" in metrics and metrics["fvu"] > 0 and metrics["l0"] > 0, metrics  # two steps in
+
+
 def test_a_run_stopped_while_writing_its_outputs_resumes_from_its_last_step_checkpoint(pretrained_recipe, store_dir,
                                                                                         tmp_path):
     """Killed after the last checkpoint but before COMPLETE: Lightning restores the final-step

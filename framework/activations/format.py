@@ -84,10 +84,21 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
-        data = dict(data)
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+    def from_dict(cls, data: dict, where: str = "") -> Manifest:
+        """The manifest in `data` (a manifest.json read at `where`); DataError if it is not one
+        this version reads."""
+        try:
+            data = dict(data)
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            manifest = cls(**data)
+        except (TypeError, KeyError, ValueError) as err:
+            raise DataError(f"{where or MANIFEST} is not a valid manifest ({type(err).__name__}: {err}); "
+                            f"re-run `sae harvest RECIPE` into an empty directory.") from None
+        if manifest.format_version != FORMAT_VERSION:
+            raise DataError(f"{where or MANIFEST} is in shard format {manifest.format_version}; this version of the "
+                            f"framework reads format {FORMAT_VERSION}. Use the framework version that harvested it, "
+                            f"or re-harvest into an empty directory.")
+        return manifest
 
 
 def read_manifest(store: str | os.PathLike) -> Manifest:
@@ -99,9 +110,10 @@ def read_manifest(store: str | os.PathLike) -> Manifest:
             f"finish. Run `sae harvest RECIPE` (it resumes where it stopped)."
         )
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not a valid manifest ({err}); re-run `sae harvest RECIPE`.") from None
+    return Manifest.from_dict(data, str(path))
 
 
 def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:

@@ -23,12 +23,15 @@ from framework.lm import BaseLM
 
 class LiveStream(IterableDataset):
     def __init__(self, model: BaseLM, recipe: Recipe, batch_size: int, rank: int = 0, world: int = 1,
-                 split: str = "train", n_tokens: int | None = None, start_row: int = 0,
+                 split: str | None = None, n_tokens: int | None = None, start_row: int = 0,
                  max_batches: int | None = None, first_window: int = 0):
+        """`split` and `n_tokens`: those a harvest of the recipe reads (harvest.split,
+        harvest.n_tokens) unless given (the held-out stream's)."""
         super().__init__()
         self.model, self.recipe, self.batch_size = model, recipe, batch_size
         self.rank, self.world, self.start_row, self.max_batches = rank, world, start_row, max_batches
-        self.plan: HarvestPlan = make_plan(recipe, model, split, n_tokens or recipe.harvest.n_tokens)
+        self.plan: HarvestPlan = make_plan(recipe, model, split or recipe.harvest.split,
+                                           recipe.harvest.n_tokens if n_tokens is None else n_tokens)
         # Samples (init, resampling) start at another window per seed, as a store's draw
         # starts at another shard: training streams start at window 0.
         self.first_window = first_window % self.plan.n_windows

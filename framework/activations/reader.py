@@ -93,7 +93,7 @@ def open_manifest(location: str) -> Manifest:
             f"cannot read {url} ({err}): the activation store is missing or its harvest did not "
             f"finish. Run `sae harvest RECIPE` (it resumes where it stopped)."
         ) from None
-    return Manifest.from_dict(data)
+    return Manifest.from_dict(data, url)
 
 
 class ActivationStore:

@@ -43,7 +43,9 @@ def _load(recipe: Recipe, device_index: int | None) -> BaseLM:
     warn_if_emulated_on_cpu("lm.dtype", cfg.dtype, device.type == "cpu")
     dtype = getattr(torch, cfg.dtype)
     if cfg.name == "builtin":
-        return load_builtin(_pretrained_dir(recipe), device, dtype)
+        model = load_builtin(_pretrained_dir(recipe), device, dtype)
+        _check_builtin_shape(model, recipe)
+        return model
     if cfg.name == "smollm2":
         from framework.lm.smollm2 import load_smollm2
 
@@ -90,6 +92,21 @@ def check_context_length(model: BaseLM, recipe: Recipe) -> None:
         f"text.context_length={length} is longer than the LM ({model.name}) can read: its n_ctx is "
         f"{limit} positions. Set text.context_length={limit} or less{retrain}."
     )
+
+
+def _check_builtin_shape(model: BuiltinLM, recipe: Recipe) -> None:
+    """Refuse a built-in LM whose shape (its config.json) is not the recipe's lm.builtin: every
+    output records the recipe's lm section as the model it came from, and its weights hash
+    leaves config.json out (an lm.path of another recipe's LM, or an edited config.json)."""
+    arch = model.identity["architecture"]
+    wanted = {key: getattr(recipe.lm.builtin, key) for key in ("d_model", "d_mlp", "n_heads", "n_layers")}
+    differences = [f"{key}: {arch[key]} there, {value} here" for key, value in wanted.items() if arch[key] != value]
+    if differences:
+        raise RecipeError(
+            f"the built-in LM at {recipe.path('lm')} is not the shape this recipe's lm.builtin describes "
+            f"({'; '.join(differences)}; from its config.json). Set lm.builtin.* to the LM's shape, or pretrain "
+            f"this recipe's LM into a directory of its own (lm.path)."
+        )
 
 
 def _pretrained_dir(recipe: Recipe) -> Path:

@@ -160,20 +160,32 @@ class ActivationDataModule(L.LightningDataModule):
         return stream
 
     def heldout_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
-        """Held-out rows for periodic evaluation (the store's heldout/ split)."""
+        """Held-out rows for periodic evaluation (the store's heldout/ split): up to `n_batches`
+        of `batch` rows, or one batch of all there are where the split holds less than `batch`
+        (a stream drops a last partial batch, and no batch at all would leave nothing to score)."""
         location = sub_store(self.recipe.store_location(), "heldout")
-        if self.store is None:
+        heldout_tokens = self.recipe.harvest.heldout_tokens
+        if self.store is None and heldout_tokens > 0:
             from framework.activations.live import LiveStream
 
-            stream = LiveStream(self.live_model, self.recipe, batch, split="heldout",
-                                n_tokens=self.recipe.harvest.heldout_tokens, max_batches=n_batches)
+            stream = LiveStream(self.live_model, self.recipe, batch, split="heldout", n_tokens=heldout_tokens,
+                                max_batches=n_batches)
+            stream.batch_size = min(batch, stream.plan.rows)
+        elif self.store is None:
+            log.warning("harvest.heldout_tokens=0: periodic evaluation uses training rows")
+            stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
         else:
             try:
-                stream = ActivationStream(ActivationStore(location, verify=self.recipe.harvest.verify_on_read), batch,
-                                          shuffle=False, max_batches=n_batches)
+                store = ActivationStore(location, verify=self.recipe.harvest.verify_on_read)
             except DataError:
                 if heldout_split_present(location):
                     raise  # there, but unreadable: its metrics must not quietly come from training rows
                 log.warning("no held-out store at %s; periodic evaluation uses training rows", location)
                 stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
-        return list(stream)
+            else:
+                stream = ActivationStream(store, min(batch, store.manifest.rows), shuffle=False, max_batches=n_batches)
+        batches = list(stream)
+        if not batches:
+            raise DataError(f"no held-out rows for periodic evaluation in {location}; re-run `sae harvest RECIPE` "
+                            f"with harvest.heldout_tokens > 0")
+        return batches

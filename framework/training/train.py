@@ -335,6 +335,9 @@ def train(recipe: Recipe) -> Path:
         return out
     if recipe.harvest.mode == "shards":  # live mode reads the recipe's LM itself: nothing to compare
         check_store_recipe(recipe, recipe.store_location())
+    if recipe.harvest.split == "heldout":
+        log.warning("harvest.split=heldout: training on the held-out split; the held-out metrics of training and "
+                    "`sae eval` will be of text the SAEs trained on")
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     live_model = None
     if recipe.harvest.mode == "live":
