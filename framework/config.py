@@ -531,6 +531,12 @@ def _check_choices(recipe: Recipe) -> None:
         )
     if recipe.train.deepspeed_stage not in (1, 2, 3):
         raise RecipeError(f"train.deepspeed_stage={recipe.train.deepspeed_stage} is not one of 1, 2, 3")
+    if recipe.train.strategy == "deepspeed" and recipe.train.precision == "16-mixed" and recipe.train.grad_clip > 0:
+        # DeepSpeed's fp16 optimizer unscales the gradients inside its step, after the clip: the
+        # clip would see them times the loss scale (2^16 at first) and shrink every step.
+        raise RecipeError("train.grad_clip with train.strategy=deepspeed and train.precision=16-mixed would clip "
+                          "gradients still multiplied by the loss scale; use train.precision=bf16-mixed (or 32-true), "
+                          "or train.grad_clip=0")
     if recipe.train.feature_shards < 0:
         raise RecipeError(f"train.feature_shards={recipe.train.feature_shards} must be 0 (all ranks) or positive")
     if recipe.train.shuffle_buffer != RETIRED_SHUFFLE_BUFFER:

@@ -133,6 +133,17 @@ def test_interval_samples_lie_in_their_activation_interval():
             assert in_interval[held].all()
 
 
+def test_a_firing_the_first_pass_did_not_see_goes_to_the_last_interval():
+    """The two passes see the same activations, save rounding on another device or kernel: a
+    unit silent in pass 1 (max 0) that fires in pass 2 divided by 0, and inf cast to an integer
+    is the most negative index (an IndexError deep in the sampler)."""
+    stats = UnitStats(2, AnalyzeConfig(top_k_examples=3, n_quantile_intervals=4, examples_per_interval=3))
+    stats.first_pass(torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.arange(2))
+    stats.second_pass(torch.tensor([[1e-7, 1.0], [0.0, 2.0]]), torch.arange(2), torch.Generator().manual_seed(0))
+    held, values = stats.interval_samples(0, 3)
+    assert held.tolist() == [0] and values.tolist() == [pytest.approx(1e-7)]
+
+
 def test_histogram_counts_each_firing_once_in_its_log_bin():
     histogram = ActivationHistogram(2)
     values = torch.tensor([1e-6, 0.5, 1.0, 3.0, 1e9])
@@ -179,6 +190,31 @@ def test_ablating_the_planted_feature_lowers_the_log_prob_of_its_token(tiny: Tin
     promoted, _ = effects.moved_tokens(PLANTED_FEATURE, k=3)
     assert promoted[0][0] == tiny.planted_token and promoted[0][1] < 0
     assert [e.position for e in effects.examples[PLANTED_FEATURE]] == [5, 9]
+
+
+def test_ablation_keeps_the_models_own_activation_where_the_sae_never_trained(tiny: TinySetup, monkeypatch):
+    """Below skip_first_tokens both passes spliced in the SAE's reconstruction (and removed the
+    feature there): in a deeper model, position 0's atypical activation, which attention reads
+    from every later position, was replaced by what the SAE never learned to reconstruct."""
+    units = feature_units(tiny.trained)
+    tokens = tiny.corpus.fetch([0, 1])
+    acts = tiny.model.run(tokens, capture=[HOOK], stop_at=HOOK).activations[HOOK]
+    spliced, run = [], tiny.model.run
+
+    def spy(t, **kwargs):
+        if "splice" in kwargs:
+            spliced.append((t, kwargs["splice"][HOOK](acts[: len(t), : t.shape[1]])))
+        return run(t, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "run", spy)
+    pairs = [(0, PLANTED_FEATURE, 5), (1, PLANTED_FEATURE, 9)]
+    measure_ablations(tiny.model, HOOK, units, tokens, acts, units.activations(acts), pairs, [0, 1], AblationEffects(), 3)
+    assert len(spliced) == 2  # the clean pass and the ablated one
+    for t, replacement in spliced:
+        for i, sequence in enumerate(t):
+            row = next(j for j in range(len(tokens)) if torch.equal(tokens[j, : len(sequence)], sequence))
+            assert torch.equal(replacement[i, :3], acts[row, :3])
+            assert not torch.equal(replacement[i, 3:], acts[row, 3 : len(sequence)])
 
 
 class InterruptedCorpus(Corpus):

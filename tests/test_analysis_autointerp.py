@@ -24,7 +24,7 @@ from framework.analysis.autointerp import (
 )
 from framework.analysis.dashboard import unit_page
 from framework.analysis.interp_backends import AutointerpError, HTTPBackend
-from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, shown
+from framework.analysis.interp_prompts import EXPLAIN_SYSTEM, parse_numbered, shown
 from framework.artifacts import mark_complete
 from framework.config import AnalyzeConfig, load_recipe
 
@@ -33,15 +33,21 @@ KEY_ENV = "SAE_TEST_AUTOINTERP_KEY"
 CANNED_EXPLANATION = "tokens of every length"
 
 
-@pytest.fixture(scope="module")
-def analysis_dir(tmp_path_factory) -> Path:
-    """A real `sae analyze` output (features.json, dashboard) of the tiny setup, features and neurons."""
-    directory = tmp_path_factory.mktemp("autointerp")
-    tiny: TinySetup = build_tiny_setup(directory / "setup")
-    cfg = AnalyzeConfig(n_features=4, top_k_examples=6, n_quantile_intervals=3, examples_per_interval=2,
+ANALYZE = AnalyzeConfig(n_features=4, top_k_examples=6, n_quantile_intervals=3, examples_per_interval=2,
                         n_random_examples=2, context_window=8, batch_size=8, ablation_examples=2)
-    analyze_sae(tiny.model, tiny.trained, tiny.corpus, cfg, directory / "analysis")
-    return directory / "analysis"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinySetup:
+    return build_tiny_setup(tmp_path_factory.mktemp("autointerp") / "setup")
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(tiny, tmp_path_factory) -> Path:
+    """A real `sae analyze` output (features.json, dashboard) of the tiny setup, features and neurons."""
+    out = tmp_path_factory.mktemp("autointerp") / "analysis"
+    analyze_sae(tiny.model, tiny.trained, tiny.corpus, ANALYZE, out)
+    return out
 
 
 def a_page(analysis_dir: Path, kind: str = "features") -> tuple[dict, dict]:
@@ -49,6 +55,13 @@ def a_page(analysis_dir: Path, kind: str = "features") -> tuple[dict, dict]:
     record = data["kinds"][kind]
     unit = min(int(u) for u in record["pages"])
     return record["pages"][str(unit)], record["units"][unit]
+
+
+def test_a_simulator_reply_is_read_as_one_digit_per_numbered_line():
+    assert parse_numbered("1\t9\n2: 3\n3 4\n4) 5\n", 4) == ([9.0, 3.0, 4.0, 5.0], 0)
+    # A line without a separator is no answer ("12" was token 1's digit 2, "10<TAB>" token 1's 0,
+    # overwriting the answer given for token 1); a number answered twice keeps its first answer.
+    assert parse_numbered("1\t9\n12\n10\t\n2\t7\n2\t1\n", 12) == ([9.0, 7.0] + [0.0] * 10, 10)
 
 
 def test_average_ranks_share_ties_and_spearman_is_pearson_of_ranks():
@@ -237,6 +250,28 @@ def test_autointerp_over_http_scores_caches_and_reaches_the_dashboard(analysis_d
     for file in analysis_dir.rglob("*"):
         assert not file.is_file() or SECRET.encode() not in file.read_bytes(), file
     assert SECRET not in caplog.text
+
+
+def test_a_features_analysis_made_again_shows_no_scores_or_pages_of_the_earlier_one(tiny, analysis_dir, chat_server,
+                                                                                    monkeypatch):
+    """Made again in place (its SAEs trained again since): the earlier autointerp scores, keyed
+    by unit id, sat beside other features on the new dashboard, and pages of units it no longer
+    shows stayed. A later autointerp run scores it again, from the cache where the examples match."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    recipe = http_recipe(analysis_dir, chat_server)
+    analyze(recipe)
+    assert (analysis_dir / "autointerp.json").is_file()
+    orphan = analysis_dir / "dashboard" / "features" / "999999.html"
+    orphan.write_text("a page of an earlier analysis")
+    analyze_sae(tiny.model, tiny.trained, tiny.corpus, ANALYZE, analysis_dir)
+    assert not (analysis_dir / "autointerp.json").exists() and not (analysis_dir / "autointerp" / "report.md").exists()
+    assert not orphan.exists()
+    assert "Interp. score" not in (analysis_dir / "dashboard" / "index.html").read_text()
+    pages = list((analysis_dir / "dashboard" / "features").glob("*.html"))
+    assert pages and not any(CANNED_EXPLANATION in page.read_text() for page in pages)
+    requests = len(chat_server.seen)
+    analyze(recipe)
+    assert (analysis_dir / "autointerp.json").is_file() and len(chat_server.seen) == requests  # same examples: cached
 
 
 def test_autointerp_true_adds_scores_to_a_finished_features_analysis_without_redoing_it(

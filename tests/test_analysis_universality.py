@@ -168,3 +168,22 @@ def test_an_unknown_other_sae_name_is_reported_under_its_own_key(pretrained_reci
     with pytest.raises(RecipeError, match=r"^analyze\.other_sae_name='nope' is not a trained SAE; the bank has sae_b"):
         analyze(recipe)
     assert not (tmp_path / "a" / "analysis").exists()
+
+
+def test_a_ceiling_sae_given_as_a_directory_is_part_of_what_a_finished_comparison_was_made_from(tmp_path):
+    """Trained again, it made no difference to the skip check: the comparison stayed as it was."""
+    from framework.analysis.universality import _settings
+    from framework.config import load_recipe
+
+    ceiling = tmp_path / "ceiling"
+    ceiling.mkdir()
+    (ceiling / "config.json").write_text("{}")
+    (ceiling / "sae.safetensors").write_bytes(b"weights")
+    recipe = load_recipe(None, [f"workdir={tmp_path / 'a'}", f"analyze.ceiling_sae={ceiling}"])
+    other = load_recipe(None, [f"workdir={tmp_path / 'b'}"])
+    before = _settings(recipe, other)
+    (ceiling / "sae.safetensors").write_bytes(b"other weights")
+    after = _settings(recipe, other)
+    assert before["ceiling_weights"] and after["ceiling_weights"] and before != after
+    bank_name = load_recipe(None, [f"workdir={tmp_path / 'a'}", "analyze.ceiling_sae=A_512"])
+    assert _settings(bank_name, other)["ceiling_weights"] is None  # a bank SAE: in the marker's own digest

@@ -241,6 +241,9 @@ def test_a_bank_entry_is_checked_like_the_sae_section(entry, message):
                                   r"row's position as int16"),
     ("harvest.split=heldout", r"harvest.split=heldout with harvest.heldout_tokens > 0: the held-out store would "
                               r"repeat the first rows.*Set harvest.heldout_tokens=0"),
+    ("train.strategy=deepspeed train.precision=16-mixed train.grad_clip=1",
+     r"train.grad_clip with train.strategy=deepspeed and train.precision=16-mixed would clip gradients still "
+     r"multiplied by the loss scale; use train.precision=bf16-mixed"),
     # checked when `sae harvest` planned its windows, after the recipe had loaded (and the LM too)
     ("harvest.rows_per_shard=1000", r"harvest.shuffle_window \(65536\) must be a multiple of harvest.rows_per_shard "
                                     r"\(1000\), which must be a multiple of harvest.tokens_per_context \(64\)"),
@@ -251,7 +254,7 @@ def test_more_numbers_a_run_cannot_use_are_refused_naming_key_value_and_meaning(
     """Each of these was accepted and then crashed the run (a division by zero, an empty
     resampling draw) or silently did something else."""
     with pytest.raises(RecipeError, match=message):
-        load_recipe(None, [override])
+        load_recipe(None, override.split())
 
 
 def test_the_edges_of_the_numbers_checked_are_accepted():

@@ -389,26 +389,32 @@ import signal
 from lightning.pytorch.callbacks import Callback
 
 
+def chooser(module):
+    sae = next(iter(module.saes.values()))
+    return getattr(sae, "local", sae)  # under feature sharding, the rank's slice chooses
+
+
 class Choices(Callback):
     def on_train_start(self, trainer, module):
-        sae = next(iter(module.saes.values()))
-        print(f"rank {trainer.global_rank} starts with sparse_codes={sae.sparse_codes}", flush=True)
+        print(f"rank {trainer.global_rank} starts with sparse_codes={chooser(module).sparse_codes}", flush=True)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if not os.environ.get("SAE_TEST_CHOOSE"):
             return
         if trainer.global_step == 4:  # before the checkpoint callback saves step 4
-            next(iter(module.saes.values())).sparse_codes = trainer.global_rank == 1
+            chooser(module).sparse_codes = trainer.global_rank == 1
         if trainer.global_step == 5 and trainer.global_rank == 0:
             print("injected fault: rank 0 killed after step 5", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_resumed_ddp_run_gives_each_rank_back_its_own_fast_path_choice(recipe_file, overrides, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "feature_sharded"])
+def test_a_resumed_run_gives_each_rank_back_its_own_fast_path_choice(recipe_file, overrides, tmp_path, strategy):
     # The checkpoint held rank 0's choice only, which every rank restored: a rank that had chosen
-    # the other path took rank 0's for a step, the same math summed in another order.
-    args = overrides(tmp_path / "sae", *PAPER, "train.strategy=ddp")
+    # the other path took rank 0's for a step, the same math summed in another order. Under
+    # feature sharding (each rank's slice chooses from its own features) nothing was kept at all.
+    args = overrides(tmp_path / "sae", *(PAPER if strategy == "ddp" else SHARDED_PAPER), f"train.strategy={strategy}")
     entry = train_entry(tmp_path, CHOICES_PER_RANK, callback="Choices")
     killed = torchrun(recipe_file, args, entry=entry, env={"SAE_TEST_CHOOSE": "1"})
     assert killed.returncode != 0 and "injected fault: rank 0 killed after step 5" in killed.stdout

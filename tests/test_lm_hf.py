@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -31,6 +31,7 @@ from transformers import (
 from framework.config import load_recipe
 from framework.errors import RecipeError
 from framework.lm import UnknownHookError, list_hooks, load_lm, weights_sha256
+from framework.lm.base import Tokenizer
 from framework.lm.hf import HFLM
 
 N_LAYERS = 2
@@ -282,6 +283,46 @@ def test_mlp_out_weight_maps_neurons_to_the_mlp_output(arch, request, tokens):
     bias = getattr(lm.layers[0].mlp, "c_proj", None)
     expected = acts["blocks.0.hook_mlp_out"] - (bias.bias if bias is not None else 0)
     torch.testing.assert_close(acts["blocks.0.mlp.hook_post"] @ lm.mlp_out_weight(0), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+                 id="gemma2"),
+    pytest.param(Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="olmo2"),
+])
+@torch.no_grad()
+def test_mlp_out_weight_folds_the_gain_of_the_norm_after_the_mlp(config, tokens):
+    """Gemma 2/3 and OLMo 2 normalise the MLP's output before adding it: what a neuron writes to
+    the residual is its output row times that norm's gain, up to a positive per-token scale. The
+    gain was left out, and the logit tables of mlp.hook_post features ranked tokens by the wrong
+    matrix (29% of a random tiny Gemma 2's neurons kept their top token)."""
+    lm = build(config)
+    norm = lm.layers[0].post_feedforward_layernorm
+    norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(3)) * 2 - 0.5)
+    acts = lm.run(tokens, capture=["blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"]).activations
+    written = acts["blocks.0.mlp.hook_post"] @ lm.mlp_out_weight(0)
+    cosine = torch.nn.functional.cosine_similarity(written, acts["blocks.0.hook_mlp_out"], dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", [
+    pytest.param(decoders.Metaspace(), id="metaspace"),
+    pytest.param(decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)]), id="llama2"),
+])
+@pytest.mark.parametrize("transformers_wrapper", [False, True])
+def test_token_strings_keep_the_leading_space_a_sentencepiece_decoder_strips(decoder, transformers_wrapper):
+    """Decoded alone, `\u2581x` came out as `x` under SentencePiece decoders (Llama 2, Mistral):
+    dashboards lost every space between words and could not tell ` x` from `x`."""
+    vocab = {"[UNK]": 0, "\u2581a": 1, "\u2581x": 2, "x": 3, "\u2581=": 4, "a": 5}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    rust.normalizer = normalizers.Replace(" ", "\u2581")
+    rust.pre_tokenizer = pre_tokenizers.Metaspace()
+    rust.decoder = decoder
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="[UNK]") if transformers_wrapper else rust
+    assert Tokenizer(hf).token_strings([2, 3, 4, 2]) == [" x", "x", " =", " x"]
 
 
 def test_an_unknown_hook_names_itself_and_how_to_list_hooks(llama, tokens):

@@ -74,6 +74,53 @@ def test_data_init_uses_sample_rows_minus_decoder_bias_at_unit_norm():
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
 
 
+@pytest.mark.parametrize("first", [None, 0, 32, 48])
+def test_data_init_with_fewer_rows_than_features_gives_each_row_once_and_the_rest_random_directions(first):
+    """Drawn with replacement, features given the same row started identical (and the bias
+    calibration too) and stayed identical: same gradients, same Adam states, and alive, so never
+    resampled. Now each row serves one feature; the others keep their random directions. A slice
+    (feature sharding) gets the whole dictionary's rows."""
+    cfg = SAEConfig(n_features=64, init="data", decoder_bias_init="mean", init_target_l0=4)
+    sample = _sample(rows=16)
+    whole = build_sae(32, cfg)
+    whole.initialize_from_data(sample)
+    if first is None:
+        centred = sample - sample.mean(0)
+        from_data = (whole.W_dec.detach() @ (centred / centred.norm(dim=1, keepdim=True)).T).max(1).values
+        torch.testing.assert_close(from_data[:16], torch.ones(16))  # the first 16 features: each a row
+        assert (from_data[16:] < 0.99).all()  # the rest: random directions
+        assert len({tuple(row.tolist()) for row in whole.W_dec.detach()}) == 64
+        assert len({tuple(col.tolist()) for col in whole.W_enc.detach().T}) == 64
+        torch.testing.assert_close(whole.W_enc, whole.W_dec.T)
+        return
+    part = build_sae(32, dataclasses.replace(cfg, n_features=16))
+    initialize_weights(part, first, cfg.n_features)
+    part.initialize_from_data(sample, first, cfg.n_features)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        whole_part = getattr(whole, name)[..., first : first + 16] if name == "W_enc" else getattr(whole, name)[first : first + 16]
+        assert torch.equal(getattr(part, name), whole_part), name
+
+
+def test_a_sample_larger_than_the_calibration_rows_calibrates_on_its_first_rows(monkeypatch):
+    """A sample with a row per feature can be larger than the calibration needs (its
+    pre-activations are rows x features): b_dec and the biases read its first CALIBRATION_ROWS."""
+    import framework.sae.init as init
+
+    monkeypatch.setattr(init, "CALIBRATION_ROWS", 256)
+    cfg = SAEConfig(n_features=512, init="data", init_target_l0=8)
+    sample = _sample(rows=1024)
+    sae, reference = build_sae(32, cfg), build_sae(32, cfg)
+    sae.initialize_from_data(sample)
+    reference.initialize_from_data(sample[:256])
+    torch.testing.assert_close(sae.b_dec, reference.b_dec)
+    assert len({tuple(row.tolist()) for row in sae.W_dec.detach()}) == 512  # 512 rows of the 1,024
+    with torch.no_grad():
+        reference.W_dec.copy_(sae.W_dec)
+        reference.W_enc.copy_(sae.W_enc)
+    init.calibrate_encoder_bias(reference, sample[:256], 8, 512)
+    torch.testing.assert_close(sae.b_enc, reference.b_enc)
+
+
 def test_april2024_decoder_rows_start_at_norm_one_tenth_with_tied_encoder():
     sae = build_sae(32, SAEConfig(variant="april2024", n_features=64, init="transpose"))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((64,), 0.1))

@@ -111,3 +111,20 @@ def test_resampling_with_no_dead_features_changes_nothing():
     modified, _ = _resample(sae, torch.zeros(N_FEATURES, dtype=torch.bool))
     assert modified == {}
     assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
+
+
+def test_an_all_zero_input_is_never_drawn_and_no_loss_anywhere_resamples_nothing():
+    """An all-zero input (every neuron silent on a token) has a loss (the reconstruction's) but no
+    direction: drawn, its decoder row became 0, the next renormalisation 0/0, and the run stopped
+    on non-finite weights naming a step, not resampling."""
+    sae = build_sae(4, SAEConfig(variant="paper", n_features=400))
+    inputs = torch.cat([torch.zeros(1, 4), torch.eye(4)[:1]])
+    resample_dead_features(sae, torch.ones(400, dtype=torch.bool), inputs, torch.tensor([100.0, 1.0]),
+                           torch.Generator().manual_seed(0))
+    assert torch.equal(sae.W_dec.detach(), torch.eye(4)[:1].expand(400, 4))
+    sae.after_optimizer_step()
+    assert torch.isfinite(sae.W_dec).all()
+
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    assert resample_dead_features(sae, torch.ones(400, dtype=torch.bool), inputs, torch.zeros(2)) == {}
+    assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())

@@ -741,6 +741,25 @@ def test_a_heldout_split_smaller_than_one_batch_is_evaluated_whole(pretrained_re
     assert "dead_fraction_heldout" in metrics and metrics["fvu"] > 0 and metrics["l0"] > 0, metrics  # two steps in
 
 
+def test_data_init_draws_a_sample_row_for_every_feature(pretrained_recipe, store_dir, tmp_path, monkeypatch):
+    """The init sample was capped at INIT_SAMPLE_ROWS rows: a larger dictionary drew rows with
+    replacement, and features given the same row trained as one. Here the cap is 128 rows for
+    256 features: the sample grows to 256, every decoder row its own."""
+    from safetensors.torch import load_file
+
+    from framework.training.data import ActivationDataModule
+
+    asked = []
+    sample = ActivationDataModule.sample
+    monkeypatch.setattr(ActivationDataModule, "sample", lambda self, n, seed: asked.append(n) or sample(self, n, seed))
+    monkeypatch.setattr(train_stage, "INIT_SAMPLE_ROWS", 128)
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.n_tokens=1024")
+    out = train_stage.train(recipe)
+    assert asked[0] == 256
+    init = load_file(str(out / recipe.sae_configs()[0].name / "init_decoder.safetensors"))["W_dec"]
+    assert len({tuple(row.tolist()) for row in init}) == 256
+
+
 def test_a_run_stopped_while_writing_its_outputs_resumes_from_its_last_step_checkpoint(pretrained_recipe, store_dir,
                                                                                         tmp_path):
     """Killed after the last checkpoint but before COMPLETE: Lightning restores the final-step

@@ -87,16 +87,21 @@ def measure_ablations(
     pairs: list[tuple[int, int, int]],
     context_ids: list[int],
     effects: AblationEffects,
+    skip_first_tokens: int = 0,
 ) -> None:
     """Ablate each (row, unit, position) of this batch of contexts and add it to `effects`.
 
     tokens (b, L), acts (b, L, d_in) at the hook, unit_acts (b, L, n_units); context_ids[row]
     names row's context. One forward pass per row gives the baseline at all its positions, and
-    one per (row, unit) the ablation at all of that unit's positions in the row.
+    one per (row, unit) the ablation at all of that unit's positions in the row. Positions below
+    `skip_first_tokens` keep the model's own activation in both: the SAE never trained there
+    (position 0 sees only itself, and in deeper models holds an atypical, large activation), so
+    its reconstruction there would move both passes off the model's distribution.
     """
     if not pairs:
         return
     baseline = units.baseline(acts, unit_acts)  # (b, L, d_in)
+    baseline[:, :skip_first_tokens] = acts[:, :skip_first_tokens]
     by_row: dict[int, list[int]] = defaultdict(list)
     by_row_unit: dict[tuple[int, int], list[int]] = defaultdict(list)
     for row, unit, position in pairs:
@@ -108,6 +113,7 @@ def measure_ablations(
 
     def ablated_patches(rows: torch.Tensor, unit_ids: torch.Tensor, stop: int) -> torch.Tensor:
         contribution = unit_acts[rows, :stop, unit_ids][..., None] * units.directions[unit_ids][:, None, :]
+        contribution[:, :skip_first_tokens] = 0  # removed only where the baseline is the SAE's
         return baseline[rows, :stop] - contribution  # (c, stop, d_in)
 
     clean = _logprobs(model, hook, tokens, [(row, -1, ps) for row, ps in by_row.items()], clean_patches)

@@ -100,10 +100,12 @@ def analyze_features(recipe: Recipe) -> Path:
     model = load_lm(recipe)
     trained = pick_sae(load_saes_for_lm(recipe, model), recipe.analyze.sae_name)
     corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
-    # Progress resumes only for the same recipe and the same weights (SAEs trained again in
-    # between make other features).
+    # Progress resumes only for the same recipe, the same weights (SAEs trained again in between
+    # make other features) and the same kind of device (lm.device is volatile, but a GPU's random
+    # draws and rounding are not the CPU's: the two passes must see the same activations).
     digest = fingerprint_digest({**stage_fingerprint(recipe, "analyze"),
-                                 "sae_weights": trained_weights_digest(recipe, "analyze")})
+                                 "sae_weights": trained_weights_digest(recipe, "analyze"),
+                                 "device": model.device.type})
     analyze_sae(model, trained, corpus, recipe.analyze, out, digest, recipe.seed)
     save_recipe(recipe, out)
     mark_complete(out, recipe, "analyze", sae=trained.name)
@@ -136,6 +138,10 @@ def analyze_sae(
     `digest` names the inputs: progress saved under a different digest is not resumed.
     """
     out.mkdir(parents=True, exist_ok=True)
+    # Scores of an earlier analysis (of SAEs since trained again) are keyed by unit id: kept, they
+    # would sit beside other features. Autointerp's cache stays (keyed by the examples themselves).
+    (out / "autointerp.json").unlink(missing_ok=True)
+    (out / "autointerp" / "report.md").unlink(missing_ok=True)
     hook, timings = trained.hook_point, {}
     units = units_for(trained)
     with _timed(timings, "stream"):

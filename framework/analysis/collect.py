@@ -56,8 +56,11 @@ class UnitStats:
     def second_pass(self, acts: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> None:
         rows, units = (acts > 0).nonzero(as_tuple=True)
         values = acts[rows, units]
-        # Interval j holds activations in [j, j + 1) * max / n_intervals; the max itself goes last.
-        interval = (values / self.top.max_activation[units] * self.n_intervals).long().clamp(max=self.n_intervals - 1)
+        # Interval j holds activations in [j, j + 1) * max / n_intervals; the max itself goes last,
+        # and so does a firing pass 1 did not see (max 0: the ratio is inf; clamped before the
+        # cast to an integer, which would make inf the most negative index).
+        ratio = values / self.top.max_activation[units] * self.n_intervals
+        interval = ratio.clamp(max=self.n_intervals - 1).long()
         keys = torch.rand(2, len(values), generator=generator, dtype=torch.float64, device=values.device)
         self.intervals.update(units * self.n_intervals + interval, keys[0], tokens[rows], values)
         self.random.update(units, keys[1], tokens[rows], values)

@@ -41,6 +41,8 @@ def write_dashboard(out: Path, data: dict | None = None) -> Path:
         kind_scores = scores.get(kind, {})
         atomic_write_text(site / INDEX_FILES[kind], index_page(data, kind, kind_scores))
         order = _page_order(record)
+        for stale in set((site / kind).glob("*.html")) - {site / kind / f"{unit}.html" for unit in order}:
+            stale.unlink()  # a page of an earlier analysis's unit, which this one does not page
         for i, unit in enumerate(order):
             neighbours = (order[i - 1] if i > 0 else None, order[i + 1] if i + 1 < len(order) else None)
             page = unit_page(data, kind, unit, kind_scores.get(str(unit), {}), neighbours)

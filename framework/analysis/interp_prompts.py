@@ -131,10 +131,16 @@ def simulate_numbered_messages(explanation: str, tokens: list[str]) -> list[dict
             {"role": "user", "content": SIMULATE_NUMBERED.format(explanation=explanation, tokens=numbered)}]
 
 
-LINE = re.compile(r"^\s*(\d+)\s*[\t:.)\-=,]?\s*(\d)\s*$", re.MULTILINE)
+# A separator (tab, space, or one of :.)-=,) between the number and the digit is required: "12"
+# alone is no answer, not token 1's digit 2.
+LINE = re.compile(r"^\s*(\d+)(?:\s*[\t:.)\-=,]\s*|\s+)(\d)\s*$", re.MULTILINE)
 
 
 def parse_numbered(reply: str, n_tokens: int) -> tuple[list[float], int]:
-    """(a digit per token, how many tokens had no parsable line) from "number<TAB>digit" lines."""
-    found = {int(i): float(d) for i, d in LINE.findall(reply) if 1 <= int(i) <= n_tokens}
+    """(a digit per token, how many tokens had no parsable line) from "number<TAB>digit" lines;
+    a number given twice keeps its first answer."""
+    found: dict[int, float] = {}
+    for i, d in LINE.findall(reply):
+        if 1 <= int(i) <= n_tokens:
+            found.setdefault(int(i), float(d))
     return [found.get(i, 0.0) for i in range(1, n_tokens + 1)], n_tokens - len(found)

@@ -79,7 +79,8 @@ def revisit(
                             _unanalysed_as_none(unit_acts[row, lo:hi, unit].tolist(), lo, corpus.skip_first_tokens),
                             position - lo,
                         )
-            measure_ablations(model, hook, unit_set, tokens, acts, unit_acts, pairs, ids, effects[kind])
+            measure_ablations(model, hook, unit_set, tokens, acts, unit_acts, pairs, ids, effects[kind],
+                              corpus.skip_first_tokens)
         progress.update(len(ids))
     return windows, effects
 

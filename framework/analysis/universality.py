@@ -39,6 +39,7 @@ from framework.analysis.correlation import PairCorrelation
 from framework.artifacts import (
     atomic_save_figure,
     atomic_write_text,
+    files_sha256,
     load_saved_recipe,
     trained_weights_digest,
 )
@@ -157,13 +158,15 @@ def _other_recipe(workdir: str) -> Recipe:
 
 
 def _settings(recipe: Recipe, other: Recipe) -> dict:
-    """What the output depends on beyond the analyze fingerprint: the other run's trained SAEs
-    (this run's are in the marker's own weights digest)."""
+    """What the output depends on beyond the analyze fingerprint: the other run's trained SAEs,
+    and a ceiling SAE given as a directory (this run's bank is in the marker's weights digest)."""
     cfg = recipe.analyze
+    ceiling = [Path(cfg.ceiling_sae) / name for name in ("config.json", "sae.safetensors")]
     return {
         "other_workdir": cfg.other_workdir, "other_sae_name": cfg.other_sae_name, "ceiling_sae": cfg.ceiling_sae,
         "ultralow_log10_density": cfg.ultralow_log10_density,
         "other_sae": trained_weights_digest(other, "analyze"),
+        "ceiling_weights": files_sha256(ceiling)[:16] if cfg.ceiling_sae and all(f.is_file() for f in ceiling) else None,
     }
 
 

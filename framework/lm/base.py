@@ -109,8 +109,23 @@ class Tokenizer:
         return self.hf.decode(list(ids))
 
     def token_strings(self, ids: Iterable[int]) -> list[str]:
-        """Each id decoded alone, for showing highlighted contexts token by token."""
-        return [self.hf.decode([int(i)]) for i in ids]
+        """Each token's own text, for showing contexts token by token (dashboards, autointerp
+        prompts). Decoded after a fixed anchor token and cut after the anchor's text: a decoder
+        that strips a text's leading space (SentencePiece's Metaspace: Llama 2, Mistral) strips
+        the anchor's, not the token's, so ` x` and `x` stay apart. Decoded alone where the anchor
+        does not come out first (the tokenizer merges across the boundary)."""
+        anchor, anchor_text = self._anchor
+        strings = []
+        for i in ids:
+            text = self.hf.decode([*anchor, int(i)])
+            strings.append(text[len(anchor_text):] if anchor and text.startswith(anchor_text) else self.hf.decode([int(i)]))
+        return strings
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        """The ids of a plain letter and their text (nothing for a tokenizer without one)."""
+        ids = self.encode("a")
+        return (ids, self.hf.decode(ids)) if ids and self.hf.decode(ids) else ([], "")
 
 
 class BaseLM(nn.Module):

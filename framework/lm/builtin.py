@@ -141,8 +141,8 @@ class BuiltinLM(BaseLM):
     # ---- weights for logit-effect analysis ------------------------------------------------------
 
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
-        """W_out of block `layer`, (d_mlp, d_model): neuron i writes row i to the residual."""
-        return self.blocks[layer].W_out.weight.T
+        """W_out of block `layer`, (d_mlp, d_model), float32: neuron i writes row i to the residual."""
+        return self.blocks[layer].W_out.weight.float().T
 
     def unembed_weight(self) -> torch.Tensor:
         """W_U (d_model, vocab) with the final LayerNorm folded in approximately.
@@ -152,7 +152,8 @@ class BuiltinLM(BaseLM):
         rows by the gain); the per-token scale is dropped. It is positive, so the ranking of
         tokens by a direction's logit effect is what the model would produce to first order.
         """
-        W_U = self.ln_final.weight[:, None] * self.unembed.weight.T  # (d_model, vocab)
+        # In float32 whatever the model's dtype: a bfloat16 fold would round the table it ranks.
+        W_U = self.ln_final.weight.float()[:, None] * self.unembed.weight.float().T  # (d_model, vocab)
         return W_U - W_U.mean(dim=0, keepdim=True)
 
 

@@ -149,9 +149,17 @@ class HFLM(BaseLM):
     # ---- weights for logit-effect analysis, as on the built-in model --------------------------
 
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
-        """The MLP's output projection as (d_mlp, d_model): neuron i writes row i to the residual."""
+        """What each MLP neuron writes to the residual stream, (d_mlp, d_model) in float32: the
+        output projection, times the gain of the norm Gemma 2/3 and OLMo 2 apply to the MLP's
+        output before adding it (post_feedforward_layernorm; Gemma's multiplies by 1 + weight).
+        That norm's positive per-token scale is dropped, as `unembed_weight` drops the final
+        norm's: a direction's ranking of tokens is kept."""
         projection = _get(self.layers[layer], self.arch.mlp_out)
-        return projection.weight.T if isinstance(projection, nn.Linear) else projection.weight  # Conv1D: (in, out)
+        weight = (projection.weight.T if isinstance(projection, nn.Linear) else projection.weight).float()  # Conv1D: (in, out)
+        post = getattr(self.layers[layer], "post_feedforward_layernorm", None)
+        if post is not None and getattr(post, "weight", None) is not None:
+            weight = weight * _norm_gain(post)[None, :]
+        return weight
 
     def unembed_weight(self) -> torch.Tensor:
         """W_U (d_model, vocab) with the final norm folded in approximately (see BuiltinLM).
@@ -161,10 +169,10 @@ class HFLM(BaseLM):
         """
         norm = _get(self.model, self.arch.final_norm)
         kind = type(norm).__name__
-        W_U = self.model.get_output_embeddings().weight.T  # (d_model, vocab)
+        # In float32 whatever the model's dtype: a bfloat16 fold would round the table it ranks.
+        W_U = self.model.get_output_embeddings().weight.float().T  # (d_model, vocab)
         if getattr(norm, "weight", None) is not None:
-            gain = norm.weight + 1 if "Gemma" in kind else norm.weight  # (d_model,)
-            W_U = gain[:, None] * W_U
+            W_U = _norm_gain(norm)[:, None] * W_U
         return W_U - W_U.mean(dim=0, keepdim=True) if "LayerNorm" in kind else W_U
 
     def _install(self, name: str, hooks: HookRun) -> torch.utils.hooks.RemovableHandle:
@@ -182,6 +190,12 @@ class HFLM(BaseLM):
         }
         module, make_hook = where[kind]
         return make_hook(module, visit)
+
+
+def _norm_gain(norm: nn.Module) -> torch.Tensor:
+    """A norm's per-dimension gain (d,), float32: Gemma's RMSNorm multiplies by 1 + weight."""
+    weight = norm.weight.float()
+    return weight + 1 if "Gemma" in type(norm).__name__ else weight
 
 
 def _added_to_residual(layer: nn.Module, arch: Architecture) -> tuple[nn.Module, nn.Module]:

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 INIT_BLOCK = 16_384  # features per independently seeded block of random weights
 
 
+CALIBRATION_ROWS = 16_384  # sample rows for b_dec and the encoder-bias calibration
+
+
 def _generator(seed: int, purpose: int, block: int = 0) -> torch.Generator:
     # One stream per purpose, so adding a draw to one never shifts another.
     if block == 0:
@@ -146,22 +149,22 @@ def initialize_from_data(sae: SAE, sample: torch.Tensor, first: int = 0, total: 
     """b_dec from the sample, then (init="data") decoder rows from it, then bias calibration.
 
     As in initialize_weights, `sae` may hold features [first, first + n) of `total`: it draws the
-    whole dictionary's choice of rows (an index per feature) and keeps its own."""
+    whole dictionary's choice of rows (an index per feature) and keeps its own. Each row is drawn
+    at most once: features past the sample's rows keep their random directions from construction
+    (drawn with replacement, features given the same row started identical and, with identical
+    gradients and Adam states, stayed identical for the whole run). b_dec and the calibration
+    read the first CALIBRATION_ROWS rows (the calibration's pre-activations are rows x features);
+    a larger sample only serves to give every feature a row of its own."""
     cfg, n = sae.cfg, sae.n_features
     total = n if total is None else total
     sample = sample.to(device=sae.W_dec.device, dtype=torch.float32)
-    sae.b_dec.copy_(decoder_bias_from(sample, cfg.decoder_bias_init))
+    calibration = sample[:CALIBRATION_ROWS]
+    sae.b_dec.copy_(decoder_bias_from(calibration, cfg.decoder_bias_init))
     if cfg.init == "data":
-        g = _generator(cfg.seed, 1)
-        m = sample.shape[0]
-        # Without replacement while the sample is large enough, so no two features start equal.
-        if m >= total:
-            chosen = torch.randperm(m, generator=g)[:total]
-        else:
-            chosen = torch.randint(m, (total,), generator=g)
-        chosen = chosen[first : first + n]
-        W_dec = _unit_rows(sample[chosen.to(sample.device)] - sae.b_dec) * sae.decoder_init_norm
-        sae.W_dec.copy_(W_dec)  # (n, d)
-        sae.W_enc.copy_(W_dec.T)
+        chosen = torch.randperm(sample.shape[0], generator=_generator(cfg.seed, 1))[:total]
+        held = chosen[first : first + n]  # this slice's features that get a row: the first len(held)
+        W_dec = _unit_rows(sample[held.to(sample.device)] - sae.b_dec) * sae.decoder_init_norm
+        sae.W_dec[: len(held)] = W_dec  # (len(held), d)
+        sae.W_enc[:, : len(held)] = W_dec.T
     if cfg.init_target_l0 > 0:
-        calibrate_encoder_bias(sae, sample, cfg.init_target_l0, total)
+        calibrate_encoder_bias(sae, calibration, cfg.init_target_l0, total)

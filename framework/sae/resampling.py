@@ -40,10 +40,10 @@ def resample_dead_features(
     """Re-initialise dead features from badly reconstructed inputs; returns, per parameter name,
     the feature indices changed (along FEATURE_DIM[name]). Empty when nothing is dead."""
     dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
-    if dead.numel() == 0:
+    weights = resampling_weights(per_input_loss, inputs)
+    if dead.numel() == 0 or not weights.any():
         return {}
-    weights = per_input_loss.double().pow(2)  # (m,)
-    chosen = torch.multinomial(weights.cpu(), dead.numel(), replacement=True, generator=generator)
+    chosen = torch.multinomial(weights, dead.numel(), replacement=True, generator=generator)
     directions = inputs[chosen.to(inputs.device)].to(sae.W_dec.dtype)  # (n_dead, d)
     directions = directions / torch.linalg.vector_norm(directions, dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -56,6 +56,16 @@ def resample_dead_features(
     sae.W_enc[:, dead] = (directions * 0.2 * alive_norm).T.to(sae.W_enc.dtype)
     sae.b_enc[dead] = 0
     return {"W_enc": dead, "W_dec": dead, "b_enc": dead}
+
+
+def resampling_weights(per_input_loss: Tensor, inputs: Tensor) -> Tensor:
+    """(m,) float64 on the CPU: each input's probability weight, its loss squared; 0 for an
+    all-zero input (every neuron silent on a token), which has a loss but no direction (its
+    unit-norm row would be 0/0, and the run would stop on non-finite weights). All zero (no
+    loss anywhere): nothing to resample towards."""
+    weights = per_input_loss.double().pow(2)
+    weights[torch.linalg.vector_norm(inputs.float(), dim=1) == 0] = 0
+    return weights.cpu()
 
 
 @torch.no_grad()

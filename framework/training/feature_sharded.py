@@ -64,6 +64,7 @@ from framework.sae.kernels import (
     dense_pre_activations,
     encode_at,
 )
+from framework.sae.resampling import resampling_weights
 from framework.sae.topk import normalized_mse
 from framework.training.layout import LOSS_CHUNK, ParameterLayout
 
@@ -325,7 +326,10 @@ class FeatureShardedSAE(nn.Module):
         local = self.local
         losses = torch.cat([self.per_input_loss(chunk) for chunk in inputs.split(LOSS_CHUNK)])
         counts = _all_gather(dead.sum().view(1), self.group).view(-1).tolist()  # dead per shard
-        chosen = torch.multinomial(losses.double().pow(2).cpu(), sum(counts), replacement=True, generator=generator)
+        weights = resampling_weights(losses, inputs)  # the same on every rank: the whole inputs' losses
+        if sum(counts) == 0 or not weights.any():
+            return
+        chosen = torch.multinomial(weights, sum(counts), replacement=True, generator=generator)
         first = sum(counts[: self.shard])
         mine = chosen[first : first + counts[self.shard]].to(inputs.device)
         norms = torch.linalg.vector_norm(local.W_enc[:, ~dead], dim=0)

@@ -413,12 +413,19 @@ class SAEModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         # Another number of processes than the run that saved it: rank 0's choice for all.
         choices = by_rank[self.global_rank] if by_rank and len(by_rank) == world else state.get("sparse_codes", {})
+        choosers = self._path_choosers()
         for name, sparse in choices.items():
-            if name in self.saes and hasattr(self.saes[name], "sparse_codes"):
-                self.saes[name].sparse_codes = sparse
+            if name in choosers:
+                choosers[name].sparse_codes = sparse
+
+    def _path_choosers(self) -> dict[str, nn.Module]:
+        """The SAEs whose forward picks a fast path by density (the ReLU variants): under feature
+        sharding each rank's slice (`.local`), which chooses from its own features' density."""
+        choosers = {name: getattr(sae, "local", sae) for name, sae in self.saes.items()}
+        return {name: sae for name, sae in choosers.items() if hasattr(sae, "sparse_codes")}
 
     def _path_choices(self) -> dict[str, bool | None]:
-        return {name: sae.sparse_codes for name, sae in self.saes.items() if hasattr(sae, "sparse_codes")}
+        return {name: sae.sparse_codes for name, sae in self._path_choosers().items()}
 
     def _path_choices_by_rank(self) -> list[dict[str, bool | None]] | None:
         """Every rank's `_path_choices`, in rank order (all ranks save a checkpoint together);

@@ -36,6 +36,7 @@ from framework.artifacts import differences_from, is_complete, mark_complete
 from framework.config import Recipe, is_url, recipe_to_dict, save_recipe
 from framework.errors import CheckpointError, DataError, RecipeError
 from framework.lm import weights_sha256
+from framework.sae.init import CALIBRATION_ROWS
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import FeatureDensity, HeldoutEval, ProgressBar, Resampling, Throughput
 from framework.training.data import ActivationDataModule
@@ -50,7 +51,7 @@ from framework.training.strategies import (
 )
 
 log = logging.getLogger(__name__)
-INIT_SAMPLE_ROWS = 16_384
+INIT_SAMPLE_ROWS = CALIBRATION_ROWS  # the init sample's rows at least
 
 
 def resolve_hooks(recipe: Recipe, harvested: list[str]) -> Recipe:
@@ -281,7 +282,15 @@ class PendingInit:
 
 
 def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main: bool) -> None:
-    sample = data.sample(min(INIT_SAMPLE_ROWS, data.available_rows()), seed=module.recipe.train.seed)
+    # A row per feature for init=data (each row is drawn once; features past the sample's rows
+    # keep random directions), and INIT_SAMPLE_ROWS at least for b_dec and the bias calibration.
+    data_features = [cfg.n_features for cfg in module.recipe.sae_configs() if cfg.init == "data"]
+    wanted = max([INIT_SAMPLE_ROWS, *data_features])
+    rows = min(wanted, data.available_rows())
+    if rows < max(data_features, default=0):
+        log.warning("init=data: the store holds %d rows for %d features; features past the rows keep random "
+                    "directions (harvest more, or use fewer features)", rows, max(data_features))
+    sample = data.sample(rows, seed=module.recipe.train.seed)
     samples = {name: sample[data.hook_points.index(hook)] * module.input_scales[hook]
                for name, hook in module.hook_of.items()}
     pending = PendingInit(samples, out)
