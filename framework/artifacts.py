@@ -258,8 +258,8 @@ def made_from_current_weights(directory: str | os.PathLike, saved: dict, recipe:
     now = trained_weights_digest(recipe, stage)
     if now is None or now == made_from:
         return True
-    log.warning("%s holds `%s` output of SAE weights that have changed since (trained again); making it again",
-                directory, stage)
+    log.warning("%s holds `%s` output of SAE weights that have changed since (trained again): it counts as "
+                "unfinished", directory, stage)
     return False
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from framework.artifacts import is_complete
+from framework.artifacts import MARKER, is_complete
 from framework.config import Recipe, RecipeError, save_recipe
 from framework.distributed import PARALLEL_STAGES, current_rank, on_rank_zero
 
@@ -98,7 +98,12 @@ def earlier_outputs(recipe: Recipe, outputs: dict[str, tuple[Path | str, float]]
         if not directory.is_dir():
             continue
         try:
-            state = EARLIER if is_complete(directory, recipe, stage) else "incomplete (no COMPLETE marker): not reported"
+            if is_complete(directory, recipe, stage):
+                state = EARLIER
+            elif (directory / MARKER).is_file():
+                state = "made from SAE weights that changed since: not reported"
+            else:
+                state = "incomplete (no COMPLETE marker): not reported"
         except RecipeError:
             state = "made by a different recipe: not reported"
         earlier[stage] = (directory, state)

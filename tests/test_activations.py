@@ -446,12 +446,14 @@ def test_live_mode_reads_the_split_a_harvest_of_the_recipe_reads(harvested):
     ({"model": {}}, r"is not a valid manifest \(KeyError: 'shards'\); re-run `sae harvest RECIPE`"),
     ([1, 2], r"is not a valid manifest \((TypeError|ValueError)"),
     ("format 2", r"is in shard format 2; this version of the framework reads format 1"),
+    ("format 2 with a new field", r"is in shard format 2; this version of the framework reads format 1"),
 ])
 def test_a_manifest_this_version_cannot_read_is_named_with_what_to_do(harvested, tmp_path, manifest, message):
     """JSON that is no manifest came out as a KeyError traceback from the reader (URL stores,
     the held-out split, `sae eval`); a newer shard format was read as if it were this one."""
-    if manifest == "format 2":
-        manifest = json.loads((harvested.path("activations") / "manifest.json").read_text()) | {"format_version": 2}
+    if manifest.startswith("format 2") if isinstance(manifest, str) else False:
+        extra = {"new_field": 1} if manifest.endswith("new field") else {}
+        manifest = json.loads((harvested.path("activations") / "manifest.json").read_text()) | {"format_version": 2} | extra
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=message):
         ActivationStore(str(tmp_path))

@@ -62,6 +62,7 @@ def test_a_simulator_reply_is_read_as_one_digit_per_numbered_line():
     # A line without a separator is no answer ("12" was token 1's digit 2, "10<TAB>" token 1's 0,
     # overwriting the answer given for token 1); a number answered twice keeps its first answer.
     assert parse_numbered("1\t9\n12\n10\t\n2\t7\n2\t1\n", 12) == ([9.0, 7.0] + [0.0] * 10, 10)
+    assert parse_numbered("1\n2\n3\t1", 3) == ([0.0, 0.0, 1.0], 2)  # a bare number is no answer across lines either
 
 
 def test_average_ranks_share_ties_and_spearman_is_pearson_of_ranks():

@@ -396,7 +396,7 @@ def test_output_of_saes_trained_again_is_made_again_and_of_the_same_weights_kept
     assert is_complete(eval_stage.evaluate(imported), imported, "eval")
     with caplog.at_level(logging.WARNING):
         assert not is_complete(eval_dir, recipe, "eval") and not is_complete(export_dir, recipe, "export")
-    assert "output of SAE weights that have changed since (trained again); making it again" in caplog.text
+    assert "output of SAE weights that have changed since (trained again): it counts as unfinished" in caplog.text
     after = json.loads((eval_stage.evaluate(recipe) / "metrics.json").read_text())[name]
     assert after["fvu"] != pytest.approx(before["fvu"]) and is_complete(eval_dir, recipe, "eval")
     assert is_complete(imported.path("eval"), imported, "eval")  # its SAELens directory is as it was

@@ -130,9 +130,11 @@ def test_an_unknown_hook_names_itself_suggests_the_closest_and_how_to_list_them(
         model.run(tokens, stop_at="blocks.7.hook_resid_post")
 
 
-def test_capturing_a_hook_after_the_stop_point_is_refused(model, tokens):
-    with pytest.raises(ValueError, match="after stopping at"):
+def test_capturing_or_splicing_a_hook_after_the_stop_point_is_refused(model, tokens):
+    with pytest.raises(ValueError, match="cannot capture .* after stopping at"):
         model.run(tokens, capture=["blocks.1.hook_resid_post"], stop_at="blocks.0.mlp.hook_post")
+    with pytest.raises(ValueError, match="cannot splice .* after stopping at"):  # it was silently never applied
+        model.run(tokens, splice={"blocks.1.hook_resid_post": torch.zeros_like}, stop_at="blocks.0.mlp.hook_post")
 
 
 @torch.no_grad()

@@ -323,6 +323,9 @@ def test_token_strings_keep_the_leading_space_a_sentencepiece_decoder_strips(dec
     rust.decoder = decoder
     hf = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="[UNK]") if transformers_wrapper else rust
     assert Tokenizer(hf).token_strings([2, 3, 4, 2]) == [" x", "x", " =", " x"]
+    rust.decoder = None  # no decoder: tokens are joined with spaces, so no anchor (it would add one to each)
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="[UNK]") if transformers_wrapper else rust
+    assert Tokenizer(hf).token_strings([3, 5]) == ["x", "a"]
 
 
 def test_an_unknown_hook_names_itself_and_how_to_list_hooks(llama, tokens):

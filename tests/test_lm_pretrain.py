@@ -69,6 +69,20 @@ def test_a_builtin_lm_of_another_shape_than_the_recipes_is_refused_naming_both(p
         load_lm(with_overrides(pretrained_recipe, [f"lm.path={edited}"]))
 
 
+def test_a_builtin_lm_pretrained_on_another_split_of_the_corpus_is_refused_and_another_corpus_is_not(
+        pretrained_recipe, tmp_path):
+    """`sae harvest RECIPE text.seed=5` (or another heldout_fraction) loaded the LM as it was:
+    the held-out store, eval and dashboards then held documents the LM and its tokenizer trained on."""
+    lm = f"lm.path={pretrained_recipe.path('lm')}"
+    for key, value in (("seed", 5), ("heldout_fraction", 0.5)):
+        with pytest.raises(RecipeError, match=rf"pretrained on another split of this recipe's corpus \(text.{key}: "
+                                              rf".* there, {value} here\).*not be held out"):
+            load_lm(with_overrides(pretrained_recipe, [lm, f"text.{key}={value}"]))
+    (tmp_path / "doc.txt").write_text("another corpus " * 200)
+    other = with_overrides(pretrained_recipe, [lm, f"text.source={tmp_path}", "text.seed=5"])
+    assert load_lm(other).name == "builtin"  # another experiment, not a leak
+
+
 def test_pretrain_of_a_ready_made_lm_does_nothing_and_says_so(tmp_path):
     # The text matches no file: pretraining anything would fail on it at once.
     recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", f"text.source={tmp_path}/none/*.txt"])
@@ -84,6 +98,11 @@ def test_a_text_source_that_is_not_there_is_named_before_pretrain_writes_anythin
     with pytest.raises(TextSourceError, match="matches no .txt/.jsonl/.parquet files"):
         pretrain(recipe)
     assert not recipe.path("lm").exists()  # it held a started-marker and nothing else
+    (tmp_path / "blank.jsonl").write_text("\n\n")  # there, but no document in it
+    recipe = load_recipe(None, [f"workdir={tmp_path}", f"text.source={tmp_path}/blank.jsonl"])
+    with pytest.raises(TextSourceError, match="holds no documents: nothing to pretrain on"):
+        pretrain(recipe)
+    assert not recipe.path("lm").exists()
 
 
 def test_loading_the_builtin_lm_before_pretraining_says_to_run_sae_pretrain(tmp_path):

@@ -121,6 +121,18 @@ def test_a_sample_larger_than_the_calibration_rows_calibrates_on_its_first_rows(
     torch.testing.assert_close(sae.b_enc, reference.b_enc)
 
 
+def test_an_sae_starts_the_same_whatever_else_its_bank_holds():
+    """The init sample holds a row per feature of the bank's largest dictionary: a small SAE
+    chose its rows from all of it, and so started otherwise beside a large one (a bank sweep
+    against the same point run alone)."""
+    cfg = SAEConfig(n_features=512, init="data", init_target_l0=8)
+    big_sample = _sample(rows=20_000)
+    alone, in_bank = build_sae(32, cfg), build_sae(32, cfg)
+    alone.initialize_from_data(big_sample[:16_384])
+    in_bank.initialize_from_data(big_sample)
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), in_bank.state_dict().values()))
+
+
 def test_april2024_decoder_rows_start_at_norm_one_tenth_with_tied_encoder():
     sae = build_sae(32, SAEConfig(variant="april2024", n_features=64, init="transpose"))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((64,), 0.1))

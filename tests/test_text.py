@@ -107,6 +107,15 @@ def test_a_missing_text_field_names_the_field_and_those_present(tmp_path):
         list(iter_documents(TextConfig(source=str(tmp_path / "p.parquet"))))
 
 
+def test_a_jsonl_null_text_is_an_empty_document_and_a_number_is_refused(tmp_path):
+    """null became the document "None", and a number or list its repr."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": None}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    assert [d.text for d in iter_documents(TextConfig(source=str(tmp_path / "a.jsonl")))] == ["", "x"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": 42}) + "\n")
+    with pytest.raises(TextSourceError, match=r"b.jsonl:1: field 'text' holds int, not text"):
+        list(iter_documents(TextConfig(source=str(tmp_path / "b.jsonl"))))
+
+
 def test_a_missing_hf_dataset_says_only_cached_datasets_load_offline():
     with pytest.raises(TextSourceError, match="no-such-dataset-xyz.*local HF cache"):
         list(iter_documents(TextConfig(source="hf:no-such-dataset-xyz")))
@@ -152,6 +161,26 @@ def test_contexts_pack_documents_separated_by_eos(tmp_path, tokenizer):
     packed = load_contexts(cfg, tokenizer, "train").flatten().tolist()
     assert packed == expected[: len(expected) // 16 * 16]  # the trailing partial context is dropped
     assert count_contexts(cfg, tokenizer, "train") == len(expected) // 16
+
+
+def test_a_read_that_failed_midway_starts_again_rather_than_going_on(tmp_path, tokenizer, monkeypatch):
+    """An error while a split was tokenised (an interrupt in a notebook, a bad line of a source)
+    left the process's stream with the documents pulled before it gone: the next read went on
+    after them, shifting every later context id, or ended the split there."""
+    cfg = write_corpus(tmp_path, n=600)  # ~450 training documents: two batches of 256
+    expected = [t for d in iter_split(cfg, "train") for t in tokenizer.encode(d.text) + [tokenizer.eos_id]]
+    calls, encode_batch = [], tokenizer.encode_batch
+
+    def flaky(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode_batch(texts)
+
+    monkeypatch.setattr(tokenizer, "encode_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        count_contexts(cfg, tokenizer, "train")
+    assert load_contexts(cfg, tokenizer, "train").flatten().tolist() == expected[: len(expected) // 16 * 16]
 
 
 def test_context_ids_name_the_same_tokens_on_every_call_and_in_any_range(tokenizer):

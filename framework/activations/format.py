@@ -87,18 +87,18 @@ class Manifest:
     def from_dict(cls, data: dict, where: str = "") -> Manifest:
         """The manifest in `data` (a manifest.json read at `where`); DataError if it is not one
         this version reads."""
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        if version != FORMAT_VERSION:  # first: another format may have other fields
+            raise DataError(f"{where or MANIFEST} is in shard format {version}; this version of the framework "
+                            f"reads format {FORMAT_VERSION}. Use the framework version that harvested it, or "
+                            f"re-harvest into an empty directory.")
         try:
             data = dict(data)
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-            manifest = cls(**data)
+            return cls(**data)
         except (TypeError, KeyError, ValueError) as err:
             raise DataError(f"{where or MANIFEST} is not a valid manifest ({type(err).__name__}: {err}); "
                             f"re-run `sae harvest RECIPE` into an empty directory.") from None
-        if manifest.format_version != FORMAT_VERSION:
-            raise DataError(f"{where or MANIFEST} is in shard format {manifest.format_version}; this version of the "
-                            f"framework reads format {FORMAT_VERSION}. Use the framework version that harvested it, "
-                            f"or re-harvest into an empty directory.")
-        return manifest
 
 
 def read_manifest(store: str | os.PathLike) -> Manifest:

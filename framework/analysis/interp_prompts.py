@@ -133,7 +133,7 @@ def simulate_numbered_messages(explanation: str, tokens: list[str]) -> list[dict
 
 # A separator (tab, space, or one of :.)-=,) between the number and the digit is required: "12"
 # alone is no answer, not token 1's digit 2.
-LINE = re.compile(r"^\s*(\d+)(?:\s*[\t:.)\-=,]\s*|\s+)(\d)\s*$", re.MULTILINE)
+LINE = re.compile(r"^[ \t]*(\d+)(?:[ \t]*[:.)\-=,][ \t]*|[ \t]+)(\d)[ \t]*$", re.MULTILINE)  # within a line
 
 
 def parse_numbered(reply: str, n_tokens: int) -> tuple[list[float], int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from framework.artifacts import MARKER
+from framework.artifacts import MARKER, as_fingerprinted_now, read_marker
 from framework.config import BuiltinLMConfig, Recipe, RecipeError, load_recipe
 from framework.errors import DataError
 from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
@@ -43,7 +43,9 @@ def _load(recipe: Recipe, device_index: int | None) -> BaseLM:
     warn_if_emulated_on_cpu("lm.dtype", cfg.dtype, device.type == "cpu")
     dtype = getattr(torch, cfg.dtype)
     if cfg.name == "builtin":
-        model = load_builtin(_pretrained_dir(recipe), device, dtype)
+        directory = _pretrained_dir(recipe)
+        _check_pretrained_split(directory, recipe)
+        model = load_builtin(directory, device, dtype)
         _check_builtin_shape(model, recipe)
         return model
     if cfg.name == "smollm2":
@@ -105,6 +107,30 @@ def _check_builtin_shape(model: BuiltinLM, recipe: Recipe) -> None:
         raise RecipeError(
             f"the built-in LM at {recipe.path('lm')} is not the shape this recipe's lm.builtin describes "
             f"({'; '.join(differences)}; from its config.json). Set lm.builtin.* to the LM's shape, or pretrain "
+            f"this recipe's LM into a directory of its own (lm.path)."
+        )
+
+
+SPLIT_KEYS = ("seed", "heldout_fraction")  # with the same documents, what puts each on its side
+
+
+def _check_pretrained_split(directory: Path, recipe: Recipe) -> None:
+    """Refuse a built-in LM pretrained on this recipe's corpus split otherwise (text.seed or
+    text.heldout_fraction): documents this recipe holds out (held-out stores, eval, dashboards)
+    would be ones the LM and its tokenizer trained on. Another corpus is another experiment, not
+    a leak, and is allowed."""
+    recorded = as_fingerprinted_now(read_marker(directory / MARKER).get("fingerprint", {}), "pretrain").get("text")
+    if not isinstance(recorded, dict):
+        return
+    mine = recipe.text
+    same_documents = all(recorded.get(key) == getattr(mine, key) for key in ("source", "text_field", "hf_split"))
+    differences = [f"text.{key}: {recorded.get(key)!r} there, {getattr(mine, key)!r} here"
+                   for key in SPLIT_KEYS if recorded.get(key) != getattr(mine, key)]
+    if same_documents and differences:
+        raise RecipeError(
+            f"the built-in LM at {directory} was pretrained on another split of this recipe's corpus "
+            f"({'; '.join(differences)}): documents this recipe holds out were in its training split, so "
+            f"held-out activations and metrics would not be held out. Use the LM's text settings, or pretrain "
             f"this recipe's LM into a directory of its own (lm.path)."
         )
 

@@ -123,9 +123,14 @@ class Tokenizer:
 
     @functools.cached_property
     def _anchor(self) -> tuple[list[int], str]:
-        """The ids of a plain letter and their text (nothing for a tokenizer without one)."""
+        """The ids of a plain letter and their text; nothing for a tokenizer without one, or
+        without a decoder (it joins tokens with spaces: an anchor would put one before each)."""
+        hf = self.hf
+        backend = hf if hasattr(hf, "get_vocab_size") else getattr(hf, "backend_tokenizer", None)
+        if backend is not None and backend.decoder is None:
+            return [], ""
         ids = self.encode("a")
-        return (ids, self.hf.decode(ids)) if ids and self.hf.decode(ids) else ([], "")
+        return (ids, hf.decode(ids)) if ids and hf.decode(ids) else ([], "")
 
 
 class BaseLM(nn.Module):

@@ -170,9 +170,12 @@ class HFLM(BaseLM):
         norm = _get(self.model, self.arch.final_norm)
         kind = type(norm).__name__
         # In float32 whatever the model's dtype: a bfloat16 fold would round the table it ranks.
-        W_U = self.model.get_output_embeddings().weight.float().T  # (d_model, vocab)
+        weight = self.model.get_output_embeddings().weight  # (vocab, d_model)
+        W_U = weight.T.float()  # (d_model, vocab)
         if getattr(norm, "weight", None) is not None:
-            W_U = _norm_gain(norm)[:, None] * W_U
+            gain = _norm_gain(norm)[:, None]
+            # In place where .float() copied (a half-precision model's GB-sized table): one copy, not two.
+            W_U = W_U.mul_(gain) if weight.dtype != torch.float32 else gain * W_U
         return W_U - W_U.mean(dim=0, keepdim=True) if "LayerNorm" in kind else W_U
 
     def _install(self, name: str, hooks: HookRun) -> torch.utils.hooks.RemovableHandle:

@@ -35,6 +35,9 @@ class HookRun:
             late = [h for h in self.capture if order.index(h) > order.index(stop_at)]
             if late:
                 raise ValueError(f"cannot capture {late} after stopping at {stop_at!r}")
+            late = [h for h in self.splice if order.index(h) > order.index(stop_at)]
+            if late:  # never reached: the splice would silently not happen
+                raise ValueError(f"cannot splice {late} after stopping at {stop_at!r}")
         self.activations: dict[str, torch.Tensor] = {}
 
     @property

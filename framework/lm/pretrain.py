@@ -48,7 +48,7 @@ from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokeniz
 from framework.memory import freed_memory_kept
 from framework.precision import warn_if_emulated_on_cpu
 from framework.progress import Progress
-from framework.text import iter_documents, load_contexts, token_stream
+from framework.text import TextSourceError, iter_documents, load_contexts, token_stream
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import ProgressBar
 
@@ -227,7 +227,8 @@ def pretrain(recipe: Recipe) -> Path | str:
         return out
     # The corpus's first document before anything is written: a text.source that is not there
     # (or holds nothing readable) fails here, not after lm/ and its started-marker were made.
-    next(iter_documents(recipe.text), None)
+    if next(iter_documents(recipe.text), None) is None:
+        raise TextSourceError(f"text.source {recipe.text.source!r} holds no documents: nothing to pretrain on")
     out.mkdir(parents=True, exist_ok=True)
     resume = _resumable(out, recipe)
     L.seed_everything(recipe.lm.builtin.seed, workers=True, verbose=False)

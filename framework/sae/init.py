@@ -161,7 +161,10 @@ def initialize_from_data(sae: SAE, sample: torch.Tensor, first: int = 0, total: 
     calibration = sample[:CALIBRATION_ROWS]
     sae.b_dec.copy_(decoder_bias_from(calibration, cfg.decoder_bias_init))
     if cfg.init == "data":
-        chosen = torch.randperm(sample.shape[0], generator=_generator(cfg.seed, 1))[:total]
+        # From the sample's first max(CALIBRATION_ROWS, total) rows: an SAE's start depends on its
+        # own size only, not on the largest dictionary of the bank that sized the sample.
+        pool = min(sample.shape[0], max(CALIBRATION_ROWS, total))
+        chosen = torch.randperm(pool, generator=_generator(cfg.seed, 1))[:total]
         held = chosen[first : first + n]  # this slice's features that get a row: the first len(held)
         W_dec = _unit_rows(sample[held.to(sample.device)] - sae.b_dec) * sae.decoder_init_norm
         sae.W_dec[: len(held)] = W_dec  # (len(held), d)

@@ -36,13 +36,21 @@ class TokenStream:
         self._tokens = np.empty(0, dtype=np.int32)  # (n_tokens,)
         self.n_documents = 0
         self.exhausted = False
+        self.failed = False  # a read raised: documents may be lost, so the stream is never used again
         self.description = f"split {split!r} of text.source {cfg.source!r}"
 
     def tokens(self, n: int | None = None) -> np.ndarray:
         """At least the first `n` tokens (fewer only if the split is shorter); all if None."""
         target = None if n is None else max(n, 2 * len(self._tokens))  # grow geometrically
         if not self.exhausted and (n is None or len(self._tokens) < n):
-            self._grow(target)
+            try:
+                self._grow(target)
+            except BaseException:
+                # Documents pulled from the source before the error are gone from it: continuing
+                # would shift every later context id (or end the split early). `token_stream`
+                # starts a new stream from the first document instead.
+                self.failed = True
+                raise
         return self._tokens
 
     def _grow(self, target: int | None) -> None:
@@ -74,7 +82,7 @@ def token_stream(cfg: TextConfig, tokenizer: Tokenizer, split: str) -> TokenStre
         cfg.source, cfg.text_field, cfg.hf_split, cfg.heldout_fraction, cfg.max_documents,
         cfg.seed, split, tokenizer.fingerprint,
     )
-    if key not in _STREAMS:
+    if key not in _STREAMS or _STREAMS[key].failed:
         _STREAMS[key] = TokenStream(cfg, tokenizer, split)
     return _STREAMS[key]
 

@@ -122,7 +122,11 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> Iterator[Documen
                     f"{path}:{number} has no field {text_field!r} (fields: {', '.join(record)}); "
                     f"set text.text_field to the field holding the text"
                 )
-            yield Document(f"{name}:{number}", str(record[text_field]))
+            text = record[text_field]
+            if text is not None and not isinstance(text, str):
+                raise TextSourceError(f"{path}:{number}: field {text_field!r} holds {type(text).__name__}, not text; "
+                                      f"set text.text_field to the field holding the text")
+            yield Document(f"{name}:{number}", text or "")  # null: an empty document, as parquet's
 
 
 def _parquet_documents(path: Path, name: str, text_field: str) -> Iterator[Document]:

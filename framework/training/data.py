@@ -40,6 +40,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.rank_batch = cfg.batch_size // self.world_size
         self.total_steps = total_steps(recipe)
         self.live_model = model if recipe.harvest.mode == "live" else None
+        self._live_rows: int | None = None  # available_rows() in live mode, once counted
         if self.live_model is not None and cfg.num_workers > 0:
             raise RecipeError(
                 f"train.num_workers={cfg.num_workers} with harvest.mode=live: live activations come from "
@@ -74,7 +75,15 @@ class ActivationDataModule(L.LightningDataModule):
         return math.sqrt(self.width(hook)) / mean_norm
 
     def available_rows(self) -> int:
-        return self.store.manifest.rows if self.store is not None else self.recipe.harvest.n_tokens
+        """The rows a sample can draw from: the store's, or those live mode generates (harvest.n_tokens,
+        or fewer where the split's text holds fewer)."""
+        if self.store is not None:
+            return self.store.manifest.rows
+        if self._live_rows is None:
+            from framework.activations.live import LiveStream
+
+            self._live_rows = LiveStream(self.live_model, self.recipe, 1).plan.rows
+        return self._live_rows
 
     def _check_enough_rows(self) -> None:
         cfg = self.recipe.train

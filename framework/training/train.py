@@ -291,8 +291,8 @@ def initialize(module: SAEModule, data: ActivationDataModule, out: Path, is_main
         log.warning("init=data: the store holds %d rows for %d features; features past the rows keep random "
                     "directions (harvest more, or use fewer features)", rows, max(data_features))
     sample = data.sample(rows, seed=module.recipe.train.seed)
-    samples = {name: sample[data.hook_points.index(hook)] * module.input_scales[hook]
-               for name, hook in module.hook_of.items()}
+    scaled = {hook: sample[data.hook_points.index(hook)] * module.input_scales[hook] for hook in set(module.hook_of.values())}
+    samples = {name: scaled[hook] for name, hook in module.hook_of.items()}  # one copy per hook, shared (read only)
     pending = PendingInit(samples, out)
     if any(p.is_meta for p in module.saes.parameters()):
         module.pending_init = pending  # not materialised yet: each rank inits its own slices (shard_features)
