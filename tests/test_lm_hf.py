@@ -156,12 +156,18 @@ def test_every_hook_point_equals_the_activation_computed_by_hand(arch, by_hand, 
     torch.testing.assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", [
+# Gemma 2 and OLMo 2: a norm on each sub-layer's output before it is added to the residual stream.
+POST_NORM_CONFIGS = [
     pytest.param(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
                  id="gemma2"),
     pytest.param(Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="olmo2"),
+]
+
+
+@pytest.mark.parametrize("config", [
+    *POST_NORM_CONFIGS,
     pytest.param(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="llama"),
 ])
@@ -285,13 +291,7 @@ def test_mlp_out_weight_maps_neurons_to_the_mlp_output(arch, request, tokens):
     torch.testing.assert_close(acts["blocks.0.mlp.hook_post"] @ lm.mlp_out_weight(0), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", [
-    pytest.param(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
-                 id="gemma2"),
-    pytest.param(Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), id="olmo2"),
-])
+@pytest.mark.parametrize("config", POST_NORM_CONFIGS)
 @torch.no_grad()
 def test_mlp_out_weight_folds_the_gain_of_the_norm_after_the_mlp(config, tokens):
     """Gemma 2/3 and OLMo 2 normalise the MLP's output before adding it: what a neuron writes to
