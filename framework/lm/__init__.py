@@ -9,6 +9,7 @@ model is asked for: it takes seconds to import, and the built-in path does not n
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from framework.errors import DataError
 from framework.lm.base import HOOK_KINDS, BaseLM, LMOutput, Splice, Tokenizer, UnknownHookError, hook_name
 from framework.lm.builtin import BuiltinArchitecture, BuiltinLM, builtin_weights_sha256, load_builtin
 from framework.precision import warn_if_emulated_on_cpu
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str, device_index: int | None = None) -> torch.device:
@@ -119,9 +122,11 @@ def _check_pretrained_split(directory: Path, recipe: Recipe) -> None:
     text.heldout_fraction): documents this recipe holds out (held-out stores, eval, dashboards)
     would be ones the LM and its tokenizer trained on. Another corpus is another experiment, not
     a leak, and is allowed."""
-    recorded = as_fingerprinted_now(read_marker(directory / MARKER).get("fingerprint", {}), "pretrain").get("text")
+    marker = read_marker(directory / MARKER)
+    recorded = as_fingerprinted_now(marker.get("fingerprint", {}), "pretrain").get("text")
     if not isinstance(recorded, dict):
         return
+    _warn_of_another_stdlib(directory, marker.get("corpus"), recorded, recipe)
     mine = recipe.text
     same_documents = all(recorded.get(key) == getattr(mine, key) for key in ("source", "text_field", "hf_split"))
     differences = [f"text.{key}: {recorded.get(key)!r} there, {getattr(mine, key)!r} here"
@@ -133,6 +138,23 @@ def _check_pretrained_split(directory: Path, recipe: Recipe) -> None:
             f"held-out activations and metrics would not be held out. Use the LM's text settings, or pretrain "
             f"this recipe's LM into a directory of its own (lm.path)."
         )
+
+
+def _warn_of_another_stdlib(directory: Path, pretrained_on: dict | None, recorded_text: dict, recipe: Recipe) -> None:
+    """`text.source: stdlib` is the running Python's standard library: run by another Python (the
+    Docker image's, not the host's), a stage reads other documents than the LM's pretraining did
+    (the split of a file shared by both stays the same; files one build lacks shift context ids)."""
+    if recipe.text.source != "stdlib" or recorded_text.get("source") != "stdlib" or not pretrained_on:
+        return
+    from framework.text import stdlib_identity
+
+    here = stdlib_identity()
+    if here["sha256"] != pretrained_on.get("sha256"):
+        log.warning("the built-in LM at %s was pretrained on the standard library of Python %s (%s files); this "
+                    "process reads that of Python %s (%s files): other documents than pretraining's, and other "
+                    "contexts than other stages run by that Python. Run every stage of a recipe with the same Python, "
+                    "or give a fixed corpus (text.source)", directory, pretrained_on.get("python"),
+                    pretrained_on.get("files"), here["python"], here["files"])
 
 
 def _pretrained_dir(recipe: Recipe) -> Path:

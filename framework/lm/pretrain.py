@@ -48,7 +48,7 @@ from framework.lm.tokenizer import load_tokenizer, save_tokenizer, train_tokeniz
 from framework.memory import freed_memory_kept
 from framework.precision import warn_if_emulated_on_cpu
 from framework.progress import Progress
-from framework.text import TextSourceError, iter_documents, load_contexts, token_stream
+from framework.text import TextSourceError, iter_documents, load_contexts, stdlib_identity, token_stream
 from framework.tracking import finish_tracking, make_loggers
 from framework.training.callbacks import ProgressBar
 
@@ -242,7 +242,8 @@ def pretrain(recipe: Recipe) -> Path | str:
     metrics = _metrics(recipe, model, tokenizer, heldout, time.perf_counter() - start)
     _write_model(out, model, arch, metrics)
     save_recipe(recipe, out)
-    mark_complete(out, recipe, "pretrain", heldout_loss=metrics["heldout_loss"])
+    mark_complete(out, recipe, "pretrain", heldout_loss=metrics["heldout_loss"],
+                  corpus=stdlib_identity() if recipe.text.source == "stdlib" else None)
     (out / STARTED).unlink(missing_ok=True)
     log.info("pretrain: held-out loss %.3f (unigram %.3f, bigram %.3f) -> %s", metrics["heldout_loss"],
              metrics["unigram_heldout_loss"], metrics["bigram_heldout_loss"], out)

@@ -8,10 +8,10 @@ from framework.text.contexts import (
     load_contexts,
     token_stream,
 )
-from framework.text.sources import Document, TextSourceError, iter_documents
+from framework.text.sources import Document, TextSourceError, iter_documents, stdlib_identity
 from framework.text.split import SPLITS, iter_split, split_of
 
 __all__ = [
-    "Document", "TextSourceError", "iter_documents", "SPLITS", "iter_split", "split_of",
+    "Document", "TextSourceError", "iter_documents", "stdlib_identity", "SPLITS", "iter_split", "split_of",
     "iter_contexts", "iter_context_batches", "iter_chosen_context_batches", "load_contexts", "count_contexts", "token_stream",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
+import platform
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,19 @@ def stdlib_files() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = (p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
+
+
+@functools.cache
+def stdlib_identity() -> dict:
+    """Which standard library `text.source: stdlib` reads in this process: the Python version, the
+    number of files and a digest of their names and bytes. It differs between Python builds
+    (Debian packages idlelib and tkinter apart; two files hold the install prefix) and nothing in
+    a recipe names it, so the pretrained LM records it (a stage run by another Python is warned)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    digest = hashlib.sha256()
+    for path in stdlib_files():
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return {"python": platform.python_version(), "files": len(stdlib_files()), "sha256": digest.hexdigest()[:16]}
 
 
 def _stdlib_documents() -> Iterator[Document]:
