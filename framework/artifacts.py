@@ -77,6 +77,7 @@ ADDED_LATER = {
 # train.devices, or the SAE directory deleted and trained again) make different weights, and
 # output made from the earlier ones then reads as unfinished and is made again.
 READS_TRAINED_SAES = ("eval", "analyze", "export")
+SAE_FILES = ("config.json", "sae.safetensors")  # a trained SAE's directory, as `sae train` writes it
 
 
 def files_sha256(paths: Iterable[Path]) -> str:
@@ -112,13 +113,14 @@ def trained_weights_digest(recipe: Recipe, stage: str) -> str | None:
     own loader says what to do about that."""
     if recipe.eval.sae_path and stage != "export":
         root = Path(recipe.eval.sae_path)
-        files = [root / "cfg.json", root / "sae_weights.safetensors"]
-    else:
-        root = recipe.path("sae")
-        files = [root / cfg.name / name for cfg in recipe.sae_configs() for name in ("config.json", "sae.safetensors")]
-    if not all(f.is_file() for f in files):
-        return None
-    return files_sha256(files)[:16]
+        return files_digest([root / "cfg.json", root / "sae_weights.safetensors"])
+    root = recipe.path("sae")
+    return files_digest([root / cfg.name / name for cfg in recipe.sae_configs() for name in SAE_FILES])
+
+
+def files_digest(files: list[Path]) -> str | None:
+    """The first 16 hex digits of `files_sha256`, or None when any of the files is missing."""
+    return files_sha256(files)[:16] if all(f.is_file() for f in files) else None
 
 
 def load_saved_recipe(path: str | os.PathLike) -> Recipe:

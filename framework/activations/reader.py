@@ -234,6 +234,18 @@ class ActivationStore:
         return sum(sizes[-(len(sizes) // world):]) if world > 1 else sum(sizes)
 
 
+def open_heldout_store(store_location: str, verify: bool = False) -> ActivationStore | None:
+    """The held-out split of the store at `store_location`, or None where it has none. A split
+    that is there but unreadable raises: its rows must not quietly be replaced by others."""
+    location = sub_store(store_location, "heldout")
+    try:
+        return ActivationStore(location, verify=verify)
+    except DataError:
+        if heldout_split_present(location):
+            raise
+        return None
+
+
 def tar_members(stream, url: str, wanted: Callable[[int], bool]) -> Iterator[dict]:
     """The members of a tar stream as webdataset's file samples ({"fname", "data", "__url__"}),
     for its group_by_keys; the members of a sample `wanted(index)` declines (index: the sample's

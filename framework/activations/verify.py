@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from framework.activations.reader import ActivationStore, heldout_split_present, open_manifest, sub_store
+from framework.activations.reader import ActivationStore, open_heldout_store, sub_store
 from framework.config import Recipe
 from framework.errors import DataError
 
@@ -16,13 +16,8 @@ def verify_store(recipe: Recipe) -> str:
     anything is raised, so one error names all the bad ones and one re-harvest repairs them."""
     root = recipe.store_location()
     locations = [("", root)]
-    try:
-        open_manifest(sub_store(root, "heldout"))
+    if open_heldout_store(root) is not None:  # one that is there but unreadable raises
         locations.append(("heldout/", sub_store(root, "heldout")))
-    except DataError:
-        if heldout_split_present(sub_store(root, "heldout")):
-            raise  # there, but its manifest is missing or unreadable
-        # else: a store without a held-out split
     checked, bad = 0, []
     for prefix, location in locations:
         store = ActivationStore(location, verify=True)

@@ -37,9 +37,10 @@ from framework.analysis.collect import hook_rows
 from framework.analysis.corpus import Corpus, analysis_corpus
 from framework.analysis.correlation import PairCorrelation
 from framework.artifacts import (
+    SAE_FILES,
     atomic_save_figure,
     atomic_write_text,
-    files_sha256,
+    files_digest,
     load_saved_recipe,
     trained_weights_digest,
 )
@@ -161,12 +162,11 @@ def _settings(recipe: Recipe, other: Recipe) -> dict:
     """What the output depends on beyond the analyze fingerprint: the other run's trained SAEs,
     and a ceiling SAE given as a directory (this run's bank is in the marker's weights digest)."""
     cfg = recipe.analyze
-    ceiling = [Path(cfg.ceiling_sae) / name for name in ("config.json", "sae.safetensors")]
     return {
         "other_workdir": cfg.other_workdir, "other_sae_name": cfg.other_sae_name, "ceiling_sae": cfg.ceiling_sae,
         "ultralow_log10_density": cfg.ultralow_log10_density,
         "other_sae": trained_weights_digest(other, "analyze"),
-        "ceiling_weights": files_sha256(ceiling)[:16] if cfg.ceiling_sae and all(f.is_file() for f in ceiling) else None,
+        "ceiling_weights": files_digest([Path(cfg.ceiling_sae) / name for name in SAE_FILES]) if cfg.ceiling_sae else None,
     }
 
 

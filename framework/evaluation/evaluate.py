@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from framework.activations.reader import ActivationStore, ActivationStream, heldout_split_present, sub_store
+from framework.activations.reader import ActivationStream, open_heldout_store
 from framework.artifacts import atomic_write_text, is_complete, mark_complete
 from framework.config import Recipe, save_recipe
 from framework.errors import DataError
@@ -30,13 +30,7 @@ ROWS_PER_BATCH = 4096
 
 def heldout_activations(recipe: Recipe, model, hook: str, n_rows: int) -> list[torch.Tensor]:
     """Held-out rows of `hook`: from the store's heldout/ split, else straight from the LM."""
-    location = sub_store(recipe.store_location(), "heldout")
-    try:
-        store = ActivationStore(location, verify=recipe.harvest.verify_on_read)
-    except DataError:
-        if heldout_split_present(location):
-            raise  # there, but unreadable: not quietly replaced by other rows (training refuses it too)
-        store = None  # no held-out store: run the LM below
+    store = open_heldout_store(recipe.store_location(), verify=recipe.harvest.verify_on_read)  # None: run the LM below
     if store is not None and hook in store.manifest.hook_points:
         # Rows, not fixed-size batches: a held-out split smaller than one batch (or the last
         # partial batch) would otherwise be dropped, leaving nothing or less than it holds.

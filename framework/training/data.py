@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.activations.reader import ActivationStore, ActivationStream, heldout_split_present, sub_store
+from framework.activations.reader import ActivationStore, ActivationStream, open_heldout_store, sub_store
 from framework.config import Recipe, total_steps
 from framework.errors import DataError, RecipeError
 
@@ -183,16 +183,11 @@ class ActivationDataModule(L.LightningDataModule):
         elif self.store is None:
             log.warning("harvest.heldout_tokens=0: periodic evaluation uses training rows")
             stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
+        elif (store := open_heldout_store(self.recipe.store_location(), self.recipe.harvest.verify_on_read)) is None:
+            log.warning("no held-out store at %s; periodic evaluation uses training rows", location)
+            stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
         else:
-            try:
-                store = ActivationStore(location, verify=self.recipe.harvest.verify_on_read)
-            except DataError:
-                if heldout_split_present(location):
-                    raise  # there, but unreadable: its metrics must not quietly come from training rows
-                log.warning("no held-out store at %s; periodic evaluation uses training rows", location)
-                stream = self._stream(0, 0, 1, seed=1, max_batches=n_batches, batch=batch)
-            else:
-                stream = ActivationStream(store, min(batch, store.manifest.rows), shuffle=False, max_batches=n_batches)
+            stream = ActivationStream(store, min(batch, store.manifest.rows), shuffle=False, max_batches=n_batches)
         batches = list(stream)
         if not batches:
             raise DataError(f"no held-out rows for periodic evaluation in {location}; re-run `sae harvest RECIPE` "
