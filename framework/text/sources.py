@@ -56,10 +56,15 @@ def _read_source(cfg: TextConfig) -> Iterator[Document]:
 # ---- the Python standard library ---------------------------------------------------------------
 
 
+def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 @functools.cache
 def stdlib_files() -> tuple[Path, ...]:
     """The running interpreter's stdlib .py files, without test suites or site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = (p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
@@ -70,7 +75,7 @@ def stdlib_identity() -> dict:
     number of files and a digest of their names and bytes. It differs between Python builds
     (Debian packages idlelib and tkinter apart; two files hold the install prefix) and nothing in
     a recipe names it, so the pretrained LM records it (a stage run by another Python is warned)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     digest = hashlib.sha256()
     for path in stdlib_files():
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
@@ -78,7 +83,7 @@ def stdlib_identity() -> dict:
 
 
 def _stdlib_documents() -> Iterator[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     for path in stdlib_files():
         # A few stdlib files are latin-1; replacing the odd byte beats dropping the file.
         text = path.read_bytes().decode("utf-8", errors="replace")
