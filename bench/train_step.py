@@ -132,7 +132,8 @@ def ours(setup: Setup, variant: str, regime: str, cuda_graphs: bool = False, com
 
     sae = our_sae(setup, variant, regime)
     if dense_path:
-        sae.sparse_density_threshold = dict.fromkeys(sae.sparse_density_threshold, 0.0)
+        sae.sparse_density_threshold = {device: dict.fromkeys(table, 0.0)
+                                        for device, table in sae.sparse_density_threshold.items()}
     forward = sae
     if compiled:
         forward = compile_forward(sae.forward if compiled == "fast" else sae.forward_reference)

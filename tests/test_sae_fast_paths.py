@@ -22,6 +22,7 @@ from framework.sae.kernels import (
     relu_,
     row_topk_indices,
 )
+from framework.sae.paper import density_threshold
 
 D_IN, N_FEATURES, BATCH = 48, 384, 96
 
@@ -137,6 +138,17 @@ def test_paper_sae_switches_to_sparse_path_when_codes_are_sparse():
     sae.sparse_codes = False  # as after a step whose codes were dense
     assert sae(_data()).sparse_features is None  # this step takes the dense path
     assert sae(_data()).sparse_features is not None  # and its density sends the next one sparse
+
+
+@pytest.mark.parametrize(("device", "dtype", "n", "sparse"), [
+    # the paths' crossovers measured at L0 35, batch 4,096 (docs/sae-variants.md, "Density threshold")
+    ("cpu", torch.float32, 4096, True), ("cpu", torch.bfloat16, 4096, True), ("cpu", torch.bfloat16, 1024, False),
+    ("cuda", torch.float32, 4096, False), ("cuda", torch.float32, 16384, True), ("cuda", torch.float32, 65536, True),
+    ("cuda", torch.bfloat16, 16384, False), ("cuda", torch.bfloat16, 65536, False),
+    ("cuda", torch.bfloat16, 1 << 20, True),  # past what was measured: spared the (batch, n) tensors
+])
+def test_the_path_at_l0_35_is_the_one_measured_faster_on_each_device(device, dtype, n, sparse):
+    assert (35 / n < density_threshold(torch.device(device), dtype)) == sparse
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -573,6 +573,25 @@ def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
     assert "train.cuda_graphs=false" in str(error.value)
 
 
+@pytest.mark.parametrize("overrides, warned", [
+    (["train.precision=32-true"], "paper_16384_l1_1e-03"),
+    (["train.precision=bf16-mixed"], None),  # the recorded step is faster in bf16 at every size measured
+    (["train.precision=32-true", "train.bank=[{n_features: 8192}]"], None),
+])
+def test_cuda_graphs_warn_where_the_eager_paper_step_measured_faster(tmp_path, caplog, overrides, warned):
+    from framework.training.cuda_graphs import warn_where_eager_is_faster
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "train.cuda_graphs=true", "train.bank=[{n_features: 16384}]",
+                                "sae.l1_coefficient=1e-3", *overrides])
+    with caplog.at_level("WARNING", logger="framework.training.cuda_graphs"):
+        warn_where_eager_is_faster(recipe)
+    if warned:
+        assert "float32 at 16384 features or more" in caplog.text and warned in caplog.text
+        assert "train.precision=bf16-mixed" in caplog.text
+    else:
+        assert caplog.text == ""
+
+
 def test_bank_trains_several_saes_on_the_same_batches(pretrained_recipe, store_dir, tmp_path):
     recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae",
                          "train.bank=[{n_features: 128}, {n_features: 256, variant: topk, k: 8}]", train=TRAIN_FOR_BANK)

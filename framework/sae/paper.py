@@ -36,22 +36,31 @@ from framework.sae.kernels import (
     remove_parallel_component_,
 )
 
-# Below this fraction of nonzero codes the sparse path beats the dense one, by the dtype the
-# GEMMs run in (bfloat16 GEMMs are ~4× faster, the sparse products are not). Measured on 2 CPU
-# cores at d_in 576, batch 4096 (docs/sae-variants.md): float32 about 7% at n 4,096; bfloat16
-# about 1.1% at n 4,096 and 0.8% at 16,384 (2% until the dense bf16 step got faster, 2026-11-27).
+# Below this fraction of nonzero codes the sparse path beats the dense one, by device and by the
+# dtype the GEMMs run in. CPU (2 cores, d_in 576, batch 4096; docs/sae-variants.md): float32 about
+# 7% at n 4,096; bfloat16, whose GEMMs are ~4x faster while the sparse products are not, about 1.1%
+# at n 4,096 and 0.8% at 16,384. CUDA (an H200, 2026-11-28, `bench/train_step.py --paths` at L0
+# ~35): float32 dense faster at 0.85% density (n 4,096), sparse at 0.21% (16,384) and 0.055%
+# (65,536, 2.5x); bfloat16 dense faster at all three, so only dictionaries larger than those
+# measured take the sparse path (at L0 35, from about 175,000 features), which also spares them
+# the dense path's (batch, n) tensors. Other accelerators use the CUDA table (unmeasured).
 SPARSE_DENSITY_THRESHOLD = {
-    torch.float64: 0.05,
-    torch.float32: 0.05,
-    torch.bfloat16: 0.01,
-    torch.float16: 0.02,
+    "cpu": {torch.float64: 0.05, torch.float32: 0.05, torch.bfloat16: 0.01, torch.float16: 0.02},
+    "cuda": {torch.float64: 0.004, torch.float32: 0.004, torch.bfloat16: 0.0002, torch.float16: 0.0002},
 }
+
+
+def density_threshold(device: torch.device, dtype: torch.dtype,
+                      table: dict[str, dict[torch.dtype, float]] = SPARSE_DENSITY_THRESHOLD) -> float:
+    """The density below which a ReLU SAE's step on `device`, with GEMMs in `dtype`, takes the
+    sparse path."""
+    return table["cpu" if device.type == "cpu" else "cuda"][dtype]
 
 
 class ReLUSAE(SAE):
     """ReLU encoder, linear decoder, weighted L1 penalty; subclasses say how L1 is weighted."""
 
-    sparse_density_threshold: dict[torch.dtype, float] = SPARSE_DENSITY_THRESHOLD
+    sparse_density_threshold: dict[str, dict[torch.dtype, float]] = SPARSE_DENSITY_THRESHOLD
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
@@ -93,7 +102,7 @@ class ReLUSAE(SAE):
         return super().__getstate__()
 
     def forward(self, x: Tensor, step: int = 0) -> SAEOutput:
-        threshold = self.sparse_density_threshold[compute_dtype(x, self.W_enc)]
+        threshold = density_threshold(x.device, compute_dtype(x, self.W_enc), self.sparse_density_threshold)
         sparse = self.sparse_codes
         if sparse is None:
             sparse = self.sparse_codes = self._density(x) < threshold

@@ -36,6 +36,7 @@ a static forward (`topk`, `paper`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,7 +48,13 @@ from framework.errors import RecipeError
 from framework.sae import VARIANTS
 from framework.sae.base import SAE, SAEOutput
 
+log = logging.getLogger(__name__)
+
 WARM_UP_STEPS = 3  # as torch.cuda.make_graphed_callables runs before recording
+# From this size a float32 paper SAE's recorded (dense) step is no faster than its eager one with
+# sparse codes (an H200, L0 ~35: 429k against 494k tokens/s at 16,384 features, 113k against
+# 283k at 65,536); below it, and in bfloat16 at every size measured, the recorded step is faster.
+SLOW_RECORDED_PAPER_FEATURES = 16384
 
 
 def check_supported(recipe, device: torch.device, world_size: int) -> None:
@@ -79,6 +86,19 @@ def check_supported(recipe, device: torch.device, world_size: int) -> None:
             f"train.cuda_graphs=true runs in one process on one GPU (train.strategy=auto, one device); "
             f"this run has train.strategy={cfg.strategy} over {world_size} process(es). Set "
             f"train.cuda_graphs=false, or train.devices=1."
+        )
+    warn_where_eager_is_faster(recipe)
+
+
+def warn_where_eager_is_faster(recipe) -> None:
+    large = [c.name for c in recipe.sae_configs()
+             if c.variant == "paper" and c.n_features >= SLOW_RECORDED_PAPER_FEATURES]
+    if large and recipe.train.precision == "32-true":
+        log.warning(
+            "train.cuda_graphs=true records the paper SAE's dense path; in float32 at %d features or more the "
+            "eager step, whose sparse path runs once codes are sparse, measured as fast or faster (%s; "
+            "docs/training.md, \"CUDA graphs\"). Prefer train.precision=bf16-mixed with graphs, or "
+            "train.cuda_graphs=false.", SLOW_RECORDED_PAPER_FEATURES, ", ".join(large),
         )
 
 
