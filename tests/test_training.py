@@ -432,6 +432,32 @@ def test_live_activations_train_end_to_end_with_resampling_and_held_out_metrics(
     assert not any(torch.equal(init_rows, rows) for _, rows in resampled)  # other rows than the init's
 
 
+def test_a_resampling_with_nothing_to_draw_from_resamples_nothing_and_says_so(pretrained_recipe, store_dir,
+                                                                            tmp_path, monkeypatch, caplog):
+    """A resampling sample whose inputs are all zero gives no direction: the dead features stay as
+    they are, still counted dead (their silent-step counts go on), the log says none was resampled."""
+    original, calls = train_stage.ActivationDataModule.sample, []
+
+    def zero_after_the_init(self, n, seed):
+        rows = original(self, n, seed)
+        calls.append(seed)
+        return rows if len(calls) == 1 else [torch.zeros_like(r) for r in rows]
+
+    monkeypatch.setattr(train_stage.ActivationDataModule, "sample", zero_after_the_init)
+    recipe = make_recipe(pretrained_recipe, store_dir, tmp_path / "sae", "train.resample_steps=[4,8]",
+                         "train.dead_window=2", "sae.l1_coefficient=3e-2")
+    with caplog.at_level("WARNING", logger="framework.training.callbacks"):
+        out = train_stage.train(recipe)
+    name = recipe.sae_configs()[0].name
+    resamplings = len(calls) - 1  # after the init's sample: one per resampling step with dead features
+    warned = [r.getMessage() for r in caplog.records if "none was resampled" in r.getMessage()]
+    assert resamplings >= 1 and len(warned) == resamplings and all(name in w for w in warned)
+    rows = list(csv.DictReader(open(out / "logs" / "csv" / "metrics.csv")))
+    assert [float(r[f"{name}/resampled"]) for r in rows if r.get(f"{name}/resampled")] == [0.0, 0.0]
+    stats = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert stats[f"stats.{name}.steps_since_fired"].max() > 8  # not reset at step 8
+
+
 def test_firing_counters_stay_exact_float64_when_the_module_is_cast_to_bf16():
     """bf16-true casts the whole module: the counters would stop counting at 2^20 rows."""
     from framework.training.module import FeatureStats

@@ -71,21 +71,27 @@ class Resampling(L.Callback):
                 continue
             dead = module.stats[name].steps_since_fired >= min(self.window, step)
             n_dead = int(module.layout.sum_over_features(dead.sum()))  # of the whole dictionary
-            if n_dead:
-                self._resample(module, name, sae, dead, optimizer, step)
-            self.history.append({"step": step, "sae": name, "resampled": n_dead})
-            module.record_metrics({f"{name}/resampled": float(n_dead)}, step=step - 1)
-            log.info("step %d: %s resampled %d dead features", step, name, n_dead)
+            resampled = n_dead if n_dead and self._resample(module, name, sae, dead, optimizer, step) else 0
+            self.history.append({"step": step, "sae": name, "resampled": resampled})
+            module.record_metrics({f"{name}/resampled": float(resampled)}, step=step - 1)
+            if resampled < n_dead:
+                log.warning("step %d: %s has %d dead features and none was resampled: no input of the "
+                            "resampling sample has a reconstruction error to draw from (each is zero or "
+                            "reconstructed exactly)", step, name, n_dead)
+            else:
+                log.info("step %d: %s resampled %d dead features", step, name, n_dead)
 
     @torch.no_grad()
-    def _resample(self, module, name: str, sae, dead: torch.Tensor, optimizer, step: int) -> None:
+    def _resample(self, module, name: str, sae, dead: torch.Tensor, optimizer, step: int) -> bool:
         hook = module.hook_of[name]
         size = min(self.recipe.train.resample_sample_size, self.datamodule.available_rows())
         sample = self.datamodule.sample(size, seed=step)[module.hook_points.index(hook)].to(module.device)
         inputs = sample * module.input_scales.get(hook, 1.0)
         generator = torch.Generator(device="cpu").manual_seed(self.recipe.train.seed * 7_919 + step)
-        module.layout.resample(sae, dead, inputs, generator, optimizer)  # the same draw on every rank
+        if not module.layout.resample(sae, dead, inputs, generator, optimizer):  # the same draw on every rank
+            return False
         module.stats[name].steps_since_fired[dead] = 0
+        return True
 
     def state_dict(self) -> dict:
         return {"history": self.history}

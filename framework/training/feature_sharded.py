@@ -321,14 +321,15 @@ class FeatureShardedSAE(nn.Module):
         return mse + sparsity
 
     @torch.no_grad()
-    def resample(self, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> None:
-        """framework/sae/resampling.py's procedure, drawing for the whole dictionary at once."""
+    def resample(self, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> bool:
+        """framework/sae/resampling.py's procedure, drawing for the whole dictionary at once;
+        False where nothing was resampled (on every rank alike)."""
         local = self.local
         losses = torch.cat([self.per_input_loss(chunk) for chunk in inputs.split(LOSS_CHUNK)])
         counts = _all_gather(dead.sum().view(1), self.group).view(-1).tolist()  # dead per shard
         weights = resampling_weights(losses, inputs)  # the same on every rank: the whole inputs' losses
         if sum(counts) == 0 or not weights.any():
-            return
+            return False
         chosen = torch.multinomial(weights, sum(counts), replacement=True, generator=generator)
         first = sum(counts[: self.shard])
         mine = chosen[first : first + counts[self.shard]].to(inputs.device)
@@ -343,6 +344,7 @@ class FeatureShardedSAE(nn.Module):
         local.b_enc[index] = 0
         for name in ("W_enc", "W_dec", "b_enc"):
             reset_adam_state(optimizer, getattr(local, name), index, FEATURE_DIM[name])
+        return True
 
     def evaluate(self, batches: list[Tensor]) -> dict[str, float]:
         """framework/evaluation/metrics.evaluate_sae, with the per-feature tallies summed."""
@@ -397,8 +399,8 @@ class FeatureShardedLayout(ParameterLayout):
     def clip_grad_norm_(self, sae, max_norm: float) -> None:
         sae.clip_grad_norm_(max_norm)
 
-    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> None:
-        sae.resample(dead, inputs, generator, optimizer)
+    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> bool:
+        return sae.resample(dead, inputs, generator, optimizer)
 
     def evaluate(self, sae, batches: list[Tensor]) -> dict[str, float]:
         return sae.evaluate(batches)

@@ -118,12 +118,14 @@ class ParameterLayout:
     # ---- resampling, evaluation, export -----------------------------------------------------
 
     @torch.no_grad()
-    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> None:
-        """The paper's resampling of the `dead` features (see framework/sae/resampling.py)."""
+    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> bool:
+        """The paper's resampling of the `dead` features (see framework/sae/resampling.py);
+        False where nothing was resampled (no input to draw from: all of them zero)."""
         losses = torch.cat([per_input_loss(sae, chunk) for chunk in inputs.split(LOSS_CHUNK)])
         changed = resample_dead_features(sae, dead, inputs, losses, generator)
         for param_name, index in changed.items():
             reset_adam_state(optimizer, getattr(sae, param_name), index, FEATURE_DIM[param_name])
+        return bool(changed)
 
     def evaluate(self, sae, batches: list[Tensor]) -> dict[str, float]:
         return evaluate_sae(sae, batches)
@@ -169,7 +171,7 @@ class GatheredLayout(ParameterLayout):
         return plain.train(sae.training)
 
     @torch.no_grad()
-    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> None:
+    def resample(self, sae, dead: Tensor, inputs: Tensor, generator: torch.Generator, optimizer) -> bool:
         plain = self.plain_copy(sae)
         losses = torch.cat([per_input_loss(plain, chunk) for chunk in inputs.split(LOSS_CHUNK)])
         changed = resample_dead_features(plain, dead, inputs, losses, generator)
@@ -180,3 +182,4 @@ class GatheredLayout(ParameterLayout):
                 if state is not None:
                     state.index_fill_(FEATURE_DIM[name], index.to(state.device), 0)
                     self.set_full_optimizer_state(optimizer, sae, name, key, state)
+        return bool(changed)
