@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hooks":
             return _hooks(args.model)
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "sweep":
+            from framework.sweep import check_overrides_not_swept
+
+            check_overrides_not_swept(recipe, args.overrides)
         with output_locks(_written_dirs(args.command, recipe, args), args.command):
             result = _call_stage(args.command, recipe, args)
         # Once per job (not once per torchrun rank); `sae run` has printed its summary, which

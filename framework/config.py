@@ -393,6 +393,13 @@ MINIMUMS: tuple[tuple[str, float, str], ...] = (
     ("eval.n_contexts", 1, "contexts for the loss recovered and KL with the LM"),
     ("pretrain.steps", 1, "optimizer steps"),
     ("pretrain.batch_size", 1, "contexts per step"),
+    ("pretrain.val_every", 1, "steps between validations (and checkpoints)"),
+    ("harvest.skip_first_tokens", 0, "positions left out at the start of each context"),
+    ("train.grad_clip", 0, "largest gradient norm; 0 = no clipping"),
+    ("train.lr_warmup_steps", 0, "steps of linear learning-rate warm-up; 0 = none"),
+    ("train.num_nodes", 1, "machines the run spans"),
+    ("analyze.n_tokens", 1, "tokens the analysis reads"),
+    ("analyze.batch_size", 1, "contexts per forward pass"),
 )
 POSITIVE = ("train.lr", "pretrain.lr")
 # The same for each SAE (the `sae` section and every bank entry): (field, smallest, meaning).
@@ -465,6 +472,16 @@ def _check_choices(recipe: Recipe) -> None:
             f"train.n_tokens={n_tokens:,} is less than one batch (train.batch_size={batch_size:,}): the run "
             f"would train one step on {batch_size:,} rows, not the {n_tokens:,} asked for. Set train.n_tokens "
             f"to at least {batch_size} (steps = n_tokens // batch_size), or train.batch_size to at most {n_tokens}"
+        )
+    if not 0 <= recipe.text.heldout_fraction < 1:
+        raise RecipeError(
+            f"text.heldout_fraction={recipe.text.heldout_fraction} must lie in [0, 1) (the share of documents "
+            f"kept for the held-out split); set it between 0 and 1, e.g. 0.05"
+        )
+    if recipe.analyze.n_features == 0 or recipe.analyze.n_features < -1:
+        raise RecipeError(
+            f"analyze.n_features={recipe.analyze.n_features} must be a positive count of feature pages (the most "
+            f"active first), or -1 for every feature"
         )
     for dotted in POSITIVE:
         if not 0 < _lookup(recipe, dotted) < math.inf:
@@ -627,6 +644,13 @@ def _check_shapes(node: DictConfig, schema: type, prefix: str) -> None:
                 f"yes/no and true/false all read so), where a text is expected; quote the word you "
                 f"meant, e.g. {dotted}='{'no' if not value else 'yes'}' (in YAML: `{key}: \"...\"`)"
             )
+        elif str(spec.type).startswith("dict[") and not isinstance(value, DictConfig):
+            shown = "a list" if isinstance(value, ListConfig) else repr(value)
+            raise RecipeError(
+                f"{dotted!r} maps dotted recipe keys to lists of values, got {shown}; e.g. "
+                f"'{dotted}={{sae.l1_coefficient: [1e-3, 3e-3]}}' (in YAML: `{key}:` with "
+                f"`sae.l1_coefficient: [1e-3, 3e-3]` below it)"
+            )
         elif str(spec.type).startswith("list[") and not isinstance(value, ListConfig):
             shown = "a mapping" if isinstance(value, DictConfig) else repr(value)
             # list[Any] holds mappings (train.bank, sweep.points); the others hold single values.
@@ -737,6 +761,12 @@ def _refuse_secret_interpolations(node: Any, where: str = "") -> None:
             _refuse_secret_interpolations(value, f"{where}[{i}]")
     elif isinstance(node, str):
         for name in _ENV_INTERPOLATION.findall(node):
+            if name.startswith("${"):
+                raise RecipeError(
+                    f"{where} reads an environment variable whose name is itself computed ({node!r}): its value "
+                    f"would be saved with the recipe, and a computed name cannot be checked for a secret. Name the "
+                    f"variable literally, e.g. ${{oc.env:SCRATCH}}"
+                )
             if _SECRET_NAME.search(name):
                 raise RecipeError(
                     f"{where} reads ${{oc.env:{name}}}: a recipe's values are saved (recipe.yaml, checkpoints, "

@@ -31,6 +31,7 @@ from framework.config import (
     recipe_to_dict,
     with_values,
 )
+from framework.errors import FrameworkError
 from framework.locks import output_locks
 from framework.pipeline import run_stage
 
@@ -45,15 +46,27 @@ SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean
 
 def expand_points(recipe: Recipe) -> list[dict]:
     """Every point of the sweep: explicit points, each combined with every grid combination."""
-    grid = recipe.sweep.grid
+    grid = _dotted(recipe.sweep.grid)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise RecipeError(f"sweep.grid.{key} must be a non-empty list of values, got {values!r}")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
-    points = [dict(p) for p in recipe.sweep.points] or [{}]
+    points = [_dotted(p, f"sweep.points[{i}]") for i, p in enumerate(recipe.sweep.points)] or [{}]
+    for i, point in enumerate(points):
+        if both := [key for key in point if key in grid]:
+            raise RecipeError(
+                f"sweep.points[{i}] sets {', '.join(both)}, which sweep.grid sweeps too: the grid's values would "
+                f"replace the point's. Sweep each key in one place (sweep.points or sweep.grid)"
+            )
     expanded = [p | c for p in points for c in combos]
     if expanded == [{}]:
         raise RecipeError("the sweep is empty: set sweep.grid (key: [values]) or sweep.points")
+    for key in sweep_keys(expanded):
+        if key == "sae.name" or key.startswith("sweep."):
+            raise RecipeError(
+                f"{key} cannot be swept: {'each point names its SAE after its own values' if key == 'sae.name' else 'a point runs no sweep'}"
+                f"; remove it from sweep.grid / sweep.points"
+            )
     for i, point in enumerate(expanded):
         if point in expanded[:i]:  # 1.0e-3 and 0.001 are one value
             raise RecipeError(
@@ -68,9 +81,40 @@ def expand_points(recipe: Recipe) -> list[dict]:
                 f"sweep points {expanded[names.index(name)]} and {expanded[i]} would share the directory "
                 f"{name!r}; give them values that differ in more than '/', '.' or spaces"
             )
-    for point in expanded:
-        _check_not_overridden_by_bank(_apply(recipe, point), point)  # validates every key and value now,
-    return expanded                                                  # not hours into the sweep
+    for i, point in enumerate(expanded):  # every key and value validated now, not hours into the sweep
+        try:
+            _check_not_overridden_by_bank(_apply(recipe, point), point)
+        except RecipeError as err:
+            raise RecipeError(f"sweep point {i} ({point}, from sweep.grid / sweep.points): {err}") from None
+    return expanded
+
+
+def _dotted(mapping, where: str = "sweep.grid") -> dict:
+    """{dotted key: value}, nested mappings flattened: `sae: {l1_coefficient: [...]}` (YAML's
+    nested form, or sweep.grid.sae.l1_coefficient=[...] on the command line) is the key
+    sae.l1_coefficient."""
+    if not isinstance(mapping, dict):
+        raise RecipeError(f"{where} must be a mapping of dotted recipe keys to values, got {mapping!r}")
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat |= {f"{key}.{inner}": v for inner, v in _dotted(value, where).items()}
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def check_overrides_not_swept(recipe: Recipe, overrides: list[str]) -> None:
+    """Refuse a command-line override of a key that the sweep itself sets at every point: each
+    point's value would replace it, and the override would change nothing."""
+    swept = set(sweep_keys(expand_points(recipe)))
+    given = [key for key in (item.split("=", 1)[0].strip() for item in overrides) if key in swept]
+    if given:
+        raise RecipeError(
+            f"{', '.join(given)} is swept (sweep.grid / sweep.points): every point sets its own value, so the "
+            f"override would change nothing. Change the sweep's values instead (e.g. 'sweep.grid={{{given[0]}: "
+            f"[...]}}'), or drop the override"
+        )
 
 
 def _check_not_overridden_by_bank(point_recipe: Recipe, point: dict) -> None:
@@ -96,6 +140,8 @@ def point_name(point: dict, keys: list[str] | None = None) -> str:
     """The point's directory name: each key by the shortest dotted suffix that no other key of
     the sweep (`keys`; default the point's own) shares, so that train.n_tokens and eval.n_tokens
     stay apart while sae.l1_coefficient is l1_coefficient."""
+    if not point:
+        return "base"  # the base recipe as it is (an empty entry of sweep.points)
     labels = _short_labels(list(dict.fromkeys([*(keys or []), *point])))
     parts = [f"{labels[key]}={value}" for key, value in point.items()]
     return "_".join(parts).replace("/", "-").replace(".", "p").replace(" ", "")
@@ -218,12 +264,28 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
             # wait for its lock, then find them complete.
             with output_locks(shared_outputs(recipe, selected), "sweep", wait=True):
                 _prepare_shared(recipe, selected)
+        failed: dict[str, str] = {}
         for i, point in enumerate(selected):
-            point_recipe = _apply(recipe, point, root / point_name(point, keys))
-            log.info("sweep point %d/%d: %s", i + 1, len(selected), point_name(point, keys))
-            for stage in point_stages(recipe, point):
-                run_stage(stage, point_recipe)
+            name = point_name(point, keys)
+            point_recipe = _apply(recipe, point, root / name)
+            log.info("sweep point %d/%d: %s", i + 1, len(selected), name)
+            try:
+                for stage in point_stages(recipe, point):
+                    run_stage(stage, point_recipe)
+            except FrameworkError as err:
+                # One point's failure (a diverged run, say) stops neither the others nor the summary
+                failed[name] = str(err)
+                log.error("sweep point %s failed: %s", name, err)
         results = _point_results(recipe, points, root)
+        write_summary(root, results, failed)
+        if failed:
+            listed = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            raise FrameworkError(
+                f"{len(failed)} of {len(selected)} sweep points failed ({listed}). The others finished; "
+                f"{root / 'summary.md'} lists them all. Fix the failed points' cause and run the same command "
+                f"again: finished points are skipped"
+            )
+        return root
     write_summary(root, results)
     return root
 
@@ -287,10 +349,16 @@ def _finished_by(recipe: Recipe, directory: Path, stage: str) -> bool:
         return False
 
 
-def write_summary(root: Path, results: list[tuple[dict, dict]]) -> None:
+def write_summary(root: Path, results: list[tuple[dict, dict]], failed: dict[str, str] | None = None) -> None:
+    """summary.csv and summary.md (a row per point: its values, metrics and status: "done",
+    "failed: reason", or "not run" for a point with no finished output yet) and pareto.png."""
     keys = sweep_keys([point for point, _ in results])
-    header = ["point", *keys, *SUMMARY_METRICS]
-    rows = [[point_name(p, keys), *[p.get(k, "") for k in keys], *[m.get(s, "") for s in SUMMARY_METRICS]] for p, m in results]
+    header = ["point", *keys, *SUMMARY_METRICS, "status"]
+    rows = []
+    for point, metrics in results:
+        name = point_name(point, keys)
+        status = f"failed: {failed[name]}" if name in (failed or {}) else "done" if metrics else "not run"
+        rows.append([name, *[point.get(k, "") for k in keys], *[metrics.get(s, "") for s in SUMMARY_METRICS], status])
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     # Written under a temporary name and renamed: SLURM array tasks (`--point N`) finishing

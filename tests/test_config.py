@@ -120,6 +120,12 @@ def test_a_secret_read_through_oc_env_is_refused_and_a_path_is_resolved(monkeypa
     with pytest.raises(RecipeError, match=r"harvest.output_dir reads \$\{oc.env:SERVICE_TOKEN\}.*saved") as refused:
         load_recipe(tmp_path / "r.yaml")
     assert "s3cr3t" not in str(refused.value)
+    # the variable's name computed from another value hid it from the check
+    (tmp_path / "r.yaml").write_text("name: SERVICE_TOKEN\ntrain:\n  wandb:\n    entity: ${oc.env:${name}}\n")
+    with pytest.raises(RecipeError, match=r"train.wandb.entity reads an environment variable whose name is itself "
+                                          r"computed") as refused:
+        load_recipe(tmp_path / "r.yaml")
+    assert "s3cr3t" not in str(refused.value)
 
 
 def test_bank_entry_with_unknown_key_is_refused():
@@ -157,6 +163,15 @@ def test_retired_shuffle_buffer_is_refused_unless_at_its_old_default():
     ("sae.l1_coefficient=nan", r"sae.l1_coefficient=nan must be a finite number \(weight of the L1"),
     ("train.bank=[{l1_coefficient: inf}]", r"train.bank\[0\].l1_coefficient=inf must be a finite number"),
     ("pretrain.steps=0", r"pretrain.steps=0 must be at least 1"),
+    # positions counted from the end of the context, clipping silently off, a division by zero:
+    ("harvest.skip_first_tokens=-3", r"harvest.skip_first_tokens=-3 must be at least 0"),
+    ("train.grad_clip=-1", r"train.grad_clip=-1.0 must be at least 0 \(largest gradient norm; 0 = no clipping\)"),
+    ("train.lr_warmup_steps=-1", r"train.lr_warmup_steps=-1 must be at least 0"),
+    ("pretrain.val_every=0", r"pretrain.val_every=0 must be at least 1"),
+    ("train.num_nodes=0", r"train.num_nodes=0 must be at least 1"),
+    ("analyze.n_tokens=0", r"analyze.n_tokens=0 must be at least 1"),
+    ("analyze.n_features=0", r"analyze.n_features=0 must be a positive count .* or -1 for every feature"),
+    ("text.heldout_fraction=2", r"text.heldout_fraction=2.0 must lie in \[0, 1\)"),
 ])
 def test_numbers_a_run_cannot_use_are_refused_when_the_recipe_loads(override, message):
     with pytest.raises(RecipeError, match=message):

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 import framework.sweep as sweep_module
 import framework.training.train as train_stage
 from framework.config import load_recipe, with_overrides
-from framework.errors import RecipeError
+from framework.errors import FrameworkError, RecipeError, TrainingError
 from framework.sweep import _apply, expand_points, point_name, point_stages, sweep
 
 SMALL = [
@@ -206,3 +206,70 @@ def test_point_names_keep_colliding_keys_apart_and_repeated_points_are_refused()
     with pytest.raises(RecipeError, match=r"the sweep has the point \{'sae.l1_coefficient': 0.001\} twice "
                                           r"\(points 0 and 1\).*Remove the repeated value"):
         expand_points(repeated)
+
+
+class DivergeOnFirstFit(Callback):
+    fits = 0
+
+    def on_fit_start(self, trainer, module):
+        DivergeOnFirstFit.fits += 1
+        if DivergeOnFirstFit.fits == 1:
+            raise TrainingError("injected divergence")
+
+
+def test_a_failed_point_stops_neither_the_others_nor_the_summary(pretrained_recipe, tmp_path, monkeypatch):
+    """The first point's failure stopped the sweep: later points never ran, and no summary was
+    written, not even for the points that had finished."""
+    recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
+                                                       "  stages: [train]\n")
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, DivergeOnFirstFit())
+        return trainer
+
+    monkeypatch.setattr(train_stage, "build_trainer", build)
+    with pytest.raises(FrameworkError, match=r"1 of 2 sweep points failed \(lr=0p002: injected divergence\)"):
+        sweep(recipe)
+    root = tmp_path / "sweep"
+    header, *rows = (root / "summary.csv").read_text().splitlines()
+    status = header.split(",").index("status")
+    assert [row.split(",")[status] for row in rows] == ["failed: injected divergence", "done"]
+    assert (root / "lr=0p004" / "sae" / "COMPLETE").is_file() and (root / "pareto.png").is_file()
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["sweep.grid={train.lr: [0.001, 0.002]}", "sweep.points=[{train.lr: 0.003}]"],
+     r"sweep.points\[0\] sets train.lr, which sweep.grid sweeps too"),
+    (["sweep.points=[{sae.name: a}, {sae.name: b}]"], "sae.name cannot be swept"),
+    (["sweep.grid={sae.n_features: [many]}"], r"sweep point 0 .*wrong type for .sae.n_features."),
+])
+def test_sweeps_that_would_not_train_what_they_say_are_refused(overrides, error):
+    with pytest.raises(RecipeError, match=error):
+        expand_points(load_recipe(None, overrides))
+
+
+def test_a_nested_grid_is_read_as_dotted_keys_and_an_empty_point_is_the_base(tmp_path):
+    (tmp_path / "sweep.yaml").write_text("sweep:\n  grid:\n    sae:\n      l1_coefficient: [0.001, 0.002]\n"
+                                         "  points: [{}, {train.lr: 0.002}]\n")
+    points = expand_points(load_recipe(tmp_path / "sweep.yaml"))
+    assert points[0] == {"sae.l1_coefficient": 0.001} and points[2] == {"train.lr": 0.002, "sae.l1_coefficient": 0.001}
+    assert point_name({}) == "base"
+    same = expand_points(load_recipe(None, ["sweep.grid.sae.l1_coefficient=[0.001, 0.002]"]))
+    assert same == [{"sae.l1_coefficient": 0.001}, {"sae.l1_coefficient": 0.002}]
+
+
+def test_a_command_line_override_of_a_swept_key_is_refused(tmp_path, capsys):
+    from framework.cli import main
+
+    (tmp_path / "sweep.yaml").write_text("sweep:\n  grid:\n    sae.n_features: [64, 128]\n")
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), f"workdir={tmp_path}", "sae.n_features=8192"]) == 2
+    assert "sae.n_features is swept (sweep.grid / sweep.points)" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("value", ["[1]", "5"])
+def test_a_grid_that_is_not_a_mapping_is_refused_with_its_form(value):
+    with pytest.raises(RecipeError, match=r"'sweep.grid' maps dotted recipe keys to lists of values.*sae.l1_coefficient"):
+        load_recipe(None, [f"sweep.grid={value}"])
