@@ -23,7 +23,9 @@ else
 fi
 
 if [[ -n "${NPROC:-}" ]]; then
+  # --standalone: a rendezvous of this job's own (a fresh run id), so that a stage's done-marker
+  # left in runs/ by an earlier container's job is never taken for this job's (framework/distributed.py)
   exec docker run --rm "${gpu_flags[@]}" "${user_flags[@]}" "${env_flags[@]}" -v "$PWD/runs:/work/runs" \
-    --entrypoint python "$IMAGE" -m torch.distributed.run --nproc_per_node="$NPROC" -m framework.cli "$@"
+    --entrypoint python "$IMAGE" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m framework.cli "$@"
 fi
 exec docker run --rm "${gpu_flags[@]}" "${user_flags[@]}" "${env_flags[@]}" -v "$PWD/runs:/work/runs" "$IMAGE" "$@"

@@ -615,6 +615,27 @@ def test_feature_sharding_refuses_an_sae_it_cannot_split_before_training(extra, 
         trainer_arguments(recipe)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "deepspeed"])
+def test_a_process_of_a_two_machine_torchrun_launch_gets_the_trainer_lightning_accepts(strategy, recipe_file,
+                                                                                        monkeypatch):
+    """Node 0 of `torchrun --nnodes 2 --nproc_per_node 2` (launch/slurm.sbatch): Lightning was
+    told num_nodes=1 and its launcher refused devices=2 x num_nodes=1 against a world of 4."""
+    import lightning as L
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key, value in dict(TORCHELASTIC_RUN_ID="test", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", RANK="0",
+                           LOCAL_RANK="0", GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
+        monkeypatch.setenv(key, value)
+    recipe = load_recipe(recipe_file, [f"train.strategy={strategy}"])
+    arguments = trainer_arguments(recipe)
+    assert (arguments["devices"], arguments["num_nodes"]) == (2, 2)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, **arguments)
+    if trainer.strategy.launcher is not None:
+        trainer.strategy.launcher.launch(lambda: None)  # checks devices x num_nodes against the world
+    with pytest.raises(RecipeError, match=r"train.num_nodes=3, but torchrun started 2 machine\(s\) of 2"):
+        trainer_arguments(load_recipe(recipe_file, ["train.num_nodes=3"]))
+
+
 # `sae train` under torchrun that prints, on every rank, the size of every SAE built with storage
 # (an SAE built on the meta device holds none).
 RECORD_MATERIALISED = """

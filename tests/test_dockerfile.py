@@ -426,3 +426,6 @@ def test_docker_run_for_root_on_the_host_keeps_the_images_user_and_gives_it_runs
     argv, chowned = docker_run(tmp_path, 0, "train", "recipes/distributed/ddp.yaml", NPROC="2")
     assert "--user" not in argv and chowned == "1000:1000 runs"
     assert "OPENAI_API_KEY" in argv and "--nproc_per_node=2" in argv
+    # a rendezvous of the job's own: with the static one every job had the run id "none", and a
+    # stage's done-marker an earlier job left in runs/ let this job's other ranks run ahead
+    assert "--standalone" in argv

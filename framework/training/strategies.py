@@ -44,6 +44,23 @@ def _local_devices(recipe: Recipe) -> int:
         raise RecipeError(f"train.devices={recipe.train.devices!r} must be 'auto' or a number") from None
 
 
+def _nodes(recipe: Recipe) -> int:
+    """Machines the run spans: under torchrun, its world over the processes per machine (a
+    2-node launch told Lightning num_nodes=1, and its DDP launcher refused devices × num_nodes
+    != world size); otherwise train.num_nodes."""
+    if "WORLD_SIZE" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return recipe.train.num_nodes
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    nodes = world // local
+    if nodes * local != world:
+        raise RecipeError(f"torchrun started {world} processes with {local} on this machine: every machine must run "
+                          f"the same number (--nproc_per_node)")
+    if recipe.train.num_nodes not in (1, nodes):
+        raise RecipeError(f"train.num_nodes={recipe.train.num_nodes}, but torchrun started {nodes} machine(s) of "
+                          f"{local} process(es) each; under torchrun its --nnodes decides: drop train.num_nodes")
+    return nodes
+
+
 def world_size(recipe: Recipe) -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
@@ -105,7 +122,7 @@ def trainer_arguments(recipe: Recipe) -> dict:
     return {
         "accelerator": "gpu" if on_gpu else "cpu",
         "devices": _local_devices(recipe),
-        "num_nodes": cfg.num_nodes,
+        "num_nodes": _nodes(recipe),
         "strategy": _strategy(recipe, on_gpu),
         "precision": cfg.precision,
     }
