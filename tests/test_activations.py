@@ -761,3 +761,19 @@ def test_torchrun_harvest_with_two_ranks_equals_one_process(pretrained_recipe, h
     assert shard_digests(tmp_path / "activations") == shard_digests(harvested.path("activations"))
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
     assert manifest["rows"] == 6144 and len(manifest["shards"]) == 6
+
+
+def test_training_past_an_epoch_on_shards_the_ranks_do_not_divide_warns(harvested, caplog):
+    """Ranks with an extra shard cross into the next epoch later: a global batch near the
+    crossing can hold one shard's rows twice, read by two ranks."""
+    from framework.training.data import ActivationDataModule
+
+    shards = ActivationStore(harvested.store_location()).n_shards
+    recipe = with_overrides(harvested, ["train.n_tokens=8192", "train.batch_size=256", "train.epochs=4"])
+    uneven = next(w for w in (4, 5, 3) if shards % w)
+    even = next(w for w in (2, 3, 1) if shards % w == 0)
+    with caplog.at_level("WARNING", logger="framework.training.data"):
+        ActivationDataModule(recipe, world_size=even)
+        assert "do not divide" not in caplog.text
+        ActivationDataModule(recipe, world_size=uneven)
+    assert f"whose {shards} shards do not divide over {uneven} data-parallel ranks" in caplog.text
