@@ -206,10 +206,13 @@ def differences_from(recorded: dict, recipe: Recipe, stage: str) -> list[str]:
 
 
 def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **info) -> Path:
+    """Write the COMPLETE marker. A stage that reads trained SAEs passes `sae_weights`, their
+    digest taken before it read them (taken here, SAEs trained again meanwhile would be
+    recorded as the ones the output was made from)."""
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)
     if stage in READS_TRAINED_SAES:
-        info["sae_weights"] = trained_weights_digest(recipe, stage)
+        info.setdefault("sae_weights", trained_weights_digest(recipe, stage))
     marker = directory / MARKER
     tmp = directory / f".{MARKER}.{process_tag()}.tmp"  # the process's own: two never share a temporary
     tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))
@@ -238,6 +241,11 @@ def is_complete(directory: str | os.PathLike, recipe: Recipe, stage: str) -> boo
     if not marker.is_file():
         return False
     saved = read_marker(marker)
+    if saved.get("stage", stage) != stage:
+        raise RecipeError(
+            f"{directory} holds the output of `{saved['stage']}`, not of `{stage}`: give `{stage}` a directory of "
+            f"its own (its output_dir, or workdir=...)"
+        )
     fingerprint = stage_fingerprint(recipe, stage)
     recorded = as_fingerprinted_now(saved.get("fingerprint", {}), stage)
     if fingerprint_digest(fingerprint) in (saved.get("digest"), fingerprint_digest(recorded)):

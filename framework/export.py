@@ -44,6 +44,7 @@ from framework.artifacts import (
     load_saved_recipe,
     mark_complete,
     stage_fingerprint,
+    trained_weights_digest,
 )
 from framework.config import Recipe, RecipeError, SAEConfig, save_recipe
 from framework.errors import CheckpointError
@@ -100,6 +101,7 @@ def export(recipe: Recipe) -> Path:
     _check_recipe_file(out, recipe)
     # The bank, even when eval.sae_path points `sae eval` at an imported SAE.
     bank = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, sae_path=""))
+    weights = trained_weights_digest(recipe, "export")  # of the files about to be read
     trained = load_trained_saes(bank, for_export=True)
     # Which export wrote a directory: a re-run replaces only its own SAEs, never a folder of the user's.
     metadata = saelens_metadata(recipe) | {"framework_export": fingerprint_digest(stage_fingerprint(recipe, "export"))}
@@ -107,7 +109,7 @@ def export(recipe: Recipe) -> Path:
         export_sae(sae, out / sae.name, metadata)
         log.info("exported %s to %s", sae.name, out / sae.name)
     save_recipe(recipe, out)
-    mark_complete(out, recipe, "export", saes=[s.name for s in trained])
+    mark_complete(out, recipe, "export", saes=[s.name for s in trained], sae_weights=weights)
     return out
 
 
@@ -309,9 +311,10 @@ def _read_saelens_config(path: Path) -> dict[str, Any]:
 
 def _check_supported(path: Path, cfg: dict[str, Any]) -> None:
     where = path / CFG_FILE
-    if "architecture" not in cfg:
+    if pre_6 := _written_before_saelens_6(cfg):
         raise CheckpointError(
-            f"{where} names no `architecture`: it was written by SAELens < 6. Load and re-save it with "
+            f"{where} was written by SAELens < 6 ({pre_6}); its fields mean other things there (an "
+            f"architecture 'standard' with activation_fn_str 'topk' is a TopK SAE). Load and re-save it with "
             f"SAELens >= 6 (SAE.load_from_disk(path).save_model(path)) to import it"
         )
     if cfg["architecture"] not in IMPORTED_VARIANT:
@@ -324,6 +327,8 @@ def _check_supported(path: Path, cfg: dict[str, Any]) -> None:
             raise CheckpointError(f"{where} lacks {key!r}")
     if _hook_name(cfg) is None:
         raise CheckpointError(f"{where} names no hook (metadata.hook_name)")
+    if cfg["architecture"] == "topk" and "k" not in cfg:
+        raise CheckpointError(f"{where}: a topk SAE without `k` (features active per row); add it to {CFG_FILE}")
     norm = cfg.get("normalize_activations", "none")
     if norm != "none":
         raise CheckpointError(
@@ -334,6 +339,21 @@ def _check_supported(path: Path, cfg: dict[str, Any]) -> None:
         )
     if cfg.get("reshape_activations", "none") != "none" or cfg["metadata"].get("hook_head_index") is not None:
         raise CheckpointError(f"{where}: hook_z reshaping and per-head SAEs are not supported")
+
+
+def _written_before_saelens_6(cfg: dict[str, Any]) -> str:
+    """Why cfg.json looks like SAELens < 6's ("" where it does not): no `architecture`, an
+    earlier version named, or the activation fields SAELens 6 replaced by architectures."""
+    if "architecture" not in cfg:
+        return "it names no `architecture`"
+    for key in ("sae_lens_version", "sae_lens_training_version"):
+        version = cfg.get(key) or cfg["metadata"].get(key)
+        if isinstance(version, str) and version.split(".")[0].isdigit() and int(version.split(".")[0]) < 6:
+            return f"{key} {version}"
+    for key in ("activation_fn_str", "activation_fn"):
+        if key in cfg:
+            return f"it sets {key}={cfg[key]!r}"
+    return ""
 
 
 def _hook_name(cfg: dict[str, Any]) -> str | None:

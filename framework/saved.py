@@ -86,7 +86,29 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu", *, for
                "train.output_dir to that directory)" if for_export else
                "(or set eval.sae_path to an SAELens-format directory)")
         )
+    for cfg in recipe.sae_configs():
+        _check_is_the_recipes(root / cfg.name, cfg)
     return [load_framework_sae(root / n, device) for n in names]
+
+
+def _check_is_the_recipes(directory: Path, cfg: SAEConfig) -> None:
+    """Refuse an SAE whose own config.json describes another SAE than the recipe's entry of that
+    name: without a COMPLETE marker (check_trained_by) nothing else ties the files to the recipe,
+    and a later stage would record this recipe's settings for them."""
+    try:
+        saved = json.loads((directory / "config.json").read_text())["sae"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{directory / 'config.json'} is not the config `sae train` writes; re-run "
+                              f"`sae train RECIPE`") from None
+    keys = ["variant", "n_features"] + (["k"] if cfg.variant in ("topk", "batchtopk") else [])
+    keys += ["hook_point"] if cfg.hook_point else []
+    differences = [f"{key} {saved.get(key)!r} there, {getattr(cfg, key)!r} here" for key in keys
+                   if saved.get(key) != getattr(cfg, key)]
+    if differences:
+        raise CheckpointError(
+            f"{directory} holds another SAE than this recipe's {cfg.name!r} ({'; '.join(differences)}). Point "
+            f"train.output_dir at the SAEs this recipe trained, or train them: `sae train RECIPE`"
+        )
 
 
 def check_trained_by(root: Path, recipe: Recipe) -> None:

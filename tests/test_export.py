@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from framework.artifacts import mark_complete
 from framework.config import SAEConfig, load_recipe
 from framework.errors import CheckpointError, RecipeError
 from framework.export import ARCHITECTURE, export, export_sae, load_saelens_sae
@@ -217,6 +218,28 @@ def test_import_refuses_pre_6_config_without_architecture(exported):
         load_saelens_sae(exported)
 
 
+@pytest.mark.parametrize("changes, why", [
+    # SAELens 3-5 wrote `architecture` too: a TopK SAE as 'standard' with activation_fn_str 'topk',
+    # which was imported as a ReLU SAE (its features all wrong)
+    ({"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 8}},
+     r"it sets activation_fn_str='topk'"),
+    ({"sae_lens_training_version": "5.3.0"}, r"sae_lens_training_version 5.3.0"),
+])
+def test_import_refuses_a_config_of_saelens_before_6_that_names_an_architecture(exported, changes, why):
+    edit_cfg(exported, **changes)
+    with pytest.raises(CheckpointError, match=rf"written by SAELens < 6 \({why}\).*save_model"):
+        load_saelens_sae(exported)
+
+
+def test_import_refuses_a_topk_config_without_k(tmp_path):
+    saelens_sae("topk", k=4).save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"a topk SAE without `k`"):
+        load_saelens_sae(tmp_path)
+
+
 BANK_RECIPE = f"""
 sae: {{hook_point: {HOOK}, n_features: {N_FEATURES}, k: {K}}}
 train:
@@ -268,6 +291,56 @@ def test_export_replaces_its_own_earlier_export_of_the_same_recipe(tmp_path):
     (out / "COMPLETE").unlink()  # interrupted before the marker: the SAEs written are its own
     assert export(recipe) == out and (out / "COMPLETE").is_file()
     assert load_saelens_sae(out / "topk_small").sae.variant == "topk"
+
+
+def test_an_export_that_saes_were_trained_again_during_is_made_again(tmp_path, monkeypatch):
+    """The marker recorded the weights' digest when it was written: SAEs trained again while the
+    export ran made a stale export count as made from the new weights."""
+    import framework.export as export_module
+
+    recipe = bank_recipe(tmp_path)
+    read = export_module.load_trained_saes
+
+    def retrained_after_the_read(*args, **kwargs):
+        saes = read(*args, **kwargs)
+        for cfg in recipe.sae_configs():  # `sae train` of the same recipe, in another process: other weights
+            sae = randomized(build_sae(D_IN, cfg))
+            with torch.no_grad():
+                sae.W_enc.mul_(-1)
+            save_sae(sae, cfg.name, HOOK, SCALE, recipe, recipe.path("sae") / cfg.name)
+        return saes
+
+    monkeypatch.setattr(export_module, "load_trained_saes", retrained_after_the_read)
+    out = export(recipe)
+    monkeypatch.setattr(export_module, "load_trained_saes", read)
+    stale = (out / "topk_small" / "sae_weights.safetensors").read_bytes()
+    assert export(recipe) == out  # made again, from the weights there now
+    assert (out / "topk_small" / "sae_weights.safetensors").read_bytes() != stale
+    x = activations()
+    with torch.no_grad():
+        assert_same(sae_lens.SAE.load_from_disk(out / "topk_small").encode(x),
+                    load_framework_sae(recipe.path("sae") / "topk_small").features(x))
+
+
+def test_sae_files_of_another_sae_under_a_recipes_name_are_refused(tmp_path):
+    """Without a COMPLETE marker nothing tied the files to the recipe: a gated SAE of 128
+    features saved as topk_small was exported as this recipe's topk_small."""
+    recipe = bank_recipe(tmp_path)
+    other = SAEConfig(variant="gated", n_features=2 * N_FEATURES, hook_point=HOOK)
+    save_sae(randomized(build_sae(D_IN, other)), "topk_small", HOOK, SCALE, recipe, recipe.path("sae") / "topk_small")
+    with pytest.raises(CheckpointError, match=r"topk_small holds another SAE than this recipe's 'topk_small' "
+                                              r"\(variant 'gated' there, 'topk' here; n_features 128 there, 64 here"):
+        export(recipe)
+    assert not recipe.path("export").exists()
+
+
+def test_a_stage_pointed_at_another_stages_output_says_so_and_never_to_delete_it(tmp_path):
+    recipe = bank_recipe(tmp_path, f"export.output_dir={tmp_path / 'run' / 'sae'}")
+    with pytest.raises(RecipeError, match=r"holds the output of `train`, not of `export`: give `export` a "
+                                          r"directory of its own") as refused:
+        mark_complete(recipe.path("sae"), recipe, "train")
+        export(recipe)
+    assert "delete" not in str(refused.value)
 
 
 @pytest.mark.parametrize("contents", ["notes", "their_saelens_sae", "half_written_cfg", "other_recipe"])

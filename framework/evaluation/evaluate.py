@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from framework.activations.reader import ActivationStream, open_heldout_store
-from framework.artifacts import atomic_write_text, is_complete, mark_complete
+from framework.artifacts import atomic_write_text, is_complete, mark_complete, trained_weights_digest
 from framework.config import Recipe, save_recipe
 from framework.errors import DataError
 from framework.evaluation.metrics import DensityCounter, density_summary, evaluate_sae, in_activation_units
@@ -86,6 +86,7 @@ def evaluate(recipe: Recipe) -> Path:
         log.warning("harvest.split=heldout: these SAEs trained on the held-out split, so their held-out metrics "
                     "are of text they trained on")
     model = load_lm(recipe)
+    weights = trained_weights_digest(recipe, "eval")  # of the files about to be read
     saes = load_saes_for_lm(recipe, model)
     token_batches = [t.to(model.device) for _, t in iter_context_batches(
         recipe.text, model.tokenizer, "heldout", recipe.eval.batch_size, 0, recipe.eval.n_contexts)]
@@ -99,7 +100,7 @@ def evaluate(recipe: Recipe) -> Path:
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
     atomic_write_text(out / "report.md", eval_report(results))
     save_recipe(recipe, out)
-    mark_complete(out, recipe, "eval")
+    mark_complete(out, recipe, "eval", sae_weights=weights)
     return out
 
 
