@@ -276,8 +276,7 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
                 # One point's failure (a diverged run, say) stops neither the others nor the summary
                 failed[name] = str(err)
                 log.error("sweep point %s failed: %s", name, err)
-        results = _point_results(recipe, points, root)
-        write_summary(root, results, failed)
+        summarise(recipe, points, root, failed)
         if failed:
             listed = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
             raise FrameworkError(
@@ -288,6 +287,14 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         return root
     write_summary(root, results)
     return root
+
+
+def summarise(recipe: Recipe, points: list[dict], root: Path, failed: dict[str, str] | None = None) -> None:
+    """Read every point's metrics and write the summary, one process at a time: SLURM array tasks
+    (`--point N`) finishing together each read, then rename their summary into place, and a task
+    that read before another's point finished would put back a summary without it."""
+    with output_locks([root / "summary.csv"], "sweep", wait=True):
+        write_summary(root, _point_results(recipe, points, root), failed)
 
 
 def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, dict]]:

@@ -273,3 +273,25 @@ def test_a_command_line_override_of_a_swept_key_is_refused(tmp_path, capsys):
 def test_a_grid_that_is_not_a_mapping_is_refused_with_its_form(value):
     with pytest.raises(RecipeError, match=r"'sweep.grid' maps dotted recipe keys to lists of values.*sae.l1_coefficient"):
         load_recipe(None, [f"sweep.grid={value}"])
+
+
+def test_array_tasks_write_the_summary_one_at_a_time(tmp_path):
+    """Each `--point N` task read every point's metrics and renamed its summary into place: a
+    task that read before another's point finished put back a summary without it."""
+    import fcntl
+    import threading
+
+    from framework.locks import lock_path
+    from framework.sweep import summarise
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "sweep.grid={train.lr: [0.001, 0.002]}"])
+    root = tmp_path / "sweep"
+    root.mkdir()
+    with open(lock_path(root / "summary.csv"), "w") as held:  # another task summarising
+        fcntl.flock(held, fcntl.LOCK_EX)
+        task = threading.Thread(target=summarise, args=(recipe, expand_points(recipe), root))
+        task.start()
+        task.join(timeout=1.0)
+        assert task.is_alive() and not (root / "summary.csv").exists()  # waits its turn
+    task.join(timeout=30)
+    assert not task.is_alive() and len((root / "summary.csv").read_text().splitlines()) == 3
