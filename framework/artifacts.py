@@ -129,7 +129,12 @@ def load_saved_recipe(path: str | os.PathLike) -> Recipe:
     harvest.context_order describes source-order activations, and its SAEs are that recipe's."""
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # noqa: BLE001 -- YAML's parser errors, OmegaConf's, a file that is not text
+        raise RecipeError(f"{path} is not a readable recipe ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
+    if not isinstance(saved, dict):
+        raise RecipeError(f"{path} is not a recipe (a YAML mapping of sections)")
     missing = []
     for dotted, value in ADDED_LATER.items():
         node = saved

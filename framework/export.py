@@ -302,9 +302,12 @@ def _read_saelens_config(path: Path) -> dict[str, Any]:
             )
     try:
         cfg = json.loads((path / CFG_FILE).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot parse {path / CFG_FILE}: {err}") from None
-    cfg.setdefault("metadata", {})
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("metadata") or {}, dict):
+        raise CheckpointError(f"{path / CFG_FILE} is not an SAELens config: a JSON object (with `metadata` an "
+                              f"object) is expected")
+    cfg["metadata"] = cfg.get("metadata") or {}
     _check_supported(path, cfg)
     return cfg
 

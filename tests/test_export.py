@@ -183,6 +183,13 @@ def test_import_names_the_unreadable_file(exported, broken):
         load_saelens_sae(exported)
 
 
+@pytest.mark.parametrize("text", [b"[1, 2]", b'{"metadata": 3}', b"\xff\xfe{}"])
+def test_import_names_a_cfg_json_that_is_not_an_saelens_config(exported, text):
+    (exported / "cfg.json").write_bytes(text)
+    with pytest.raises(CheckpointError, match=r"cfg.json(: | is not an SAELens config)"):
+        load_saelens_sae(exported)
+
+
 def test_import_of_unknown_architecture_names_the_supported_ones(exported):
     edit_cfg(exported, architecture="matching_pursuit")
     with pytest.raises(CheckpointError, match="matching_pursuit.*standard, topk, jumprelu, gated"):
@@ -365,7 +372,7 @@ def test_export_refuses_to_delete_a_directory_it_did_not_write(tmp_path, content
     assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
 
 
-@pytest.mark.parametrize("contents", ["notes", "other_recipe"])
+@pytest.mark.parametrize("contents", ["notes", "other_recipe", "broken_yaml"])
 def test_export_refuses_to_overwrite_a_recipe_yaml_it_did_not_write(tmp_path, contents):
     from framework.config import recipe_to_yaml
 
@@ -373,7 +380,8 @@ def test_export_refuses_to_overwrite_a_recipe_yaml_it_did_not_write(tmp_path, co
     out = recipe.path("export")
     out.mkdir(parents=True)
     other = bank_recipe(tmp_path / "other", f"sae.k={K + 1}")
-    text = "my notes: the 4k run\n" if contents == "notes" else recipe_to_yaml(other)  # as an export saves it
+    text = {"notes": "my notes: the 4k run\n", "broken_yaml": "train: [unclosed\n",
+            "other_recipe": recipe_to_yaml(other)}[contents]  # (as an export saves it)
     (out / "recipe.yaml").write_text(text)
     with pytest.raises(RecipeError, match=rf"{out / 'recipe.yaml'} exists and was not written by an export of this "
                                           rf"recipe.*export.output_dir"):
