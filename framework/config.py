@@ -612,11 +612,15 @@ def _field_type(dotted: str) -> str:
     parts = dotted.split(".")[2:] if dotted.startswith("train.bank") else dotted.split(".")
     annotation = "a different type"
     for part in parts:
+        name, bracket, _ = part.partition("[")
         by_name = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
-        if part not in by_name:
+        if name not in by_name:
             break
-        annotation = str(by_name[part].type)
-        node = by_name[part].default_factory if is_dataclass(by_name[part].default_factory) else None
+        annotation = str(by_name[name].type)
+        if bracket:  # an element of a list field: list[float] -> float
+            inner = re.fullmatch(r"(?:list|tuple)\[(.*)\]", annotation.removesuffix(" | None"))
+            annotation = inner.group(1) if inner else annotation
+        node = by_name[name].default_factory if is_dataclass(by_name[name].default_factory) else None
     return annotation
 
 
@@ -697,7 +701,11 @@ def _merge_checked(configs: list, section: str = "") -> DictConfig:
         ) from None
     except ValidationError as err:
         full_key = ".".join(filter(None, [section, str(getattr(err, "full_key", "") or "")]))
-        value = str(err).split("'")[1] if str(err).count("'") >= 2 else "?"
+        value = getattr(err, "value", None)
+        if value is None:
+            value = str(err).split("'")[1] if str(err).count("'") >= 2 else "?"
+        elif isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
         raise RecipeError(
             f"wrong type for {full_key!r}: got {value!r}, expected {_field_type(full_key)}"
         ) from None

@@ -154,6 +154,17 @@ def test_retired_shuffle_buffer_is_refused_unless_at_its_old_default():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("train.adam_betas=[a,b]", r"wrong type for 'train.adam_betas\[0\]': got 'a', expected float"),
+    ("train.resample_steps=[a]", r"wrong type for 'train.resample_steps\[0\]': got 'a', expected int"),
+    ("sae.n_features={a: 1}", r"wrong type for 'sae.n_features': got \{'a': 1\}, expected int"),
+])
+def test_a_wrong_type_names_the_key_the_value_and_the_type_expected(override, message):
+    """A list's element read "expected TrainConfig"; a mapping was shown as '{'."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
     ("sae.n_features=0", r"sae.n_features=0: an SAE needs at least one feature"),
     ("train.batch_size=0", r"train.batch_size=0 must be at least 1"),
     ("train.n_tokens=-5", r"train.n_tokens=-5 must be at least 1"),
