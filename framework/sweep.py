@@ -14,6 +14,7 @@ Outputs in `{workdir}/sweep/`: one directory per point (or one bank), `summary.c
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -45,7 +46,19 @@ SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean
 
 
 def expand_points(recipe: Recipe) -> list[dict]:
-    """Every point of the sweep: explicit points, each combined with every grid combination."""
+    """Every point of the sweep: explicit points, each combined with every grid combination.
+    Validated once per recipe and process (each point's recipe is built and checked: ~0.4 s a
+    point, and `sae sweep` asks for the points several times before it starts)."""
+    key = json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str)
+    if key not in _EXPANDED:
+        _EXPANDED[key] = _expand_points(recipe)
+    return copy.deepcopy(_EXPANDED[key])
+
+
+_EXPANDED: dict[str, list[dict]] = {}
+
+
+def _expand_points(recipe: Recipe) -> list[dict]:
     grid = _dotted(recipe.sweep.grid)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -243,8 +256,9 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
         _check_point_index(point_index, points)
     if point_index is None and _is_bank_sweep(recipe, points):
         log.info("sweep: %d points over sae.* keys train as one bank in a single pass", len(points))
-        _prepare_shared(recipe, points)
         bank = _bank_recipe(recipe, points, root / "bank")
+        _check_bank_is_these_points(bank, root / "bank")
+        _prepare_shared(recipe, points)
         for stage in recipe.sweep.stages:
             if stage != "analyze":
                 run_stage(stage, bank)
@@ -295,6 +309,19 @@ def summarise(recipe: Recipe, points: list[dict], root: Path, failed: dict[str, 
     that read before another's point finished would put back a summary without it."""
     with output_locks([root / "summary.csv"], "sweep", wait=True):
         write_summary(root, _point_results(recipe, points, root), failed)
+
+
+def _check_bank_is_these_points(bank: Recipe, directory: Path) -> None:
+    """A bank sweep whose points changed (a grid value added) finds the bank trained for the
+    old ones: say what to do in a sweep, where output directories are the sweep's own."""
+    try:
+        is_complete(bank.path("sae"), bank, "train")
+    except RecipeError as err:
+        raise RecipeError(
+            f"the sweep's bank in {directory} was trained for other points ({err}). A bank trains its points "
+            f"together: delete {directory} to train it again with every point, or run the new points alone "
+            f"(`sae sweep RECIPE --point N`, N from 0)"
+        ) from None
 
 
 def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, dict]]:

@@ -295,3 +295,22 @@ def test_array_tasks_write_the_summary_one_at_a_time(tmp_path):
         assert task.is_alive() and not (root / "summary.csv").exists()  # waits its turn
     task.join(timeout=30)
     assert not task.is_alive() and len((root / "summary.csv").read_text().splitlines()) == 3
+
+
+def test_a_bank_sweep_whose_points_changed_says_what_to_do_in_a_sweep(tmp_path, monkeypatch):
+    """Adding a grid value changes the bank: training refused the bank trained for the old
+    points, advising an output_dir, which a sweep sets itself."""
+    from framework.artifacts import mark_complete
+    from framework.sweep import _bank_recipe
+
+    monkeypatch.setattr(sweep_module, "run_stage", lambda stage, r: None)
+    before = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", "harvest.mode=live",
+                                "sweep.grid={sae.l1_coefficient: [0.001, 0.002]}", "sweep.stages=[train]"])
+    trained = _bank_recipe(before, expand_points(before), tmp_path / "sweep" / "bank")
+    trained.path("sae").mkdir(parents=True)
+    mark_complete(trained.path("sae"), trained, "train")
+    after = with_overrides(before, ["sweep.grid={sae.l1_coefficient: [0.001, 0.002, 0.004]}"])
+    with pytest.raises(RecipeError, match=r"the sweep's bank in .*bank was trained for other points .*delete "
+                                          r".*bank to train it again with every point, or run the new points alone"):
+        sweep(after)
+    sweep(before)  # the same points: the bank is theirs
