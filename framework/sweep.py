@@ -267,7 +267,7 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
                 name = point_name(point, keys)
                 run_stage(stage, with_values(bank, {"analyze.sae_name": name,
                                                     "analyze.output_dir": str(root / "bank" / "analysis" / name)}))
-        results = [(p, _read_metrics(bank, point_name(p, keys))) for p in points]
+        results = [(p, "", _read_metrics(bank, point_name(p, keys))) for p in points]
     else:
         selected = [points[point_index]] if point_index is not None else points
         if point_index is None:  # the CLI holds the locks of the shared LM and store
@@ -324,18 +324,22 @@ def _check_bank_is_these_points(bank: Recipe, directory: Path) -> None:
         ) from None
 
 
-def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, dict]]:
-    """Each point's metrics: from its own directory, or, for a point only an earlier bank sweep
-    trained (a `--point N` run after it), from the bank's, so that its summary row stays filled."""
+def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, str, dict]]:
+    """(point, SAE, metrics) for each SAE each point trains (the SAE "" where the recipe trains
+    one): from the point's own directory, or, for a point only an earlier bank sweep trained (a
+    `--point N` run after it), from the bank's, so that its summary row stays filled."""
     keys = sweep_keys(points)
     bank = _bank_recipe(recipe, points, root / "bank") if (root / "bank").is_dir() and _is_bank_sweep(recipe, points) else None
     results = []
     for point in points:
         name = point_name(point, keys)
-        metrics = _point_metrics(_apply(recipe, point, root / name))
-        if not metrics and bank is not None:
-            metrics = _read_metrics(bank, name)
-        results.append((point, metrics))
+        point_recipe = _apply(recipe, point, root / name)
+        saes = [c.name for c in point_recipe.sae_configs()]
+        for sae in saes:
+            metrics = _read_metrics(point_recipe, sae)
+            if not metrics and bank is not None:
+                metrics = _read_metrics(bank, name)
+            results.append((point, sae if len(saes) > 1 else "", metrics))
     return results
 
 
@@ -360,10 +364,6 @@ def _check_point_index(point_index: int, points: list) -> None:
         raise RecipeError(f"--point {point_index} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})")
 
 
-def _point_metrics(recipe: Recipe) -> dict:
-    return _read_metrics(recipe, recipe.sae_configs()[0].name)
-
-
 def _read_metrics(recipe: Recipe, name: str) -> dict:
     """SAE `name`'s metrics from `sae eval`, else from training; only from output this recipe
     finished (a point's directory can hold an earlier version of the sweep's output)."""
@@ -383,16 +383,19 @@ def _finished_by(recipe: Recipe, directory: Path, stage: str) -> bool:
         return False
 
 
-def write_summary(root: Path, results: list[tuple[dict, dict]], failed: dict[str, str] | None = None) -> None:
-    """summary.csv and summary.md (a row per point: its values, metrics and status: "done",
-    "failed: reason", or "not run" for a point with no finished output yet) and pareto.png."""
-    keys = sweep_keys([point for point, _ in results])
-    header = ["point", *keys, *SUMMARY_METRICS, "status"]
+def write_summary(root: Path, results: list[tuple[dict, str, dict]], failed: dict[str, str] | None = None) -> None:
+    """summary.csv and summary.md (a row per point, or per point and SAE where the recipe trains
+    a bank: its values, metrics and status: "done", "failed: reason", or "not run" for one with
+    no finished output yet) and pareto.png."""
+    keys = sweep_keys([point for point, _, _ in results])
+    by_sae = any(sae for _, sae, _ in results)
+    header = ["point", *keys, *(["sae"] if by_sae else []), *SUMMARY_METRICS, "status"]
     rows = []
-    for point, metrics in results:
+    for point, sae, metrics in results:
         name = point_name(point, keys)
         status = f"failed: {failed[name]}" if name in (failed or {}) else "done" if metrics else "not run"
-        rows.append([name, *[point.get(k, "") for k in keys], *[metrics.get(s, "") for s in SUMMARY_METRICS], status])
+        rows.append([name, *[point.get(k, "") for k in keys], *([sae] if by_sae else []),
+                     *[metrics.get(s, "") for s in SUMMARY_METRICS], status])
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     # Written under a temporary name and renamed: SLURM array tasks (`--point N`) finishing
@@ -409,15 +412,16 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plot_pareto(results: list[tuple[dict, dict]], path: Path) -> Path:
+def plot_pareto(results: list[tuple[dict, str, dict]], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    y_key = "loss_explained" if any("loss_explained" in m for _, m in results) else "fvu"
-    keys = sweep_keys([p for p, _ in results])
-    points = [(m["l0"], m[y_key], point_name(p, keys)) for p, m in results if "l0" in m and y_key in m]
+    y_key = "loss_explained" if any("loss_explained" in m for _, _, m in results) else "fvu"
+    keys = sweep_keys([p for p, _, _ in results])
+    points = [(m["l0"], m[y_key], "/".join(filter(None, [point_name(p, keys), sae])))
+              for p, sae, m in results if "l0" in m and y_key in m]
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], color="#3b6ea5")

@@ -134,7 +134,7 @@ def test_the_summary_shows_only_metrics_this_sweeps_recipe_finished(tmp_path):
         (eval_dir := point_recipe.path("eval")).mkdir(parents=True)
         (eval_dir / "metrics.json").write_text(json.dumps({point_recipe.sae_configs()[0].name: {"l0": l0}}))
         mark_complete(eval_dir, point_recipe if l0 == 11.0 else with_overrides(point_recipe, ["eval.n_tokens=99"]), "eval")
-    assert [m.get("l0") for _, m in _point_results(recipe, expand_points(recipe), root)] == [11.0, None]
+    assert [m.get("l0") for _, _, m in _point_results(recipe, expand_points(recipe), root)] == [11.0, None]
 
 
 def test_a_swept_sae_key_that_bank_entries_set_is_refused(tmp_path):
@@ -314,3 +314,24 @@ def test_a_bank_sweep_whose_points_changed_says_what_to_do_in_a_sweep(tmp_path, 
                                           r".*bank to train it again with every point, or run the new points alone"):
         sweep(after)
     sweep(before)  # the same points: the bank is theirs
+
+
+def test_a_sweep_over_a_bank_recipe_summarises_every_sae_of_each_point(tmp_path):
+    """Only the bank's first SAE of each point reached the summary."""
+    from framework.artifacts import mark_complete
+    from framework.sweep import summarise
+
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", "harvest.mode=live",
+                                "train.bank=[{name: small, n_features: 64}, {name: large, n_features: 128}]",
+                                "sweep.grid={train.lr: [0.001, 0.002]}", "sweep.stages=[train, eval]"])
+    root = tmp_path / "sweep"
+    for i, point in enumerate(expand_points(recipe)):
+        point_recipe = _apply(recipe, point, root / point_name(point))
+        (eval_dir := point_recipe.path("eval")).mkdir(parents=True)
+        (eval_dir / "metrics.json").write_text(json.dumps({"small": {"l0": 10.0 + i}, "large": {"l0": 20.0 + i}}))
+        mark_complete(eval_dir, point_recipe, "eval")
+    summarise(recipe, expand_points(recipe), root)
+    header, *rows = [row.split(",") for row in (root / "summary.csv").read_text().splitlines()]
+    assert header[:4] == ["point", "train.lr", "sae", "l0"]
+    assert [(r[0], r[2], float(r[3])) for r in rows] == [("lr=0p001", "small", 10.0), ("lr=0p001", "large", 20.0),
+                                                        ("lr=0p002", "small", 11.0), ("lr=0p002", "large", 21.0)]
