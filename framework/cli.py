@@ -289,10 +289,27 @@ def program(argv: list[str] | None = None) -> int:
     _as_program = True
     gc.disable()
     try:
-        return main(argv)
+        code = main(argv)
     finally:
         gc.freeze()  # the process exits next: its objects need no collection
         gc.enable()
+    if code == 0:
+        _destroy_process_group()
+    return code
+
+
+def _destroy_process_group() -> None:
+    """End the default process group while the interpreter is whole. Left to the exit, gloo's
+    worker threads still held work whose tensors were freed during the interpreter's teardown:
+    now and then a rank that had finished aborted there ("terminate called without an active
+    exception", SIGABRT), failing a job that had done all its work (pytorch/pytorch#190489).
+    Only after success: after a failure other ranks may still be inside a collective."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -312,3 +312,20 @@ def test_a_rank_waiting_for_a_rank_zero_stage_goes_on_at_its_call_or_a_later_one
     assert distributed._finished_calls(done, distributed._job_attempt()) == 2
     done.write_text("another-job/0/node0/29500#5")  # an earlier job's file counts for nothing
     assert distributed._finished_calls(done, distributed._job_attempt()) == 0
+
+
+def test_the_program_ends_its_process_group_before_the_interpreter_exits(tmp_path):
+    """Left to the exit, gloo's threads now and then aborted a rank that had finished its work
+    (SIGABRT, "terminate called without an active exception")."""
+    script = f"""
+import torch.distributed as dist
+import framework.cli as cli
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+cli.main = lambda argv: 0  # a stage that finished
+assert cli.program([]) == 0
+print("initialized after the program:", dist.is_initialized())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(cli.__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    assert "initialized after the program: False" in run.stdout
