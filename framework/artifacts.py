@@ -216,8 +216,8 @@ def mark_complete(directory: str | os.PathLike, recipe: Recipe, stage: str, **in
     recorded as the ones the output was made from)."""
     directory = Path(directory)
     fingerprint = stage_fingerprint(recipe, stage)
-    if stage in READS_TRAINED_SAES:
-        info.setdefault("sae_weights", trained_weights_digest(recipe, stage))
+    if stage in READS_TRAINED_SAES and "sae_weights" not in info:
+        info["sae_weights"] = trained_weights_digest(recipe, stage)
     marker = directory / MARKER
     tmp = directory / f".{MARKER}.{process_tag()}.tmp"  # the process's own: two never share a temporary
     tmp.write_text(json.dumps({"stage": stage, "digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, **info}, indent=1, default=str))

@@ -769,7 +769,7 @@ def _refuse_secret_interpolations(node: Any, where: str = "") -> None:
             _refuse_secret_interpolations(value, f"{where}[{i}]")
     elif isinstance(node, str):
         for name in _ENV_INTERPOLATION.findall(node):
-            if name.startswith("${"):
+            if "${" in name:
                 raise RecipeError(
                     f"{where} reads an environment variable whose name is itself computed ({node!r}): its value "
                     f"would be saved with the recipe, and a computed name cannot be checked for a secret. Name the "

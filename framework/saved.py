@@ -87,11 +87,11 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu", *, for
                "(or set eval.sae_path to an SAELens-format directory)")
         )
     for cfg in recipe.sae_configs():
-        _check_is_the_recipes(root / cfg.name, cfg)
+        _check_is_the_recipes(root / cfg.name, cfg, cfg.hook_point or recipe.harvest.hook_points[0])
     return [load_framework_sae(root / n, device) for n in names]
 
 
-def _check_is_the_recipes(directory: Path, cfg: SAEConfig) -> None:
+def _check_is_the_recipes(directory: Path, cfg: SAEConfig, hook: str) -> None:
     """Refuse an SAE whose own config.json describes another SAE than the recipe's entry of that
     name: without a COMPLETE marker (check_trained_by) nothing else ties the files to the recipe,
     and a later stage would record this recipe's settings for them."""
@@ -100,10 +100,11 @@ def _check_is_the_recipes(directory: Path, cfg: SAEConfig) -> None:
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{directory / 'config.json'} is not the config `sae train` writes; re-run "
                               f"`sae train RECIPE`") from None
-    keys = ["variant", "n_features"] + (["k"] if cfg.variant in ("topk", "batchtopk") else [])
-    keys += ["hook_point"] if cfg.hook_point else []
-    differences = [f"{key} {saved.get(key)!r} there, {getattr(cfg, key)!r} here" for key in keys
-                   if saved.get(key) != getattr(cfg, key)]
+    wanted = {"variant": cfg.variant, "n_features": cfg.n_features, "hook_point": hook}
+    if cfg.variant in ("topk", "batchtopk"):
+        wanted["k"] = cfg.k
+    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in wanted.items()
+                   if saved.get(key) != value]
     if differences:
         raise CheckpointError(
             f"{directory} holds another SAE than this recipe's {cfg.name!r} ({'; '.join(differences)}). Point "

@@ -22,7 +22,14 @@ import json
 import logging
 from pathlib import Path
 
-from framework.artifacts import atomic_save_figure, atomic_write_text, is_complete
+from framework.artifacts import (
+    MARKER,
+    atomic_save_figure,
+    atomic_write_text,
+    differences_from,
+    is_complete,
+    read_marker,
+)
 from framework.config import (
     Recipe,
     RecipeError,
@@ -32,6 +39,7 @@ from framework.config import (
     recipe_to_dict,
     with_values,
 )
+from framework.distributed import current_rank
 from framework.errors import FrameworkError
 from framework.locks import output_locks
 from framework.pipeline import run_stage
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 LM_SECTIONS = ("text.", "lm.", "pretrain.")
 # A point with its own LM needs its own store too: activations are refused for other LM weights.
 STORE_SECTIONS = (*LM_SECTIONS, "harvest.")
+FAILED = "FAILED"  # in a point's directory: why its last run failed (removed when it runs again)
 SUMMARY_METRICS = ("l0", "fvu", "mse", "loss_explained", "loss_explained_vs_mean", "kl_sae", "dead_fraction",
                    "dense_fraction")
 
@@ -118,9 +127,11 @@ def _dotted(mapping, where: str = "sweep.grid") -> dict:
 
 
 def check_overrides_not_swept(recipe: Recipe, overrides: list[str]) -> None:
-    """Refuse a command-line override of a key that the sweep itself sets at every point: each
-    point's value would replace it, and the override would change nothing."""
-    swept = set(sweep_keys(expand_points(recipe)))
+    """Refuse a command-line override of a key that the sweep sets at every point: each point's
+    value would replace it, and the override would change nothing (a key only some points set
+    still reaches the others)."""
+    points = expand_points(recipe)
+    swept = {key for key in sweep_keys(points) if all(key in point for point in points)}
     given = [key for key in (item.split("=", 1)[0].strip() for item in overrides) if key in swept]
     if given:
         raise RecipeError(
@@ -283,45 +294,63 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
             name = point_name(point, keys)
             point_recipe = _apply(recipe, point, root / name)
             log.info("sweep point %d/%d: %s", i + 1, len(selected), name)
+            (root / name / FAILED).unlink(missing_ok=True)
             try:
                 for stage in point_stages(recipe, point):
                     run_stage(stage, point_recipe)
             except FrameworkError as err:
+                if current_rank().world > 1:
+                    # Under torchrun the other ranks wait for rank 0's stages, or are inside the
+                    # point's training: going on to the next point alone would hang them.
+                    raise
                 # One point's failure (a diverged run, say) stops neither the others nor the summary
                 failed[name] = str(err)
+                atomic_write_text(root / name / FAILED, str(err))  # for the summaries of other tasks, too
                 log.error("sweep point %s failed: %s", name, err)
-        summarise(recipe, points, root, failed)
+        summarise(recipe, points, root)
         if failed:
             listed = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
             raise FrameworkError(
                 f"{len(failed)} of {len(selected)} sweep points failed ({listed}). The others finished; "
-                f"{root / 'summary.md'} lists them all. Fix the failed points' cause and run the same command "
-                f"again: finished points are skipped"
+                f"{root / 'summary.md'} lists them all. Once each failure's cause is dealt with (for a diverged "
+                f"run: its swept values, or train.lr / train.grad_clip), run the same command again: finished "
+                f"points are skipped"
             )
         return root
     write_summary(root, results)
     return root
 
 
-def summarise(recipe: Recipe, points: list[dict], root: Path, failed: dict[str, str] | None = None) -> None:
-    """Read every point's metrics and write the summary, one process at a time: SLURM array tasks
-    (`--point N`) finishing together each read, then rename their summary into place, and a task
-    that read before another's point finished would put back a summary without it."""
+def summarise(recipe: Recipe, points: list[dict], root: Path) -> None:
+    """Read every point's metrics (and the FAILED note of a point whose last run failed) and
+    write the summary, one process at a time: SLURM array tasks (`--point N`) finishing together
+    each read, then rename their summary into place, and a task that read before another's point
+    finished would put back a summary without it."""
+    keys = sweep_keys(points)
     with output_locks([root / "summary.csv"], "sweep", wait=True):
+        failed = {}
+        for point in points:
+            note = root / point_name(point, keys) / FAILED
+            if note.is_file():
+                failed[point_name(point, keys)] = note.read_text()
         write_summary(root, _point_results(recipe, points, root), failed)
 
 
 def _check_bank_is_these_points(bank: Recipe, directory: Path) -> None:
-    """A bank sweep whose points changed (a grid value added) finds the bank trained for the
-    old ones: say what to do in a sweep, where output directories are the sweep's own."""
-    try:
-        is_complete(bank.path("sae"), bank, "train")
-    except RecipeError as err:
+    """A bank sweep whose recipe changed (a grid value added, another train.lr) finds the bank
+    trained by the earlier version: say what to do in a sweep, whose output directories are
+    its own (the stage's advice, another output_dir, cannot be followed there)."""
+    marker = bank.path("sae") / MARKER
+    saved = read_marker(marker) if marker.is_file() else {}
+    if saved.get("stage") != "train":
+        return  # nothing trained yet (or not a bank: the train stage says so)
+    differences = differences_from(saved.get("fingerprint", {}), bank, "train")
+    if differences:
         raise RecipeError(
-            f"the sweep's bank in {directory} was trained for other points ({err}). A bank trains its points "
-            f"together: delete {directory} to train it again with every point, or run the new points alone "
-            f"(`sae sweep RECIPE --point N`, N from 0)"
-        ) from None
+            f"the sweep's bank in {directory} was trained by another version of this sweep "
+            f"({'; '.join(differences[:5])}). A bank trains its points together, so it cannot take new points "
+            f"or settings: delete {directory} to train it again, or give this version its own workdir=..."
+        )
 
 
 def _point_results(recipe: Recipe, points: list[dict], root: Path) -> list[tuple[dict, str, dict]]:
@@ -393,7 +422,9 @@ def write_summary(root: Path, results: list[tuple[dict, str, dict]], failed: dic
     rows = []
     for point, sae, metrics in results:
         name = point_name(point, keys)
-        status = f"failed: {failed[name]}" if name in (failed or {}) else "done" if metrics else "not run"
+        status = "done" if metrics else "not run"
+        if name in (failed or {}):  # one line, no table separators: the reason is the summary.md cell
+            status = "failed: " + " ".join(failed[name].split()).replace("|", "/")
         rows.append([name, *[point.get(k, "") for k in keys], *([sae] if by_sae else []),
                      *[metrics.get(s, "") for s in SUMMARY_METRICS], status])
     buffer = io.StringIO()

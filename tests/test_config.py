@@ -121,11 +121,13 @@ def test_a_secret_read_through_oc_env_is_refused_and_a_path_is_resolved(monkeypa
         load_recipe(tmp_path / "r.yaml")
     assert "s3cr3t" not in str(refused.value)
     # the variable's name computed from another value hid it from the check
-    (tmp_path / "r.yaml").write_text("name: SERVICE_TOKEN\ntrain:\n  wandb:\n    entity: ${oc.env:${name}}\n")
-    with pytest.raises(RecipeError, match=r"train.wandb.entity reads an environment variable whose name is itself "
-                                          r"computed") as refused:
-        load_recipe(tmp_path / "r.yaml")
-    assert "s3cr3t" not in str(refused.value)
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "s3cr3t")
+    for computed in ("${oc.env:${name}}", "${oc.env:MY_${name}}"):
+        (tmp_path / "r.yaml").write_text(f"name: SERVICE_TOKEN\ntrain:\n  wandb:\n    entity: {computed}\n")
+        with pytest.raises(RecipeError, match=r"train.wandb.entity reads an environment variable whose name is "
+                                              r"itself computed") as refused:
+            load_recipe(tmp_path / "r.yaml")
+        assert "s3cr3t" not in str(refused.value)
 
 
 def test_bank_entry_with_unknown_key_is_refused():

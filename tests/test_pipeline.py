@@ -106,7 +106,7 @@ def test_output_finished_before_a_key_became_volatile_is_still_this_recipes(tmp_
 
     splitting = out / "splitting"
     splitting.mkdir()
-    mark_done(splitting, recipe, {"feature": 3})
+    mark_done(splitting, recipe, {"feature": 3}, sae_weights=None)
     marker = splitting / MARKER
     saved = json.loads(marker.read_text())
     saved["fingerprint"]["analyze"].update(autointerp=False, autointerp_n_features=20)

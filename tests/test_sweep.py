@@ -233,10 +233,16 @@ def test_a_failed_point_stops_neither_the_others_nor_the_summary(pretrained_reci
     with pytest.raises(FrameworkError, match=r"1 of 2 sweep points failed \(lr=0p002: injected divergence\)"):
         sweep(recipe)
     root = tmp_path / "sweep"
-    header, *rows = (root / "summary.csv").read_text().splitlines()
-    status = header.split(",").index("status")
-    assert [row.split(",")[status] for row in rows] == ["failed: injected divergence", "done"]
+
+    def statuses():
+        header, *rows = (root / "summary.csv").read_text().splitlines()
+        return [row.split(",")[header.split(",").index("status")] for row in rows]
+
+    assert statuses() == ["failed: injected divergence", "done"]
     assert (root / "lr=0p004" / "sae" / "COMPLETE").is_file() and (root / "pareto.png").is_file()
+    # another array task summarising later still knows why the point failed
+    sweep_module.summarise(recipe, expand_points(recipe), root)
+    assert statuses() == ["failed: injected divergence", "done"]
 
 
 @pytest.mark.parametrize("overrides, error", [
@@ -267,6 +273,9 @@ def test_a_command_line_override_of_a_swept_key_is_refused(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "sweep.yaml"), f"workdir={tmp_path}", "sae.n_features=8192"]) == 2
     assert "sae.n_features is swept (sweep.grid / sweep.points)" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+    # a key only some points set still reaches the others
+    some = load_recipe(None, ["sweep.points=[{sae.l1_coefficient: 0.002}, {train.lr: 0.001}]", "train.lr=0.0005"])
+    sweep_module.check_overrides_not_swept(some, ["train.lr=0.0005"])
 
 
 @pytest.mark.parametrize("value", ["[1]", "5"])
@@ -310,8 +319,8 @@ def test_a_bank_sweep_whose_points_changed_says_what_to_do_in_a_sweep(tmp_path, 
     trained.path("sae").mkdir(parents=True)
     mark_complete(trained.path("sae"), trained, "train")
     after = with_overrides(before, ["sweep.grid={sae.l1_coefficient: [0.001, 0.002, 0.004]}"])
-    with pytest.raises(RecipeError, match=r"the sweep's bank in .*bank was trained for other points .*delete "
-                                          r".*bank to train it again with every point, or run the new points alone"):
+    with pytest.raises(RecipeError, match=r"the sweep's bank in .*bank was trained by another version of this sweep "
+                                          r"\(train.bank: .*\).*delete .*bank to train it again, or give this version"):
         sweep(after)
     sweep(before)  # the same points: the bank is theirs
 

@@ -605,12 +605,12 @@ def test_cuda_graphs_where_they_cannot_record_are_refused_with_the_reason(
     (["train.precision=32-true", "train.bank=[{n_features: 8192}]"], None),
 ])
 def test_cuda_graphs_warn_where_the_eager_paper_step_measured_faster(tmp_path, caplog, overrides, warned):
-    from framework.training.cuda_graphs import warn_where_eager_is_faster
+    from framework.training.cuda_graphs import check_supported
 
     recipe = load_recipe(None, [f"workdir={tmp_path}", "train.cuda_graphs=true", "train.bank=[{n_features: 16384}]",
                                 "sae.l1_coefficient=1e-3", *overrides])
     with caplog.at_level("WARNING", logger="framework.training.cuda_graphs"):
-        warn_where_eager_is_faster(recipe)
+        check_supported(recipe, torch.device("cuda"), world_size=1)  # (a device object: no GPU needed)
     if warned:
         assert "float32 at 16384 features or more" in caplog.text and warned in caplog.text
         assert "train.precision=bf16-mixed" in caplog.text

@@ -98,17 +98,18 @@ def analyze_features(recipe: Recipe) -> Path:
         log.info("analysis in %s is complete; nothing to do", out)
         return out
     model = load_lm(recipe)
+    weights = trained_weights_digest(recipe, "analyze")  # of the files about to be read
     trained = pick_sae(load_saes_for_lm(recipe, model), recipe.analyze.sae_name)
     corpus = analysis_corpus(recipe.text, model.tokenizer, recipe.analyze.n_tokens, recipe.harvest.skip_first_tokens)
     # Progress resumes only for the same recipe, the same weights (SAEs trained again in between
     # make other features) and the same kind of device (lm.device is volatile, but a GPU's random
     # draws and rounding are not the CPU's: the two passes must see the same activations).
     digest = fingerprint_digest({**stage_fingerprint(recipe, "analyze"),
-                                 "sae_weights": trained_weights_digest(recipe, "analyze"),
+                                 "sae_weights": weights,
                                  "device": model.device.type})
     analyze_sae(model, trained, corpus, recipe.analyze, out, digest, recipe.seed)
     save_recipe(recipe, out)
-    mark_complete(out, recipe, "analyze", sae=trained.name)
+    mark_complete(out, recipe, "analyze", sae=trained.name, sae_weights=weights)
     return out
 
 

@@ -44,5 +44,7 @@ def start(out: Path) -> None:
     (out / MARKER).unlink(missing_ok=True)
 
 
-def mark_done(out: Path, recipe: Recipe, settings: dict) -> None:
-    mark_complete(out, recipe, "analyze", settings=_normalised(settings))
+def mark_done(out: Path, recipe: Recipe, settings: dict, sae_weights: str | None) -> None:
+    """`sae_weights`: the digest of the SAE files taken before the mode read them
+    (artifacts.trained_weights_digest)."""
+    mark_complete(out, recipe, "analyze", settings=_normalised(settings), sae_weights=sae_weights)

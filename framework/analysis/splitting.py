@@ -40,7 +40,7 @@ from framework.analysis.correlation import MAX_PAIRS, CandidateCorrelation
 from framework.analysis.examples import TopExamples
 from framework.analysis.records import TokenNames
 from framework.analysis.split_render import write_tree_html, write_tree_png
-from framework.artifacts import atomic_write_text
+from framework.artifacts import atomic_write_text, trained_weights_digest
 from framework.config import Recipe, RecipeError, save_recipe
 from framework.lm import load_lm
 from framework.lm.base import BaseLM
@@ -144,6 +144,7 @@ def split(recipe: Recipe) -> Path:
         log.info("splitting in %s is complete; nothing to do", out)
         return out
     model = load_lm(recipe)
+    weights = trained_weights_digest(recipe, "analyze")  # of the files about to be read
     saes = dictionaries_by_size(load_saes_for_lm(recipe, model))
     n_smallest = saes[0].sae.W_dec.shape[0]
     if cfg.split_feature >= n_smallest:
@@ -172,7 +173,7 @@ def split(recipe: Recipe) -> Path:
     remove_other_trees(out, root)
     atomic_write_text(out / "report.md", report_text(data))
     save_recipe(recipe, out)
-    markers.mark_done(out, recipe, settings)
+    markers.mark_done(out, recipe, settings, weights)
     return out
 
 

@@ -121,6 +121,7 @@ def compare_universality(recipe: Recipe) -> Path:
         log.info("universality in %s is complete; nothing to do", out)
         return out
     model_a = load_lm(recipe)
+    weights = trained_weights_digest(recipe, "analyze")  # of the files about to be read
     bank = load_saes_for_lm(recipe, model_a)
     sae_a = pick_sae(bank, cfg.sae_name)
     model_b = load_lm(other)
@@ -146,7 +147,7 @@ def compare_universality(recipe: Recipe) -> Path:
     write_plot(out / "universality.png", results)
     atomic_write_text(out / "report.md", report_text(data))
     save_recipe(recipe, out)
-    markers.mark_done(out, recipe, settings)
+    markers.mark_done(out, recipe, settings, weights)
     return out
 
 

@@ -102,12 +102,6 @@ class ActivationDataModule(L.LightningDataModule):
                 )
             return
         per_epoch = self.store.rows_per_epoch(0, self.world_size)
-        if per_epoch < need and self.store.n_shards % self.world_size:
-            log.warning(
-                "training reads past one epoch of %s, whose %d shards do not divide over %d data-parallel ranks: "
-                "ranks cross into the next epoch at different steps, so a global batch near the crossing can hold "
-                "rows of one shard read by two ranks. A shard count divisible by the ranks avoids it "
-                "(harvest.rows_per_shard)", self.store.location, self.store.n_shards, self.world_size)
         if per_epoch * cfg.epochs < need:
             raise DataError(
                 f"train.n_tokens={cfg.n_tokens:,} needs {need:,} rows per rank but the store "
@@ -115,6 +109,14 @@ class ActivationDataModule(L.LightningDataModule):
                 f"Harvest more (harvest.n_tokens), lower train.n_tokens, or raise train.epochs "
                 f"(the paper never repeats data)."
             )
+        shards = self.store.manifest.shards
+        uneven = self.store.n_shards % self.world_size or len({s.rows for s in shards}) > 1
+        if self.world_size > 1 and per_epoch < need and uneven:
+            log.warning(
+                "training reads past one epoch of %s, whose %d shards give the %d data-parallel ranks different "
+                "numbers of rows per epoch: ranks cross into the next epoch at different steps, so a global batch "
+                "near the crossing can hold rows of one shard read by two ranks. Shards of equal size, in a count "
+                "the ranks divide, avoid it", self.store.location, self.store.n_shards, self.world_size)
 
     # ---- streams ------------------------------------------------------------------------
 
