@@ -305,6 +305,7 @@ def sweep(recipe: Recipe, point_index: int | None = None) -> Path:
                     raise
                 # One point's failure (a diverged run, say) stops neither the others nor the summary
                 failed[name] = str(err)
+                (root / name).mkdir(parents=True, exist_ok=True)  # (a point can fail before writing anything)
                 atomic_write_text(root / name / FAILED, str(err))  # for the summaries of other tasks, too
                 log.error("sweep point %s failed: %s", name, err)
         summarise(recipe, points, root)
