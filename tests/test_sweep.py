@@ -344,3 +344,17 @@ def test_a_sweep_over_a_bank_recipe_summarises_every_sae_of_each_point(tmp_path)
     assert header[:4] == ["point", "train.lr", "sae", "l0"]
     assert [(r[0], r[2], float(r[3])) for r in rows] == [("lr=0p001", "small", 10.0), ("lr=0p001", "large", 20.0),
                                                         ("lr=0p002", "small", 11.0), ("lr=0p002", "large", 21.0)]
+
+
+def test_a_point_that_fails_before_writing_anything_keeps_its_reason(tmp_path, monkeypatch):
+    def run_stage(stage, point_recipe):
+        if "0p001" in str(point_recipe.workdir):
+            raise TrainingError("refused at once")
+
+    monkeypatch.setattr(sweep_module, "run_stage", run_stage)
+    recipe = load_recipe(None, [f"workdir={tmp_path}", "lm.name=smollm2", "harvest.mode=live",
+                                "sweep.grid={train.lr: [0.001, 0.002]}", "sweep.stages=[train]"])
+    with pytest.raises(FrameworkError, match=r"1 of 2 sweep points failed \(lr=0p001: refused at once\)"):
+        sweep(recipe)
+    assert (tmp_path / "sweep" / "lr=0p001" / "FAILED").read_text() == "refused at once"
+    assert "failed: refused at once" in (tmp_path / "sweep" / "summary.md").read_text()
