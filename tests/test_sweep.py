@@ -30,6 +30,18 @@ def sweep_recipe(pretrained_recipe, tmp_path: Path, sweep_yaml: str):
                                                  f"lm.path={pretrained_recipe.path('lm')}", *SMALL])
 
 
+def inject(patch, callback: Callback) -> None:
+    """Add a callback to the Trainer that `sae train` builds (fault injection, nothing mocked)."""
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, callback)
+        return trainer
+
+    patch.setattr(train_stage, "build_trainer", build)
+
+
 class CrashOnSecondFit(Callback):
     fits = 0
 
@@ -60,15 +72,8 @@ def test_points_that_change_harvest_harvest_their_own_store(pretrained_recipe, t
 def test_interrupted_sweep_rerun_finishes_only_missing_points(pretrained_recipe, tmp_path, monkeypatch):
     recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
                                                        "  stages: [train, eval]\n")
-    original = train_stage.build_trainer
-
-    def build(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.callbacks.insert(0, CrashOnSecondFit())
-        return trainer
-
     with monkeypatch.context() as patch:
-        patch.setattr(train_stage, "build_trainer", build)
+        inject(patch, CrashOnSecondFit())
         with pytest.raises(RuntimeError, match="injected interruption"):
             sweep(recipe)
     first, second = (tmp_path / "sweep" / point_name(p) for p in expand_points(recipe))
@@ -222,14 +227,7 @@ def test_a_failed_point_stops_neither_the_others_nor_the_summary(pretrained_reci
     written, not even for the points that had finished."""
     recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
                                                        "  stages: [train]\n")
-    original = train_stage.build_trainer
-
-    def build(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.callbacks.insert(0, DivergeOnFirstFit())
-        return trainer
-
-    monkeypatch.setattr(train_stage, "build_trainer", build)
+    inject(monkeypatch, DivergeOnFirstFit())
     with pytest.raises(FrameworkError, match=r"1 of 2 sweep points failed \(lr=0p002: injected divergence\)"):
         sweep(recipe)
     root = tmp_path / "sweep"
