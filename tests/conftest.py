@@ -30,6 +30,21 @@ TINY_PRETRAIN = [
 ]
 
 
+def inject(patch, callback) -> None:
+    """Add a Lightning callback to the Trainer that `sae train` builds (fault injection, nothing
+    mocked); `patch` is pytest's monkeypatch or one of its contexts."""
+    import framework.training.train as train_stage
+
+    original = train_stage.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.callbacks.insert(0, callback)
+        return trainer
+
+    patch.setattr(train_stage, "build_trainer", build)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sae_cache_dir(tmp_path_factory):
     """The tests' own SAE_CACHE_DIR (SmolLM2's dequantised copy, ~540 MB): the first SmolLM2 load

@@ -203,7 +203,8 @@ def test_a_recorded_step_owns_its_memory_whatever_runs_eagerly_in_between():
 def test_a_recorded_run_resumes_with_or_without_graphs(pretrained_recipe, tmp_path, monkeypatch):
     """Interrupted after a checkpoint, a run with train.cuda_graphs resumes to the uninterrupted
     run's weights, with graphs or without (the checkpoint holds what an eager run's holds)."""
-    from test_training import CrashAt, inject, weights
+    from conftest import inject
+    from test_training import CrashAt, weights
 
     common = [*TINY_PRETRAIN, f"lm.path={pretrained_recipe.path('lm')}", f"workdir={tmp_path}",
               "lm.device=auto", "harvest.n_tokens=32768", "harvest.tokens_per_context=32",

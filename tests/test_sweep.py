@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, inject
 from lightning.pytorch.callbacks import Callback
 
 import framework.sweep as sweep_module
-import framework.training.train as train_stage
 from framework.config import load_recipe, with_overrides
 from framework.errors import FrameworkError, RecipeError, TrainingError
 from framework.sweep import _apply, expand_points, point_name, point_stages, sweep
@@ -30,25 +29,16 @@ def sweep_recipe(pretrained_recipe, tmp_path: Path, sweep_yaml: str):
                                                  f"lm.path={pretrained_recipe.path('lm')}", *SMALL])
 
 
-def inject(patch, callback: Callback) -> None:
-    """Add a callback to the Trainer that `sae train` builds (fault injection, nothing mocked)."""
-    original = train_stage.build_trainer
+class FailOnFit(Callback):
+    """Raises `error` as the `nth` training run it is injected into starts."""
 
-    def build(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.callbacks.insert(0, callback)
-        return trainer
-
-    patch.setattr(train_stage, "build_trainer", build)
-
-
-class CrashOnSecondFit(Callback):
-    fits = 0
+    def __init__(self, nth: int, error: Exception):
+        self.nth, self.error, self.fits = nth, error, 0
 
     def on_fit_start(self, trainer, module):
-        CrashOnSecondFit.fits += 1
-        if CrashOnSecondFit.fits == 2:
-            raise RuntimeError("injected interruption")
+        self.fits += 1
+        if self.fits == self.nth:
+            raise self.error
 
 
 def test_grid_expands_to_the_product_and_validates_keys(pretrained_recipe, tmp_path):
@@ -73,7 +63,7 @@ def test_interrupted_sweep_rerun_finishes_only_missing_points(pretrained_recipe,
     recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
                                                        "  stages: [train, eval]\n")
     with monkeypatch.context() as patch:
-        inject(patch, CrashOnSecondFit())
+        inject(patch, FailOnFit(2, RuntimeError("injected interruption")))
         with pytest.raises(RuntimeError, match="injected interruption"):
             sweep(recipe)
     first, second = (tmp_path / "sweep" / point_name(p) for p in expand_points(recipe))
@@ -213,21 +203,12 @@ def test_point_names_keep_colliding_keys_apart_and_repeated_points_are_refused()
         expand_points(repeated)
 
 
-class DivergeOnFirstFit(Callback):
-    fits = 0
-
-    def on_fit_start(self, trainer, module):
-        DivergeOnFirstFit.fits += 1
-        if DivergeOnFirstFit.fits == 1:
-            raise TrainingError("injected divergence")
-
-
 def test_a_failed_point_stops_neither_the_others_nor_the_summary(pretrained_recipe, tmp_path, monkeypatch):
     """The first point's failure stopped the sweep: later points never ran, and no summary was
     written, not even for the points that had finished."""
     recipe = sweep_recipe(pretrained_recipe, tmp_path, "sweep:\n  grid:\n    train.lr: [0.002, 0.004]\n"
                                                        "  stages: [train]\n")
-    inject(monkeypatch, DivergeOnFirstFit())
+    inject(monkeypatch, FailOnFit(1, TrainingError("injected divergence")))
     with pytest.raises(FrameworkError, match=r"1 of 2 sweep points failed \(lr=0p002: injected divergence\)"):
         sweep(recipe)
     root = tmp_path / "sweep"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PRETRAIN, copy_lm_with_other_weights
+from conftest import TINY_PRETRAIN, copy_lm_with_other_weights, inject
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
@@ -62,18 +62,6 @@ def make_recipe(pretrained_recipe, store_dir: Path, out: Path, *extra: str, trai
 # For a bank whose entries set their sizes: an sae.n_features override beside them reaches no SAE
 # and is refused.
 TRAIN_FOR_BANK = tuple(t for t in TRAIN if not t.startswith("sae.n_features="))
-
-
-def inject(monkeypatch, callback: Callback) -> None:
-    """Add a callback to the Trainer that `sae train` builds (fault injection, nothing mocked)."""
-    original = train_stage.build_trainer
-
-    def build(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.callbacks.insert(0, callback)
-        return trainer
-
-    monkeypatch.setattr(train_stage, "build_trainer", build)
 
 
 class CrashAt(Callback):
