@@ -49,9 +49,12 @@ def load_framework_sae(directory: str | Path, device: str | torch.device = "cpu"
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} holds no trained SAE (no config.json); run `sae train RECIPE`")
-    config = json.loads(config_path.read_text())
-    fields = SAEConfig.__dataclass_fields__
-    cfg = SAEConfig(**{k: v for k, v in config["sae"].items() if k in fields})
+    try:
+        config = json.loads(config_path.read_text())
+        fields = SAEConfig.__dataclass_fields__
+        cfg = SAEConfig(**{k: v for k, v in config["sae"].items() if k in fields})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{config_path} is not the config `sae train` writes; re-run `sae train RECIPE`") from None
     sae = build_sae(config["d_in"], cfg)
     try:
         state = load_file(str(directory / "sae.safetensors"))
@@ -86,25 +89,23 @@ def load_trained_saes(recipe: Recipe, device: str | torch.device = "cpu", *, for
                "train.output_dir to that directory)" if for_export else
                "(or set eval.sae_path to an SAELens-format directory)")
         )
-    for cfg in recipe.sae_configs():
-        _check_is_the_recipes(root / cfg.name, cfg, cfg.hook_point or recipe.harvest.hook_points[0])
-    return [load_framework_sae(root / n, device) for n in names]
+    saes = [load_framework_sae(root / n, device) for n in names]
+    for cfg, trained in zip(recipe.sae_configs(), saes):
+        _check_is_the_recipes(root / cfg.name, trained, cfg, cfg.hook_point or recipe.harvest.hook_points[0])
+    return saes
 
 
-def _check_is_the_recipes(directory: Path, cfg: SAEConfig, hook: str) -> None:
+def _check_is_the_recipes(directory: Path, trained: TrainedSAE, cfg: SAEConfig, hook: str) -> None:
     """Refuse an SAE whose own config.json describes another SAE than the recipe's entry of that
     name: without a COMPLETE marker (check_trained_by) nothing else ties the files to the recipe,
     and a later stage would record this recipe's settings for them."""
-    try:
-        saved = json.loads((directory / "config.json").read_text())["sae"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{directory / 'config.json'} is not the config `sae train` writes; re-run "
-                              f"`sae train RECIPE`") from None
+    saved = {"variant": trained.sae.cfg.variant, "n_features": trained.sae.cfg.n_features,
+             "hook_point": trained.hook_point, "k": trained.sae.cfg.k}
     wanted = {"variant": cfg.variant, "n_features": cfg.n_features, "hook_point": hook}
     if cfg.variant in ("topk", "batchtopk"):
         wanted["k"] = cfg.k
-    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in wanted.items()
-                   if saved.get(key) != value]
+    differences = [f"{key} {saved[key]!r} there, {value!r} here" for key, value in wanted.items()
+                   if saved[key] != value]
     if differences:
         raise CheckpointError(
             f"{directory} holds another SAE than this recipe's {cfg.name!r} ({'; '.join(differences)}). Point "
